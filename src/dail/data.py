@@ -1,0 +1,268 @@
+"""Problems in, records out.
+
+Input problems come from JSONL, JSON (a list of objects, or an object with a "data" list) or a
+directory saved with `datasets.Dataset.save_to_disk`. Each holds `id`, `problem`, `solution` and
+an optional `answer`. Without `answer`, the gold answer is the last `\\boxed{...}` of the solution;
+with neither, the problem is unverifiable (proof-style).
+
+Every rejection raises `DataError` naming the file, the line (or record index) and the field,
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REQUIRED_FIELDS = ("id", "problem", "solution")
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+class DataError(ValueError):
+    """Input that cannot be used; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem with its expert solution.
+
+    Attributes:
+        id: Unique identifier (string; integers in the input are converted).
+        problem: Problem statement shown to every role.
+        solution: Expert (reference) solution, shown only to the privileged role.
+        answer: Gold final answer, or None when the problem is unverifiable.
+        meta: Any other fields of the input record, passed through untouched.
+    """
+
+    id: str
+    problem: str
+    solution: str
+    answer: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def verifiable(self) -> bool:
+        return self.answer is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "problem": self.problem, "solution": self.solution,
+                "answer": self.answer, **self.meta}
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces handled.
+
+    Returns None when there is no complete box. `\\boxed 5` (no braces) yields "5".
+    """
+    start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
+    while start >= 0:
+        cmd = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
+        content = _braced_argument(text, start + len(cmd))
+        if content is not None:
+            return content.strip()
+        # An unclosed box: look for an earlier, complete one.
+        start = max(text.rfind(c, 0, start) for c in _BOX_COMMANDS)
+    return None
+
+
+def _braced_argument(text: str, pos: int) -> str | None:
+    """The `{...}` argument starting at `pos` (after optional spaces), or a bare token."""
+    while pos < len(text) and text[pos] == " ":
+        pos += 1
+    if pos >= len(text):
+        return None
+    if text[pos] != "{":
+        end = pos
+        while end < len(text) and not text[end].isspace() and text[end] not in "$}":
+            end += 1
+        return text[pos:end] or None
+    depth = 0
+    for i in range(pos, len(text)):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+            continue
+        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
+            depth += 1
+        elif ch == "}" and (i == 0 or text[i - 1] != "\\"):
+            depth -= 1
+            if depth == 0:
+                return text[pos + 1 : i]
+    return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_problems(path: str | os.PathLike[str]) -> list[Problem]:
+    """Load and validate problems from JSONL, JSON or a saved `datasets` directory.
+
+    Raises:
+        DataError: on a missing file, malformed line, missing/empty/non-string field,
+            duplicate id or text that is not UTF-8. The message names file, line and field.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        rows = _rows_from_datasets_dir(path)
+    elif path.suffix == ".json":
+        rows = _rows_from_json(path)
+    else:
+        rows = _rows_from_jsonl(path)
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for where, row in rows:
+        problem = _problem_from_row(row, where)
+        if problem.id in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {problem.id!r} "
+                            f"(first seen at {seen[problem.id]})")
+        seen[problem.id] = where
+        problems.append(problem)
+    if not problems:
+        raise DataError(f"{path}: no problems found")
+    return problems
+
+
+def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+
+
+def _rows_from_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of problems (or an object with a 'data' list)")
+    for i, row in enumerate(data):
+        yield f"{path}[{i}]", row
+
+
+def _rows_from_datasets_dir(path: Path) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not a saved `datasets` directory ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"{path}: holds splits {list(ds)}; point at one split's directory")
+        ds = next(iter(ds.values()))
+    for i, row in enumerate(ds):
+        yield f"{path}[{i}]", row
+
+
+def _problem_from_row(row: Any, where: str) -> Problem:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    values: dict[str, str] = {}
+    for key in REQUIRED_FIELDS:
+        if key not in row or row[key] is None:
+            raise DataError(f"{where}: missing field {key!r}")
+        value = row[key]
+        if key == "id" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+        values[key] = value
+    answer = row.get("answer")
+    if answer is not None:
+        if isinstance(answer, int | float) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise DataError(f"{where}: field 'answer' must be a string, got {type(answer).__name__}")
+        answer = answer.strip() or None
+        if answer is None:
+            raise DataError(f"{where}: field 'answer' is empty (omit it for unverifiable problems)")
+    else:
+        answer = last_boxed(values["solution"])
+    meta = {k: v for k, v in row.items() if k not in (*REQUIRED_FIELDS, "answer")}
+    return Problem(id=values["id"], problem=values["problem"], solution=values["solution"],
+                   answer=answer, meta=meta)
+
+
+def load_champ() -> list[Problem]:
+    """The CHAMP competition problems (270, MIT licence) with their step-by-step solutions.
+
+    Needs the optional extra: `pip install 'dail[champ]'`.
+    """
+    try:
+        import champ_dataset
+    except ImportError:
+        raise DataError("the CHAMP loader needs `pip install 'dail[champ]'`") from None
+    dataset = champ_dataset.load("v0")
+    problems = []
+    for pid, p in dataset.problems.items():
+        steps = "\n".join(step.text for step in p.solution.steps)
+        problems.append(Problem(id=pid, problem=p.text, solution=steps,
+                                answer=p.answer.strip() or None,
+                                meta={"category": p.category}))
+    return problems
+
+
+def resolve_problems(source: str | os.PathLike[str]) -> list[Problem]:
+    """`load_problems`, plus the built-in source name `champ`."""
+    if str(source) == "champ":
+        return load_champ()
+    return load_problems(source)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL file of records (traces, samples); errors name file and line."""
+    records = []
+    for where, row in _rows_from_jsonl(Path(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        records.append(row)
+    return records
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:
+    """Write records to `path` via a temporary file and rename: readers never see half a file."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
