@@ -113,7 +113,7 @@ def load_problems(path: str | os.PathLike[str]) -> list[Problem]:
     elif path.suffix == ".json":
         rows = _rows_from_json(path)
     else:
-        rows = _rows_from_jsonl(path)
+        rows = iter_jsonl(path)
     problems: list[Problem] = []
     seen: dict[str, str] = {}
     for where, row in rows:
@@ -128,7 +128,9 @@ def load_problems(path: str | os.PathLike[str]) -> list[Problem]:
     return problems
 
 
-def _rows_from_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
+    """Yield ("file:line", parsed value) for every non-blank line; bad lines raise DataError."""
+    path = Path(path)
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -237,7 +239,7 @@ def resolve_problems(source: str | os.PathLike[str]) -> list[Problem]:
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a JSONL file of records (traces, samples); errors name file and line."""
     records = []
-    for where, row in _rows_from_jsonl(Path(path)):
+    for where, row in iter_jsonl(Path(path)):
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object")
         records.append(row)

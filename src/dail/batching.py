@@ -1,0 +1,98 @@
+"""Problems x samples in batches, with one atomically written part file per finished problem.
+
+A part file appears only when all of a problem's samples are done (written to a temporary file
+and renamed), so an interrupted run leaves whole parts or none, and a rerun skips the problems
+whose part exists. The merged output is built from the parts in problem order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dail.config import ConfigError
+from dail.data import iter_jsonl, write_jsonl_atomic
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[Any, int]  # (item, sample index)
+
+
+def part_path(parts: Path, index: int, key: str) -> Path:
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return parts / f"{index:06d}-{digest}.jsonl"
+
+
+def run_per_problem(
+    items: Sequence[Any],
+    samples: int,
+    *,
+    key: Callable[[Any], str],
+    parts: Path,
+    batch_size: int,
+    generate: Callable[[list[Row]], list[dict[str, Any]]],
+    desc: str,
+) -> list[dict[str, Any]]:
+    """Run `generate` over every (item, sample) row not yet done; return all records in order.
+
+    Args:
+        items: The problems (anything `key` names uniquely).
+        samples: Records per item.
+        key: Stable identifier of an item (names its part file).
+        parts: Directory of part files.
+        batch_size: Rows per `generate` call.
+        generate: Maps a batch of rows to one record per row (each with a "sample" field).
+        desc: Progress-bar label.
+    """
+    paths = [part_path(parts, i, key(item)) for i, item in enumerate(items)]
+    todo = [i for i, path in enumerate(paths) if not path.exists()]
+    if len(todo) < len(items):
+        logger.info("%s: resuming, %d of %d problems already done", desc, len(items) - len(todo), len(items))
+    rows = [(i, s) for i in todo for s in range(samples)]
+    pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    with tqdm(total=len(rows), desc=desc, unit="sample") as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            records = generate([(items[i], s) for i, s in chunk])
+            for (i, _), record in zip(chunk, records, strict=True):
+                pending[i].append(record)
+                if len(pending[i]) == samples:
+                    write_jsonl_atomic(paths[i], sorted(pending.pop(i), key=lambda r: r["sample"]))
+            bar.update(len(chunk))
+    return [record for path in paths for _, record in iter_jsonl(path)]
+
+
+# Settings that cannot change what a finished part holds.
+_NEUTRAL_KEYS = {"out", "batch_size", "device", "dtype"}
+
+
+def check_resumable(config_path: Path, config: dict[str, Any]) -> None:
+    """Record a stage's settings beside its outputs; refuse to resume under other settings.
+
+    Raises:
+        ValueError: `config_path` exists with settings that would change the outputs.
+    """
+    from dail.data import write_json_atomic
+
+    if config_path.exists():
+        import json
+
+        old = json.loads(config_path.read_text(encoding="utf-8"))
+        changed = sorted(_diff(old, config))
+        if changed:
+            raise ConfigError(f"{config_path.parent} holds outputs made with other settings "
+                             f"({', '.join(changed)}); use another --out, or delete it to start over")
+    write_json_atomic(config_path, config)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) if k not in _NEUTRAL_KEYS
+                for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]

@@ -1,0 +1,102 @@
+"""Stage 3: `dail eval` -- n samples per problem, graded, summarised with unbiased pass@k.
+
+Reads top to bottom: load problems -> either score a samples file made elsewhere, or load the
+model (+ adapter), sample n responses per problem from the student prompt (resumable, one part
+file per problem) and grade them -> write samples.jsonl, summary.json and summary.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dail.batching import check_resumable, run_per_problem
+from dail.config import EvalConfig, to_dict
+from dail.data import DataError, iter_jsonl, resolve_problems, write_json_atomic, write_jsonl_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    """Evaluate and return the summary (also written to `<out>/summary.json`)."""
+    from dail.report import score_samples, summarize, to_markdown
+
+    problems = resolve_problems(cfg.data)
+    gold = {p.id: p.answer for p in problems}
+    if cfg.samples_file:
+        samples = load_samples(cfg.samples_file, gold)
+    else:
+        samples = sample_problems(cfg, problems)
+    samples = score_samples(samples, gold, grader=cfg.grader)
+    summary = summarize(samples, budgets=cfg.budgets)
+    summary["model"] = cfg.model.model
+    summary["adapter"] = cfg.adapter
+    out = Path(cfg.out)
+    write_jsonl_atomic(out / "samples.jsonl", samples)
+    write_json_atomic(out / "summary.json", summary)
+    write_text_atomic(out / "summary.md", to_markdown(summary, title=f"Evaluation of {cfg.adapter or cfg.model.model}"))
+    logger.info("pass@1 %.4f, mean tokens %s", summary.get("pass@1", float("nan")), summary.get("mean_tokens"))
+    return summary
+
+
+def load_samples(path: str, gold: dict[str, str | None]) -> list[dict[str, Any]]:
+    """Samples made elsewhere: JSONL with `id` and `text` (optional `sample`, `num_tokens`).
+
+    Raises:
+        DataError: a record without `id`/`text`, or an id that is not among the problems.
+    """
+    samples, counts = [], {}
+    for where, row in iter_jsonl(path):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{where}: field 'text' (the response) must be a string")
+        pid = str(row.get("id", ""))
+        if pid not in gold:
+            raise DataError(f"{where}: field 'id': {pid!r} is not a problem in the data file")
+        sample = row.get("sample", counts.get(pid, 0))
+        counts[pid] = counts.get(pid, 0) + 1
+        samples.append({**row, "id": pid, "sample": sample})
+    if not samples:
+        raise DataError(f"{path}: no samples")
+    return samples
+
+
+def sample_problems(cfg: EvalConfig, problems: list[Any]) -> list[dict[str, Any]]:
+    """n samples per problem from the student prompt of the (adapted) model."""
+    from dail import models
+    from dail.generate import prompt_builder
+    from dail.rollout import RolloutSettings, sample_responses, sequence_seed
+    from dail.train import encode_prompt
+
+    model, tokenizer = models.load(cfg.model)
+    if cfg.adapter:
+        model = apply_adapter(model, cfg.adapter)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out / "eval_config.json", to_dict(cfg))
+    builder = prompt_builder(cfg.prompts)
+    prompts = {p.id: encode_prompt(tokenizer, builder.render(p, tokenizer)["student"]) for p in problems}
+    settings = RolloutSettings(
+        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
+        max_new_tokens=cfg.sampling.max_new_tokens, eos_ids=tuple(models.eos_token_ids(model, tokenizer)))
+
+    def generate(rows: list[tuple[Any, int]]) -> list[dict[str, Any]]:
+        traces = sample_responses(
+            model, [prompts[p.id] for p, _ in rows],
+            [sequence_seed(cfg.sampling.seed, f"eval\x00{p.id}\x00{s}") for p, s in rows],
+            settings, pad_id=tokenizer.pad_token_id)
+        return [{"id": p.id, "sample": s, "text": tokenizer.decode(t.token_ids, skip_special_tokens=True),
+                 "num_tokens": len(t.token_ids), "finished": t.finished}
+                for (p, s), t in zip(rows, traces, strict=True)]
+
+    return run_per_problem(problems, cfg.n, key=lambda p: p.id, parts=out / "parts",
+                           batch_size=cfg.sampling.batch_size, generate=generate, desc="eval")
+
+
+def apply_adapter(model: Any, adapter: str) -> Any:
+    """Load a PEFT adapter onto the base model and merge it (plain weights decode fastest)."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise DataError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()

@@ -1,0 +1,193 @@
+"""Stage 1: `dail generate` -- mixed-policy rollout over a problem set, then selection.
+
+Reads top to bottom: load and validate problems (nothing is written if they are rejected) ->
+load the model -> render and tokenize the three prompts of every problem -> roll out the
+problems x samples in batches, writing each finished problem's traces atomically to
+`<out>/parts/` (a rerun skips finished problems) -> merge into `<out>/traces.jsonl` -> select
+into `<out>/selected.jsonl`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dail.config import GenerateConfig, PromptConfig, to_dict
+from dail.batching import run_per_problem, check_resumable
+from dail.data import Problem, resolve_problems, write_json_atomic, write_jsonl_atomic
+from dail.prompts import ROLES, PromptBuilder, PromptTemplates, shorten_solution
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedProblem:
+    """A problem with its rendered prompts and their token ids."""
+
+    index: int
+    problem: Problem
+    prompts: dict[str, str]
+    prompt_ids: dict[str, list[int]]
+
+
+def run(cfg: GenerateConfig) -> dict[str, Any]:
+    """Generate traces and select from them; returns the summary also written to disk."""
+    from dail import models
+    from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
+
+    problems = resolve_problems(cfg.data)
+    out = Path(cfg.out)
+    model, tokenizer = models.load(cfg.model)
+    budget = cfg.sampling.max_new_tokens
+    prepared, skipped = prepare_problems(problems, tokenizer, cfg.prompts,
+                                         max_prompt_tokens=_max_prompt_tokens(cfg, model))
+    out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out / "generate_config.json", to_dict(cfg))
+
+    settings = RolloutSettings(
+        tau=cfg.tau, retries=cfg.retries, temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, max_new_tokens=budget,
+        eos_ids=tuple(models.eos_token_ids(model, tokenizer)),
+        suppress_ids=_suppressed(tokenizer, cfg))
+
+    def generate(rows: list[tuple[PreparedProblem, int]]) -> list[dict[str, Any]]:
+        traces = mixed_rollout(
+            model,
+            [p.prompt_ids["student"] for p, _ in rows],
+            [p.prompt_ids["privileged"] for p, _ in rows],
+            [sequence_seed(cfg.sampling.seed, f"{p.problem.id}\x00{s}") for p, s in rows],
+            settings, pad_id=tokenizer.pad_token_id)
+        return [trace_record(p, s, t, tokenizer, cfg.grader) for (p, s), t in zip(rows, traces, strict=True)]
+
+    records = run_per_problem(prepared, cfg.samples, key=lambda p: p.problem.id, parts=out / "parts",
+                              batch_size=cfg.sampling.batch_size, generate=generate, desc="rollout")
+    write_jsonl_atomic(out / "traces.jsonl", records)
+    selected = select_traces(records, keep=cfg.keep, seed=cfg.sampling.seed)
+    write_jsonl_atomic(out / "selected.jsonl", selected)
+    summary = _summary(problems, prepared, skipped, records, selected)
+    write_json_atomic(out / "generate_summary.json", summary)
+    logger.info("%d of %d problems survive selection (%d skipped as too long); mean acceptance %.3f",
+                summary["problems_selected"], summary["problems"], len(skipped),
+                summary["mean_acceptance_rate"])
+    return summary
+
+
+def _max_prompt_tokens(cfg: GenerateConfig, model: Any) -> int:
+    if cfg.prompts.max_prompt_tokens is not None:
+        return cfg.prompts.max_prompt_tokens
+    context = getattr(model.config, "max_position_embeddings", None) or 32768
+    return max(1, context - cfg.sampling.max_new_tokens)
+
+
+def _suppressed(tokenizer: Any, cfg: GenerateConfig) -> tuple[int, ...]:
+    """The end-of-thinking token of a reasoning model, which the rollout never emits."""
+    from dail.prompts import uses_thinking
+
+    thinking = uses_thinking(tokenizer) if cfg.prompts.thinking is None else cfg.prompts.thinking
+    if not (thinking and cfg.suppress_end_of_thinking):
+        return ()
+    token_id = tokenizer.convert_tokens_to_ids("</think>")
+    return (token_id,) if token_id is not None and token_id != tokenizer.unk_token_id else ()
+
+
+def prompt_builder(cfg: PromptConfig) -> PromptBuilder:
+    templates = PromptTemplates.from_files(cfg.student_template, cfg.privileged_template,
+                                           cfg.negative_template)
+    return PromptBuilder(templates, waypoints=cfg.waypoints, thinking=cfg.thinking,
+                         system_prompt=cfg.system_prompt)
+
+
+def prepare_problems(problems: list[Problem], tokenizer: Any, cfg: PromptConfig, *,
+                     max_prompt_tokens: int) -> tuple[list[PreparedProblem], list[str]]:
+    """Render and tokenize every role's prompt; shorten or skip over-long expert solutions.
+
+    Returns:
+        (prepared problems, ids of skipped problems).
+    """
+    from dail.train import encode_prompt
+
+    builder = prompt_builder(cfg)
+
+    def privileged_fits(solution: str, problem: Problem) -> bool:
+        text = builder.render(problem, tokenizer, solution=solution)["privileged"]
+        return len(encode_prompt(tokenizer, text)) <= max_prompt_tokens
+
+    prepared, skipped = [], []
+    for index, problem in enumerate(problems):
+        solution = shorten_solution(problem.solution, lambda s, p=problem: privileged_fits(s, p))
+        if solution is None:
+            logger.warning("skipping problem %r: its privileged prompt exceeds %d tokens even "
+                           "after dropping trailing 'Solution k:' blocks", problem.id, max_prompt_tokens)
+            skipped.append(problem.id)
+            continue
+        if solution != problem.solution:
+            logger.info("problem %r: expert solution shortened to fit %d tokens", problem.id,
+                        max_prompt_tokens)
+        prompts = builder.render(problem, tokenizer, solution=solution)
+        prompt_ids = {role: encode_prompt(tokenizer, prompts[role]) for role in ROLES}
+        prepared.append(PreparedProblem(index, problem, prompts, prompt_ids))
+    return prepared, skipped
+
+
+def trace_record(p: PreparedProblem, sample: int, trace: Any, tokenizer: Any, grader: str) -> dict[str, Any]:
+    """The JSON record of one trace (see the README's trace format)."""
+    from dail.grading import extract_answer, grade
+
+    text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+    gold = p.problem.answer
+    return {
+        "id": p.problem.id,
+        "sample": sample,
+        "prompts": p.prompts,
+        "prompt_ids": p.prompt_ids,
+        "text": text,
+        "token_ids": trace.token_ids,
+        "sources": "".join(trace.sources),
+        "proposal_ids": trace.proposal_ids,
+        "proposal_probs": [round(x, 6) for x in trace.proposal_probs],
+        "acceptance_rate": trace.acceptance_rate,
+        "finished": trace.finished,
+        "answer": extract_answer(text),
+        "gold": gold,
+        "correct": grade(text, gold, grader=grader) if gold is not None else None,
+    }
+
+
+def select_traces(records: list[dict[str, Any]], *, keep: int = 1, seed: int = 0) -> list[dict[str, Any]]:
+    """Keep up to `keep` traces per problem: correct ones if verifiable, else random ones.
+
+    Unverifiable problems prefer traces that reached EOS. The choice is seeded per problem.
+    """
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_problem[r["id"]].append(r)
+    selected = []
+    for pid, group in by_problem.items():
+        rng = random.Random(f"{seed}\x00{pid}")
+        if group[0].get("gold") is not None:
+            pool = [r for r in group if r.get("correct")]
+        else:
+            pool = [r for r in group if r.get("finished")] or group
+        selected.extend(sorted(rng.sample(pool, min(keep, len(pool))), key=lambda r: r["sample"]))
+    return selected
+
+
+def _summary(problems: list[Problem], prepared: list[PreparedProblem], skipped: list[str],
+             records: list[dict[str, Any]], selected: list[dict[str, Any]]) -> dict[str, Any]:
+    rates = [r["acceptance_rate"] for r in records]
+    verifiable = [r for r in records if r.get("correct") is not None]
+    return {
+        "problems": len(problems),
+        "problems_rolled_out": len(prepared),
+        "problems_skipped": skipped,
+        "traces": len(records),
+        "problems_selected": len({r["id"] for r in selected}),
+        "traces_selected": len(selected),
+        "mean_acceptance_rate": sum(rates) / len(rates) if rates else 0.0,
+        "trace_accuracy": (sum(bool(r["correct"]) for r in verifiable) / len(verifiable)
+                           if verifiable else None),
+    }

@@ -1,0 +1,79 @@
+"""`dail inspect`: what each role sees for one problem, and how a trace lines up across roles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dail.config import GenerateConfig
+from dail.data import DataError, iter_jsonl, resolve_problems
+
+
+def describe(cfg: GenerateConfig, *, problem_id: str, traces: str | None = None, max_rows: int = 24) -> str:
+    """A printable report: compatibility checks, the three prompts, waypoints, token alignment.
+
+    The alignment table shows, for the first response tokens, the position of each token in
+    every role's sequence and the position whose logits predict it (one to the left): the
+    loss compares the three roles' distributions at exactly these positions.
+    """
+    from dail import models
+    from dail.generate import prepare_problems, prompt_builder
+    from dail.prompts import get_waypoint_extractor
+    from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
+
+    problems = {p.id: p for p in resolve_problems(cfg.data)}
+    if problem_id not in problems:
+        raise DataError(f"{cfg.data}: no problem with id {problem_id!r}")
+    problem = problems[problem_id]
+    model, tokenizer = models.load(cfg.model)
+    lines = [f"# Problem {problem.id}", "", "## Model and tokenizer"]
+    warnings = models.check_compatible(model, tokenizer, name=cfg.model.model)
+    lines += [f"- {w}" for w in warnings] or ["- tokenizer and model agree (vocabulary, EOS, chat template)"]
+    lines += [f"- EOS ids: {models.eos_token_ids(model, tokenizer)}; pad id: {tokenizer.pad_token_id}"]
+
+    prepared, skipped = prepare_problems([problem], tokenizer, cfg.prompts,
+                                         max_prompt_tokens=cfg.prompts.max_prompt_tokens or 10**9)
+    if skipped:
+        return "\n".join(lines + ["", "skipped: the privileged prompt does not fit max_prompt_tokens"])
+    p = prepared[0]
+    waypoints = get_waypoint_extractor(prompt_builder(cfg.prompts).waypoints)(problem.solution, problem.answer)
+    lines += ["", f"## Gold answer: {problem.answer!r}", f"## Waypoints: {waypoints}"]
+    for role, text in p.prompts.items():
+        lines += ["", f"## {role} prompt ({len(p.prompt_ids[role])} tokens)", "```", text, "```"]
+
+    trace = _find_trace(traces, problem_id) if traces else None
+    if trace is None:
+        settings = RolloutSettings(tau=cfg.tau, max_new_tokens=min(32, cfg.sampling.max_new_tokens),
+                                   temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                   eos_ids=tuple(models.eos_token_ids(model, tokenizer)))
+        t = mixed_rollout(model, [p.prompt_ids["student"]], [p.prompt_ids["privileged"]],
+                          [sequence_seed(cfg.sampling.seed, problem_id)], settings,
+                          pad_id=tokenizer.pad_token_id)[0]
+        trace = {"token_ids": t.token_ids, "sources": "".join(t.sources), "proposal_probs": t.proposal_probs}
+        lines += ["", f"## Alignment of a fresh {len(t.token_ids)}-token trace (tau={cfg.tau})"]
+    else:
+        lines += ["", f"## Alignment of trace sample {trace.get('sample')} from {traces}"]
+    lines.append(alignment_table(tokenizer, p.prompt_ids, trace, max_rows=max_rows))
+    return "\n".join(lines)
+
+
+def alignment_table(tokenizer: Any, prompt_ids: dict[str, list[int]], trace: dict[str, Any],
+                    *, max_rows: int = 24) -> str:
+    roles = list(prompt_ids)
+    header = "| t | token | source | p_priv(proposal) | " + " | ".join(
+        f"{r} pos (pred from)" for r in roles) + " |"
+    rows = [header, "|" + "---|" * (4 + len(roles))]
+    for j, token in enumerate(trace["token_ids"][:max_rows]):
+        cells = [str(j), repr(tokenizer.decode([token])), trace["sources"][j],
+                 f"{trace['proposal_probs'][j]:.3f}"]
+        cells += [f"{len(prompt_ids[r]) + j} ({len(prompt_ids[r]) + j - 1})" for r in roles]
+        rows.append("| " + " | ".join(cells) + " |")
+    if len(trace["token_ids"]) > max_rows:
+        rows.append(f"... {len(trace['token_ids']) - max_rows} more tokens")
+    return "\n".join(rows)
+
+
+def _find_trace(path: str, problem_id: str) -> dict[str, Any] | None:
+    for _, row in iter_jsonl(path):
+        if isinstance(row, dict) and str(row.get("id")) == problem_id:
+            return row
+    raise DataError(f"{path}: no trace of problem {problem_id!r}")

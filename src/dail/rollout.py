@@ -1,0 +1,289 @@
+"""The mixed-policy decoder (METHOD.md, Stage 1).
+
+At every step the student (problem-only context) proposes a token y from its sampling
+distribution; if the privileged student (problem + expert solution) gives y a raw probability
+>= tau, y is accepted, otherwise the privileged student samples the token itself. Both contexts
+then receive the chosen token.
+
+Faithful details:
+- The acceptance test uses the privileged model's untempered, unfiltered probability over the
+  full vocabulary (the release reads raw log-probabilities; we do not truncate to a top-k).
+- Proposals and fallbacks use the sampling settings (temperature, top-p, top-k).
+- tau = 0 accepts every proposal (pure student); tau = 1 never accepts (pure privileged
+  sampling, the "direct sampling" ablation). Both are special-cased as in the release.
+- `retries` extra proposals are tried before falling back (the release's optional 5).
+
+Engineering: one set of weights serves both roles; both contexts run in one batched forward
+call per token (rows [0, B) student, [B, 2B) privileged) with KV caches, so no context is ever
+re-encoded. Randomness comes from one generator per sequence, so a trace depends on its own seed
+only, not on the batch it shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+STUDENT, PRIVILEGED = "S", "P"
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """Settings of one mixed rollout.
+
+    Attributes:
+        tau: Acceptance threshold in [0, 1].
+        retries: Extra student proposals before falling back.
+        temperature / top_p / top_k: Sampling settings for proposals and fallbacks
+            (temperature 0 = greedy).
+        max_new_tokens: Token budget per trace.
+        eos_ids: Tokens that end a trace (kept as its last token).
+        suppress_ids: Tokens never sampled (e.g. </think> for reasoning models).
+    """
+
+    tau: float = 0.8
+    retries: int = 0
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 2048
+    eos_ids: tuple[int, ...] = ()
+    suppress_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Trace:
+    """One generated response with per-token provenance.
+
+    `proposal_ids[t]` is the student's proposal at position t (the accepted one, or the last
+    rejected one) and `proposal_probs[t]` its raw privileged probability.
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    proposal_ids: list[int] = field(default_factory=list)
+    proposal_probs: list[float] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.sources.count(STUDENT) / len(self.sources) if self.sources else 0.0
+
+
+# --------------------------------------------------------------------------- sampling helpers
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    """Sampling distribution after temperature, top-k and top-p. (N, V) float -> (N, V)."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    return probs
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row from (unnormalised) `probs` (N, V) with uniforms (N,) in [0, 1)."""
+    cdf = probs.cumsum(-1)
+    targets = uniforms.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:]
+    # right=True: the first index whose cdf exceeds the target, so zero-probability tokens are
+    # never drawn.
+    idx = torch.searchsorted(cdf, targets, right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def sequence_seed(seed: int, key: str) -> int:
+    """A stable 63-bit seed for one sequence, independent of batching and sharding."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- batched decoding
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (N, L) and attention mask (N, L)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, length - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _Decoder:
+    """A batch of contexts advanced one token per step over a shared KV cache."""
+
+    def __init__(self, model: torch.nn.Module, prompts: list[list[int]], pad_id: int):
+        self.model = model
+        device = next(model.parameters()).device
+        ids, self.mask = left_pad(prompts, pad_id, device)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)
+        out = model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions,
+                    use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1, :].float()  # (N, V)
+        self.positions = self.positions[:, -1:]
+
+    def step(self, tokens: torch.Tensor) -> None:
+        """Append `tokens` (N,) to every context and compute the next logits."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
+        self.positions = self.positions + 1
+        out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=self.mask,
+                         position_ids=self.positions, past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.logits = out.logits[:, -1, :].float()
+
+
+@torch.no_grad()
+def mixed_rollout(
+    model: torch.nn.Module,
+    student_prompts: list[list[int]],
+    privileged_prompts: list[list[int]],
+    seeds: list[int],
+    settings: RolloutSettings,
+    *,
+    pad_id: int,
+) -> list[Trace]:
+    """Generate one trace per (student prompt, privileged prompt, seed) triple.
+
+    Args:
+        model: The frozen base model (both roles share its weights).
+        student_prompts / privileged_prompts: Token ids of each row's two contexts.
+        seeds: One seed per row; the row's trace depends on nothing else.
+        settings: Threshold, sampling settings and token budget.
+        pad_id: Token used for left padding (always masked).
+
+    Returns:
+        One `Trace` per row, in input order.
+    """
+    if not (len(student_prompts) == len(privileged_prompts) == len(seeds)):
+        raise ValueError("student_prompts, privileged_prompts and seeds must have equal lengths")
+    batch = len(seeds)
+    decoder = _Decoder(model, student_prompts + privileged_prompts, pad_id)
+    device = decoder.logits.device
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    draws = settings.retries + 2  # proposals, then one uniform for the fallback
+    eos = torch.tensor(settings.eos_ids or [-1], device=device)
+    traces = [Trace() for _ in range(batch)]
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    for _ in range(settings.max_new_tokens):
+        student_logits, privileged_logits = decoder.logits[:batch], decoder.logits[batch:]
+        # The acceptance test reads the raw distribution: no temperature, no filtering.
+        privileged_raw = torch.softmax(privileged_logits, dim=-1)  # (B, V)
+        if settings.suppress_ids:
+            suppress = list(settings.suppress_ids)
+            student_logits = student_logits.clone()
+            student_logits[:, suppress] = float("-inf")
+            privileged_logits = privileged_logits.clone()
+            privileged_logits[:, suppress] = float("-inf")
+        student_dist = sampling_probs(student_logits, settings.temperature, settings.top_p, settings.top_k)
+        privileged_dist = sampling_probs(privileged_logits, settings.temperature, settings.top_p,
+                                         settings.top_k)
+        uniforms = torch.stack([torch.rand(draws, generator=g) for g in generators]).to(device)
+
+        chosen, proposal, proposal_prob, accepted = _choose(
+            student_dist, privileged_dist, privileged_raw, uniforms, settings)
+
+        for i in torch.nonzero(~done).flatten().tolist():
+            trace = traces[i]
+            trace.token_ids.append(int(chosen[i]))
+            trace.sources.append(STUDENT if accepted[i] else PRIVILEGED)
+            trace.proposal_ids.append(int(proposal[i]))
+            trace.proposal_probs.append(float(proposal_prob[i]))
+        finished_now = torch.isin(chosen, eos) & ~done
+        for i in torch.nonzero(finished_now).flatten().tolist():
+            traces[i].finished = True
+        done |= finished_now
+        if bool(done.all()):
+            break
+        decoder.step(torch.cat([chosen, chosen]))
+    return traces
+
+
+def _choose(
+    student_dist: torch.Tensor,
+    privileged_dist: torch.Tensor,
+    privileged_raw: torch.Tensor,
+    uniforms: torch.Tensor,
+    settings: RolloutSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One mixed-policy step for a batch. Returns (chosen, proposal, proposal_prob, accepted)."""
+    batch = student_dist.shape[0]
+    accepted = torch.zeros(batch, dtype=torch.bool, device=student_dist.device)
+    proposal = torch.zeros(batch, dtype=torch.long, device=student_dist.device)
+    proposal_prob = torch.zeros(batch, dtype=privileged_raw.dtype, device=student_dist.device)
+    for r in range(settings.retries + 1):
+        candidate = sample_inverse_cdf(student_dist, uniforms[:, r])
+        prob = privileged_raw.gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
+        if settings.tau <= 0:
+            ok = torch.ones_like(accepted)
+        elif settings.tau >= 1:
+            ok = torch.zeros_like(accepted)
+        else:
+            ok = prob >= settings.tau
+        # Rows still undecided take this proposal (kept as the record if every try fails).
+        undecided = ~accepted
+        proposal = torch.where(undecided, candidate, proposal)
+        proposal_prob = torch.where(undecided, prob, proposal_prob)
+        accepted = accepted | ok
+    fallback = sample_inverse_cdf(privileged_dist, uniforms[:, -1])
+    chosen = torch.where(accepted, proposal, fallback)
+    return chosen, proposal, proposal_prob, accepted
+
+
+@torch.no_grad()
+def sample_responses(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    seeds: list[int],
+    settings: RolloutSettings,
+    *,
+    pad_id: int,
+) -> list[Trace]:
+    """Plain sampling from one context per row (evaluation, STaR): every token is the student's.
+
+    Uses the same per-sequence generators as `mixed_rollout`, so results do not depend on
+    batching. `settings.tau` and `settings.retries` are ignored.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError("prompts and seeds must have equal lengths")
+    decoder = _Decoder(model, prompts, pad_id)
+    device = decoder.logits.device
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    eos = torch.tensor(settings.eos_ids or [-1], device=device)
+    traces = [Trace() for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(settings.max_new_tokens):
+        logits = decoder.logits
+        if settings.suppress_ids:
+            logits = logits.clone()
+            logits[:, list(settings.suppress_ids)] = float("-inf")
+        dist = sampling_probs(logits, settings.temperature, settings.top_p, settings.top_k)
+        uniforms = torch.stack([torch.rand(1, generator=g) for g in generators]).to(device)
+        chosen = sample_inverse_cdf(dist, uniforms[:, 0])
+        for i in torch.nonzero(~done).flatten().tolist():
+            traces[i].token_ids.append(int(chosen[i]))
+            traces[i].sources.append(STUDENT)
+        finished_now = torch.isin(chosen, eos) & ~done
+        for i in torch.nonzero(finished_now).flatten().tolist():
+            traces[i].finished = True
+        done |= finished_now
+        if bool(done.all()):
+            break
+        decoder.step(chosen)
+    return traces

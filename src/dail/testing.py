@@ -1,0 +1,88 @@
+"""Tiny Hugging Face models built locally, for tests and smoke runs.
+
+They are standard Qwen2 models with a byte-level BPE tokenizer trained on the spot and a ChatML
+chat template (plain, or Qwen3-style with thinking), saved with `save_pretrained` so they load
+through exactly the code path a user's model takes. Their weights are random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# ChatML, written for this project.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# ChatML with a reasoning block: with thinking off, an empty <think></think> block is prefilled.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+_CORPUS = [
+    "Solve the problem step by step and put your final answer in \\boxed{}.",
+    "Let x = 3. Then 2x + 1 = 7, so the answer is \\boxed{7}.",
+    "We compute 12 * 4 = 48 and 48 / 6 = 8. Hence \\boxed{8}.",
+    "The sum of the roots of x^{2} - 5x + 6 = 0 is 5 and the product is 6.",
+    "Expert solution (hidden from the reader): factor the quadratic, then add the roots.",
+    "The final answer is 42. Intermediate results used in the solution might include: 3, 7, x+1.",
+    "Below is a correct solution written by an expert. Work out the problem yourself.",
+    "Therefore \\frac{1}{2} + \\frac{1}{3} = \\frac{5}{6}, and 0.5 is one half.",
+]
+
+
+def build_tokenizer(thinking: bool = False, vocab_size: int = 512):
+    """A byte-level BPE tokenizer with ChatML special tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=THINKING_TEMPLATE if thinking else CHATML_TEMPLATE,
+    )
+
+
+def build_tiny_model(out_dir: str | Path, *, thinking: bool = False, seed: int = 0,
+                     hidden_size: int = 64, layers: int = 2) -> Path:
+    """Save a random tiny Qwen2 model and its tokenizer to `out_dir`; return the path."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(thinking=thinking)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    # Random logits that are not all alike, so proposals and fallbacks both occur.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

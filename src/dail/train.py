@@ -1,0 +1,177 @@
+"""Stage 2: `dail train` -- LoRA fine-tuning with the DAIL, KL, NLL or SFT loss.
+
+Reads top to bottom: load examples -> load model and wrap it with LoRA -> train with
+`DAILTrainer` (resuming from the last checkpoint) -> save the adapter (and a merged model).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dail.config import TrainConfig, to_dict
+from dail.data import DataError, iter_jsonl, load_problems, write_json_atomic
+from dail.prompts import ROLES
+
+logger = logging.getLogger(__name__)
+
+
+def run(cfg: TrainConfig) -> Path:
+    """Train and return the adapter directory (`<out>/adapter`)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from dail import models
+    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer
+
+    out = Path(cfg.out)
+    args = _training_args(cfg, out)
+    tokenizer = models.load_tokenizer(cfg.model)
+    examples = load_examples(cfg, tokenizer, max_length=args.max_length)
+
+    model = models.load_model(cfg.model, for_training=True)
+    models.check_compatible(model, tokenizer, name=cfg.model.model)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=_lora_targets(model, args.lora_target_modules),
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+
+    roles = ("student", "privileged", "negative") if args.uses_negative else (
+        ("student", "privileged") if args.uses_teacher else ("student",))
+    trainer = DAILTrainer(model=model, args=args, train_dataset=examples,
+                          data_collator=DAILCollator(tokenizer.pad_token_id, roles))
+    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if last:
+        logger.info("resuming from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+
+    if trainer.is_world_process_zero():
+        adapter_dir = _save_atomically(out / "adapter", lambda d: (model.save_pretrained(d),
+                                                                     tokenizer.save_pretrained(d)))
+        if args.merge:
+            merged = model.merge_and_unload()
+            _save_atomically(out / "merged", lambda d: (merged.save_pretrained(d),
+                                                          tokenizer.save_pretrained(d)))
+        write_json_atomic(out / "train_summary.json", {
+            "config": to_dict(cfg), "examples": len(examples), "loss": args.loss,
+            "gamma": args.gamma, "kl_direction": args.kl_direction,
+            "metrics": result.metrics, "log_history": trainer.state.log_history,
+        })
+    return out / "adapter"
+
+
+def _training_args(cfg: TrainConfig, out: Path) -> Any:
+    from dail.trainer import DAILConfig
+
+    values: dict[str, Any] = {"output_dir": str(out / "checkpoints"), "loss": cfg.loss,
+                              "gamma": cfg.gamma, **cfg.training}
+    if torch.cuda.is_available():
+        # The release trains in bf16 with gradient checkpointing; on a CPU both only cost time.
+        values.setdefault("bf16", torch.cuda.is_bf16_supported())
+        values.setdefault("gradient_checkpointing", True)
+    return DAILConfig(**values)
+
+
+def _lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
+    """The wanted module names that exist in the model; an error listing choices otherwise."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    present = [w for w in wanted if w in names]
+    if not present:
+        raise ValueError(f"none of the LoRA target modules {wanted} exist in this model; "
+                         f"its linear layers are named {sorted(names)}")
+    return present
+
+
+def _save_atomically(final: Path, save: Any) -> Path:
+    """Save into a temporary sibling directory, then swap it in: never a half-written adapter."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def load_examples(cfg: TrainConfig, tokenizer: Any, *, max_length: int) -> list[dict[str, Any]]:
+    """Training examples `{"prompt_ids": {role: ids}, "response_ids": ids}`.
+
+    For the sft baseline the response is the expert solution (plus EOS) after the student
+    prompt; for every other loss it is a synthetic trace with all three prompts.
+
+    Raises:
+        DataError: missing input file, or a trace record without the needed fields.
+    """
+    if cfg.loss == "sft":
+        source = cfg.data or cfg.traces
+        if not source:
+            raise DataError("the sft loss trains on expert solutions: pass --data PROBLEMS")
+        raw = _sft_examples(source, cfg, tokenizer)
+    else:
+        if not cfg.traces:
+            raise DataError(f"the {cfg.loss} loss trains on traces: pass --traces selected.jsonl")
+        raw = _trace_examples(cfg.traces)
+    examples = [e for e in (_fit(e, max_length) for e in raw) if e is not None]
+    if not examples:
+        raise DataError("no training examples left (empty input, or every prompt exceeds max_length)")
+    logger.info("training on %d examples (%d dropped for length)", len(examples), len(raw) - len(examples))
+    return examples
+
+
+def _trace_examples(path: str) -> list[dict[str, Any]]:
+    examples = []
+    for where, row in iter_jsonl(path):
+        prompt_ids = row.get("prompt_ids") if isinstance(row, dict) else None
+        if not isinstance(prompt_ids, dict) or any(not _is_ids(prompt_ids.get(r)) for r in ROLES):
+            raise DataError(f"{where}: field 'prompt_ids' must map student, privileged and negative "
+                            f"to lists of token ids (is this a trace file from `dail generate`?)")
+        if not _is_ids(row.get("token_ids")) or not row["token_ids"]:
+            raise DataError(f"{where}: field 'token_ids' must be a non-empty list of token ids")
+        examples.append({"prompt_ids": {r: prompt_ids[r] for r in ROLES},
+                         "response_ids": row["token_ids"], "id": row.get("id")})
+    return examples
+
+
+def _sft_examples(path: str, cfg: TrainConfig, tokenizer: Any) -> list[dict[str, Any]]:
+    from dail.prompts import PromptBuilder, PromptTemplates
+
+    p = cfg.prompts
+    builder = PromptBuilder(PromptTemplates.from_files(p.student_template, p.privileged_template,
+                                                       p.negative_template),
+                            waypoints=p.waypoints, thinking=p.thinking, system_prompt=p.system_prompt)
+    examples = []
+    for problem in load_problems(path):
+        prompt = builder.render(problem, tokenizer)["student"]
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        response = tokenizer(problem.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        examples.append({"prompt_ids": {"student": prompt_ids}, "response_ids": response, "id": problem.id})
+    return examples
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt (a chat template already wrote any special tokens)."""
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and t >= 0 for t in value)
+
+
+def _fit(example: dict[str, Any], max_length: int) -> dict[str, Any] | None:
+    """Cut the response so every role's sequence fits `max_length`; None if a prompt alone does not."""
+    room = max_length - max(len(ids) for ids in example["prompt_ids"].values())
+    if room <= 0:
+        logger.warning("skipping %s: its prompt alone exceeds max_length=%d", example.get("id"), max_length)
+        return None
+    if len(example["response_ids"]) > room:
+        example = {**example, "response_ids": example["response_ids"][:room]}
+    return example

@@ -1,0 +1,207 @@
+"""`DAILTrainer`: a `transformers.Trainer` whose only change is the loss.
+
+Model roles: the student is the base model with a LoRA adapter (the only trained weights).
+The privileged student and the negative reference are the *same* base weights with the adapter
+disabled, run without gradients on their own prompts. Each batch holds, for every role, the
+role's prompt left-padded to a common length followed by the shared response right-padded to a
+common length, so response token j sits at the same column in every role and is predicted by
+the logits one column to its left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from dail.loss import contrastive_kl_terms, nll
+
+logger = logging.getLogger(__name__)
+
+LossMode = Literal["dail", "kl", "nll", "sft"]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IGNORE = -100
+
+
+@dataclass
+class DAILConfig(TrainingArguments):
+    """Training settings: `TrainingArguments` with the release's defaults, plus DAIL's own.
+
+    Attributes:
+        loss: "dail" (contrastive), "kl" (gamma 0), "nll" (next-token loss on traces) or
+            "sft" (next-token loss on the expert solutions; the baseline).
+        gamma: Weight of the negative-reference term (used by "dail").
+        kl_direction: "reverse" = KL(student || teacher) (release default) or "forward".
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: The LoRA adapter.
+        max_length: Longest sequence (any role's prompt + response); responses are cut to fit.
+        merge: Also save the adapter merged into the base weights.
+    """
+
+    output_dir: str | None = None
+    loss: str = "dail"
+    gamma: float = 0.1
+    kl_direction: str = "reverse"
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    max_length: int = 12288
+    merge: bool = False
+    # Release hyperparameters (METHOD.md).
+    learning_rate: float = 2e-4
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 4
+    num_train_epochs: float = 5.0
+    logging_steps: int = 1
+    save_strategy: str = "steps"
+    save_steps: int = 50
+    save_total_limit: int | None = 2
+    remove_unused_columns: bool = False
+    report_to: str | list[str] = "none"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("dail", "kl", "nll", "sft"):
+            raise ValueError(f"loss must be dail, kl, nll or sft, not {self.loss!r}")
+        if self.kl_direction not in ("reverse", "forward"):
+            raise ValueError(f"kl_direction must be reverse or forward, not {self.kl_direction!r}")
+        if self.loss == "kl":
+            self.gamma = 0.0
+        if self.gamma < 0:
+            raise ValueError("gamma must be >= 0 (it weights a term that is subtracted)")
+        super().__post_init__()
+
+    @property
+    def uses_negative(self) -> bool:
+        return self.loss == "dail" and self.gamma != 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.loss in ("dail", "kl")
+
+
+class DAILCollator:
+    """Pads examples into per-role tensors with the response at a common column.
+
+    An example is `{"prompt_ids": {role: [ids]}, "response_ids": [ids]}`. The batch holds
+    `<role>_input_ids` and `<role>_attention_mask` (B, P_role + T) for each role present,
+    `response_mask` (B, T) and `labels` (B, T): the response ids, -100 on padding.
+    """
+
+    def __init__(self, pad_id: int, roles: tuple[str, ...]):
+        self.pad_id = pad_id
+        self.roles = roles
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(e["response_ids"]) for e in examples)
+        batch: dict[str, torch.Tensor] = {}
+        for role in self.roles:
+            prompt_width = max(len(e["prompt_ids"][role]) for e in examples)
+            ids = torch.full((len(examples), prompt_width + width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, e in enumerate(examples):
+                prompt, response = e["prompt_ids"][role], e["response_ids"]
+                start = prompt_width - len(prompt)
+                ids[i, start:prompt_width] = torch.tensor(prompt, dtype=torch.long)
+                ids[i, prompt_width:prompt_width + len(response)] = torch.tensor(response, dtype=torch.long)
+                mask[i, start:prompt_width + len(response)] = 1
+            batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"] = ids, mask
+        labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, :len(e["response_ids"])] = torch.tensor(e["response_ids"], dtype=torch.long)
+        batch["labels"] = labels
+        # Counted as-is by the Trainer for `num_items_in_batch` (already aligned, no shift).
+        batch["shift_labels"] = labels
+        batch["response_mask"] = (labels != IGNORE).long()
+        return batch
+
+
+def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], role: str) -> torch.Tensor:
+    """Logits that predict each response token in `role`'s context. Returns (B, T, V).
+
+    The sequence is [prompt (left-padded to P) | response (right-padded to T)]; column P-1+j
+    predicts response token j, so we keep the last T+1 columns and drop the final one.
+    """
+    ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+    width = batch["response_mask"].shape[1]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                logits_to_keep=width + 1, use_cache=False)
+    return out.logits[:, :-1, :]
+
+
+class DAILTrainer(Trainer):
+    """Trainer for the DAIL losses; overrides `compute_loss` only (plus logging of its terms)."""
+
+    args: DAILConfig
+    # The loss below divides by the tokens of the whole accumulated batch itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Make the Trainer count response tokens across the accumulated batch (and devices).
+        self.model_accepts_loss_kwargs = True
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_counts: dict[str, int] = defaultdict(int)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        mask = inputs["response_mask"]
+        num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        num_tokens = torch.clamp(torch.as_tensor(num_tokens, dtype=torch.float32, device=mask.device), min=1.0)
+        student = response_logits(model, inputs, "student")  # (B, T, V), with gradients
+        if self.args.uses_teacher:
+            privileged, negative = self._teacher_logits(model, inputs)
+            positive_sum, negative_sum = contrastive_kl_terms(
+                student, privileged, negative, mask, direction=self.args.kl_direction)
+            loss = (positive_sum - self.args.gamma * negative_sum) / num_tokens
+            self._record("kl_privileged", positive_sum / num_tokens)
+            if negative is not None:
+                self._record("kl_negative", negative_sum / num_tokens)
+        else:
+            loss = nll(student, inputs["labels"], mask, num_tokens=num_tokens)
+            self._record("nll", loss)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch is summed over processes and DDP averages gradients.
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"logits": student}) if return_outputs else loss
+
+    @torch.no_grad()
+    def _teacher_logits(self, model: torch.nn.Module,
+                        inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Privileged and negative-reference logits: the same weights, adapter disabled."""
+        base = self.accelerator.unwrap_model(model)
+        with _adapter_disabled(base):
+            privileged = response_logits(base, inputs, "privileged")
+            negative = response_logits(base, inputs, "negative") if self.args.uses_negative else None
+        return privileged, negative
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        # Per micro-batch contributions add up to the accumulated-batch value.
+        self._term_sums[name] += float(value.detach())
+        self._term_counts[name] += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._term_counts:
+            steps = max(1, self.args.gradient_accumulation_steps)
+            for name, total in self._term_sums.items():
+                logs[name] = round(total / self._term_counts[name] * steps, 6)
+            self._term_sums.clear()
+            self._term_counts.clear()
+        super().log(logs, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model: torch.nn.Module):
+    """The frozen base model: PEFT's `disable_adapter`, or nothing for a plain model."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
