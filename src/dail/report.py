@@ -1,0 +1,176 @@
+"""Score evaluation samples and summarise them: pass@k, bootstrap intervals, token budgets.
+
+A sample is a dict `{"id", "sample", "text", "correct", "num_tokens"?}`; `correct` is None for
+problems without a gold answer. `score_samples` fills `answer` and `correct` from gold answers,
+so samples produced elsewhere (vLLM, an API) can be scored without loading a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from dail.grading import extract_answer, get_grader
+from dail.metrics import accuracy_under_budget, bootstrap_ci, pass_at_k_table
+
+logger = logging.getLogger(__name__)
+
+#: Token budgets reported by default (the paper uses 512 to 4096 for reasoning models). All are
+#: kept even above the longest response seen, so summaries of different runs share keys; such a
+#: budget simply equals plain accuracy.
+DEFAULT_BUDGETS = (256, 512, 1024, 2048, 4096)
+
+
+def score_samples(samples: Sequence[Mapping[str, Any]], gold: Mapping[str, str | None], *,
+                  grader: str = "math") -> list[dict[str, Any]]:
+    """Fill `answer` (last boxed) and `correct` for each sample.
+
+    Identical (text, gold) pairs are graded once.
+
+    Args:
+        samples: Dicts with `id` and `text`.
+        gold: Gold answer per problem id; None marks an unverifiable problem (`correct` None).
+        grader: Grader name or `module:function` (see `dail.grading.get_grader`).
+
+    Returns:
+        New sample dicts (inputs untouched) with `answer` and `correct` set.
+
+    Raises:
+        ValueError: when a sample lacks `id`/`text`, its id has no gold entry, or the grader is
+            unknown.
+    """
+    grade = get_grader(grader)
+    cache: dict[tuple[str, str], bool] = {}
+    scored = []
+    for i, sample in enumerate(samples):
+        if "id" not in sample or not isinstance(sample.get("text"), str):
+            raise ValueError(f"sample {i} needs an 'id' and a string 'text'")
+        pid = str(sample["id"])
+        if pid not in gold:
+            raise ValueError(f"sample {i}: problem id {pid!r} has no gold entry "
+                             "(use None for unverifiable problems)")
+        answer_gold = gold[pid]
+        correct = None
+        if answer_gold is not None:
+            key = (sample["text"], answer_gold)
+            if key not in cache:
+                cache[key] = bool(grade(sample["text"], answer_gold))
+            correct = cache[key]
+        scored.append({**sample, "answer": extract_answer(sample["text"]), "correct": correct})
+    return scored
+
+
+def _group(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for s in samples:
+        groups.setdefault(str(s["id"]), []).append(s)
+    return groups
+
+
+def summarize(samples: Sequence[Mapping[str, Any]], *, budgets: Iterable[int] | None = None,
+              ks: Iterable[int] | None = None) -> dict[str, Any]:
+    """Summary of scored samples, ready for `json.dump`.
+
+    Args:
+        samples: Scored sample dicts (`id`, `correct`, optional `num_tokens`).
+        budgets: Token budgets for `accuracy_under_budget`; default `DEFAULT_BUDGETS`.
+        ks: pass@k values; default powers of two up to the smallest per-problem sample count
+            among verifiable problems.
+
+    Returns:
+        A dict with:
+          - `"pass@k"` for each k: mean unbiased pass@k over verifiable problems (absent when
+            none is verifiable);
+          - `"pass@k_ci"`: `{"k": [low, high]}` 95% bootstrap intervals over problems;
+          - `"mean_tokens"`: mean `num_tokens` over all samples (None if any sample lacks it);
+          - `"mean_tokens_correct"`: the same over correct samples (None if none or missing);
+          - `"accuracy_under_budget"`: `{"B": accuracy}` over verifiable samples (None without
+            `num_tokens`);
+          - `"num_problems"`, `"num_verifiable"`, and `"n"`: smallest samples per problem.
+
+    Raises:
+        ValueError: on no samples, or a problem whose samples mix graded and ungraded ones.
+    """
+    if not samples:
+        raise ValueError("no samples to summarise")
+    groups = _group(samples)
+    counts: list[tuple[int, int]] = []
+    for pid, group in groups.items():
+        graded = [s.get("correct") is not None for s in group]
+        if any(graded) and not all(graded):
+            raise ValueError(f"problem {pid!r} mixes graded and ungraded samples; "
+                             "re-score them with one gold answer")
+        if all(graded):
+            counts.append((len(group), sum(bool(s["correct"]) for s in group)))
+
+    summary: dict[str, Any] = {}
+    if counts:
+        table = pass_at_k_table(counts, ks)
+        summary.update(table)
+        summary["pass@k_ci"] = {
+            key.removeprefix("pass@"): list(bootstrap_ci(counts, int(key.removeprefix("pass@"))))
+            for key in table
+        }
+    else:
+        logger.warning("no verifiable problems: pass@k is not reported")
+        summary["pass@k_ci"] = {}
+
+    tokens = [s.get("num_tokens") for s in samples]
+    has_tokens = all(t is not None for t in tokens)
+    correct_tokens = [s["num_tokens"] for s in samples if s.get("correct")] if has_tokens else []
+    summary["mean_tokens"] = float(np.mean(tokens)) if has_tokens else None
+    summary["mean_tokens_correct"] = float(np.mean(correct_tokens)) if correct_tokens else None
+    summary["accuracy_under_budget"] = (
+        accuracy_under_budget(samples, DEFAULT_BUDGETS if budgets is None else budgets)
+        if has_tokens else None
+    )
+    summary["num_problems"] = len(groups)
+    summary["num_verifiable"] = len(counts)
+    summary["n"] = min(len(g) for g in groups.values())
+    return summary
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def to_markdown(summary: Mapping[str, Any], title: str) -> str:
+    """Render a `summarize` result as Markdown: a pass@k table, a budget table, and counts.
+
+    Args:
+        summary: Output of `summarize`.
+        title: Heading text.
+
+    Returns:
+        Markdown text ending in a newline.
+    """
+    lines = [f"## {title}", ""]
+    lines += [f"Problems: {summary.get('num_problems')} "
+              f"(verifiable: {summary.get('num_verifiable')}), "
+              f"samples per problem: {summary.get('n')}", ""]
+    pass_keys = sorted((k for k in summary if k.startswith("pass@") and k != "pass@k_ci"),
+                       key=lambda k: int(k.removeprefix("pass@")))
+    if pass_keys:
+        ci = summary.get("pass@k_ci", {})
+        lines += ["| k | pass@k | 95% CI |", "|---:|---:|:---:|"]
+        for key in pass_keys:
+            k = key.removeprefix("pass@")
+            interval = ci.get(k)
+            shown = f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "n/a"
+            lines.append(f"| {k} | {_fmt(summary[key])} | {shown} |")
+        lines.append("")
+    budgets = summary.get("accuracy_under_budget")
+    if budgets:
+        lines += ["| token budget | accuracy |", "|---:|---:|"]
+        lines += [f"| {b} | {_fmt(acc)} |" for b, acc in budgets.items()]
+        lines.append("")
+    lines.append(f"Mean response tokens: {_fmt(summary.get('mean_tokens'))} "
+                 f"(correct responses: {_fmt(summary.get('mean_tokens_correct'))})")
+    return "\n".join(lines) + "\n"
