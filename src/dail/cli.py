@@ -11,7 +11,15 @@ import logging
 import sys
 from typing import Any
 
-from dail.config import ConfigError, EvalConfig, GenerateConfig, TrainConfig, from_dict, load_yaml, merge
+from dail.config import (
+    ConfigError,
+    EvalConfig,
+    GenerateConfig,
+    TrainConfig,
+    from_dict,
+    load_yaml,
+    merge,
+)
 
 logger = logging.getLogger("dail")
 
@@ -91,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     _prompts(i)
     i.add_argument("--id", required=True, help="problem id")
     i.add_argument("--traces", help="a traces file whose trace of this problem is shown aligned")
+    i.add_argument("--tau", type=float, help="threshold of the fresh trace shown when --traces is not given")
+    _sampling(i)
 
     r = sub.add_parser("run", help="generate -> select -> train -> eval from one YAML config")
     r.add_argument("--config", required=True)
@@ -172,7 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from dail import inspect as inspect_mod
 
     args.out = args.out or "-"
-    cfg = stage_config(GenerateConfig, args, ("data",))
+    cfg = stage_config(GenerateConfig, args, ("data", "out", "tau"))
     print(inspect_mod.describe(cfg, problem_id=args.id, traces=args.traces))
 
 

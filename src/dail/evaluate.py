@@ -13,7 +13,14 @@ from typing import Any
 
 from dail.batching import check_resumable, run_per_problem
 from dail.config import EvalConfig, to_dict
-from dail.data import DataError, iter_jsonl, resolve_problems, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from dail.data import (
+    DataError,
+    iter_jsonl,
+    resolve_problems,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dail.batching import check_resumable, run_per_problem
 from dail.config import GenerateConfig, PromptConfig, to_dict
-from dail.batching import run_per_problem, check_resumable
 from dail.data import Problem, resolve_problems, write_json_atomic, write_jsonl_atomic
 from dail.prompts import ROLES, PromptBuilder, PromptTemplates, shorten_solution
 

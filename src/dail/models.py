@@ -61,7 +61,7 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False) -> Any:
         return model  # the Trainer places it: one device per process
     model.to(device)
     model.eval()
-        model.requires_grad_(False)
+    model.requires_grad_(False)
     return model
 
 

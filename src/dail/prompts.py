@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dail.config import ConfigError
 from dail.data import Problem
 
 logger = logging.getLogger(__name__)
@@ -122,11 +123,11 @@ def get_waypoint_extractor(name: str) -> Callable[[str, str | None], list[str]]:
         try:
             fn = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"waypoint extractor {name!r} cannot be imported: {e}") from None
+            raise ConfigError(f"waypoint extractor {name!r} cannot be imported: {e}") from None
         if not callable(fn):
-            raise ValueError(f"waypoint extractor {name!r} is not callable")
+            raise ConfigError(f"waypoint extractor {name!r} is not callable")
         return fn
-    raise ValueError(f"unknown waypoint extractor {name!r}; choose one of "
+    raise ConfigError(f"unknown waypoint extractor {name!r}; choose one of "
                      f"{sorted(WAYPOINT_EXTRACTORS)} or give 'module:function'")
 
 

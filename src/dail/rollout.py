@@ -274,7 +274,8 @@ def sample_responses(
             logits = logits.clone()
             logits[:, list(settings.suppress_ids)] = float("-inf")
         dist = sampling_probs(logits, settings.temperature, settings.top_p, settings.top_k)
-        uniforms = torch.stack([torch.rand(1, generator=g) for g in generators]).to(device)
+        # Same draws per step as `mixed_rollout`, so tau = 0 there reproduces these samples.
+        uniforms = torch.stack([torch.rand(settings.retries + 2, generator=g) for g in generators]).to(device)
         chosen = sample_inverse_cdf(dist, uniforms[:, 0])
         for i in torch.nonzero(~done).flatten().tolist():
             traces[i].token_ids.append(int(chosen[i]))

@@ -26,7 +26,7 @@ def run(cfg: TrainConfig) -> Path:
     from transformers.trainer_utils import get_last_checkpoint
 
     from dail import models
-    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer
+    from dail.trainer import DAILCollator, DAILTrainer
 
     out = Path(cfg.out)
     args = _training_args(cfg, out)
@@ -52,7 +52,7 @@ def run(cfg: TrainConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=last)
 
     if trainer.is_world_process_zero():
-        adapter_dir = _save_atomically(out / "adapter", lambda d: (model.save_pretrained(d),
+        _save_atomically(out / "adapter", lambda d: (model.save_pretrained(d),
                                                                      tokenizer.save_pretrained(d)))
         if args.merge:
             merged = model.merge_and_unload()

@@ -1,0 +1,201 @@
+"""The mixed-policy decoder: exact acceptance semantics, determinism, stopping, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dail.data import Problem
+from dail.models import eos_token_ids
+from dail.prompts import PromptBuilder
+from dail.rollout import (
+    RolloutSettings,
+    mixed_rollout,
+    sample_inverse_cdf,
+    sample_responses,
+    sampling_probs,
+    sequence_seed,
+)
+from dail.train import encode_prompt
+
+PROBLEMS = [
+    Problem(id="a", problem="What is 2+3?", solution="2+3=5, so \\boxed{5}.", answer="5"),
+    Problem(id="b", problem="Compute 12 * 4 / 6 and explain each step carefully.",
+            solution="12 * 4 = 48. Then 48 / 6 = 8. Hence \\boxed{8}.", answer="8"),
+]
+
+
+@pytest.fixture(scope="module")
+def contexts(tiny):
+    model, tokenizer = tiny
+    student, privileged = [], []
+    for p in PROBLEMS:
+        prompts = PromptBuilder().render(p, tokenizer)
+        student.append(encode_prompt(tokenizer, prompts["student"]))
+        privileged.append(encode_prompt(tokenizer, prompts["privileged"]))
+    return student, privileged
+
+
+def rollout(tiny, contexts, *, rows=6, seed=0, **kw):
+    model, tokenizer = tiny
+    student, privileged = contexts
+    settings = RolloutSettings(**{"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0,
+                                  "eos_ids": tuple(eos_token_ids(model, tokenizer)), **kw})
+    idx = [i % len(student) for i in range(rows)]
+    seeds = [sequence_seed(seed, f"{i}") for i in range(rows)]
+    traces = mixed_rollout(model, [student[i] for i in idx], [privileged[i] for i in idx], seeds, settings,
+                           pad_id=tokenizer.pad_token_id)
+    return traces, idx
+
+
+def teacher_forced_probs(model, prompt, tokens):
+    """Raw next-token distributions of a whole sequence in one forward pass (no KV cache)."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    return torch.softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)], dim=-1)
+
+
+def median_proposal_prob(tiny, contexts):
+    traces, _ = rollout(tiny, contexts, tau=0.0)
+    return float(torch.tensor([p for t in traces for p in t.proposal_probs]).median())
+
+
+def test_tau_zero_is_pure_student_and_tau_one_pure_privileged(tiny, contexts):
+    student, _ = rollout(tiny, contexts, tau=0.0)
+    assert all(set(t.sources) == {"S"} for t in student)
+    assert all(t.token_ids == t.proposal_ids for t in student)
+    privileged, _ = rollout(tiny, contexts, tau=1.0)
+    assert all(set(t.sources) == {"P"} for t in privileged)
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_acceptance_matches_teacher_forced_recomputation(tiny, contexts, retries):
+    model, _ = tiny
+    tau = median_proposal_prob(tiny, contexts)
+    traces, idx = rollout(tiny, contexts, tau=tau, retries=retries)
+    sources = "".join(s for t in traces for s in t.sources)
+    assert "S" in sources and "P" in sources, "the threshold should give a mix"
+    _, privileged = contexts
+    for trace, i in zip(traces, idx, strict=True):
+        probs = teacher_forced_probs(model, privileged[i], trace.token_ids)
+        recomputed = probs.gather(-1, torch.tensor(trace.proposal_ids).unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(recomputed, torch.tensor(trace.proposal_probs), atol=1e-4)
+        for j, source in enumerate(trace.sources):
+            p = float(recomputed[j])
+            if abs(p - tau) < 1e-4:
+                continue  # too close to call under float noise
+            if source == "S":
+                assert p >= tau and trace.token_ids[j] == trace.proposal_ids[j]
+            else:
+                assert p < tau
+
+
+def test_retries_accept_more(tiny, contexts):
+    tau = median_proposal_prob(tiny, contexts)
+    once, _ = rollout(tiny, contexts, tau=tau, rows=12)
+    retried, _ = rollout(tiny, contexts, tau=tau, rows=12, retries=4)
+    rate = lambda ts: sum(t.acceptance_rate for t in ts) / len(ts)  # noqa: E731
+    assert rate(retried) > rate(once)
+
+
+def test_same_seed_same_traces_whatever_the_batch(tiny, contexts):
+    tau = median_proposal_prob(tiny, contexts)
+    first, _ = rollout(tiny, contexts, tau=tau, rows=4)
+    again, _ = rollout(tiny, contexts, tau=tau, rows=4)
+    assert [t.token_ids for t in first] == [t.token_ids for t in again]
+    # Row k alone, with the same seed, reproduces row k of the batch.
+    model, tokenizer = tiny
+    student, privileged = contexts
+    settings = RolloutSettings(tau=tau, max_new_tokens=24, temperature=1.0, top_p=1.0,
+                               eos_ids=tuple(eos_token_ids(model, tokenizer)))
+    for k in (1, 2):
+        alone = mixed_rollout(model, [student[k % 2]], [privileged[k % 2]], [sequence_seed(0, f"{k}")],
+                              settings, pad_id=tokenizer.pad_token_id)[0]
+        assert alone.token_ids == first[k].token_ids
+    other_seed, _ = rollout(tiny, contexts, tau=tau, rows=4, seed=1)
+    assert [t.token_ids for t in other_seed] != [t.token_ids for t in first]
+
+
+def test_greedy_student_equals_transformers_generate(tiny, contexts):
+    """KV caching with left padding reproduces HF generation exactly (greedy)."""
+    model, tokenizer = tiny
+    student, _ = contexts
+    traces, idx = rollout(tiny, contexts, tau=0.0, rows=2, temperature=0.0)
+    for trace, i in zip(traces, idx, strict=True):
+        out = model.generate(torch.tensor([student[i]]), do_sample=False, max_new_tokens=24,
+                             eos_token_id=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+        expected = out[0, len(student[i]):].tolist()
+        assert trace.token_ids == expected[:len(trace.token_ids)]
+
+
+class BoostToken(torch.nn.Module):
+    """Wraps a model and adds `bonus` to one token's logits (to force or test suppression)."""
+
+    def __init__(self, model, token_id, bonus):
+        super().__init__()
+        self.inner, self.token_id, self.bonus = model, token_id, bonus
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits[..., self.token_id] += self.bonus
+        return out
+
+
+def test_eos_ends_traces_and_budget_caps_them(tiny, contexts):
+    model, tokenizer = tiny
+    student, privileged = contexts
+    eos = tokenizer.eos_token_id
+    settings = RolloutSettings(tau=0.5, max_new_tokens=7, eos_ids=(eos,), temperature=1.0, top_p=1.0)
+    forced = mixed_rollout(BoostToken(model, eos, 50.0), student, privileged, [1, 2], settings,
+                           pad_id=tokenizer.pad_token_id)
+    assert all(t.token_ids == [eos] and t.finished for t in forced)
+    capped = mixed_rollout(BoostToken(model, eos, -1e4), student, privileged, [1, 2], settings,
+                           pad_id=tokenizer.pad_token_id)
+    assert all(len(t.token_ids) == 7 and not t.finished for t in capped)
+
+
+def test_suppressed_token_is_never_emitted(tiny, contexts):
+    model, tokenizer = tiny
+    student, privileged = contexts
+    end_think = tokenizer.convert_tokens_to_ids("</think>")
+    boosted = BoostToken(model, end_think, 30.0)
+    base = RolloutSettings(tau=0.5, max_new_tokens=6, temperature=1.0, top_p=1.0)
+    free = mixed_rollout(boosted, student, privileged, [1, 2], base, pad_id=tokenizer.pad_token_id)
+    assert any(end_think in t.token_ids for t in free)
+    from dataclasses import replace
+
+    held = mixed_rollout(boosted, student, privileged, [1, 2], replace(base, suppress_ids=(end_think,)),
+                         pad_id=tokenizer.pad_token_id)
+    assert all(end_think not in t.token_ids for t in held)
+
+
+def test_sample_responses_is_the_pure_student(tiny, contexts):
+    model, tokenizer = tiny
+    student, privileged = contexts
+    settings = RolloutSettings(tau=0.0, max_new_tokens=12, temperature=1.0, top_p=1.0)
+    mixed = mixed_rollout(model, student, privileged, [5, 6], settings, pad_id=tokenizer.pad_token_id)
+    plain = sample_responses(model, student, [5, 6], settings, pad_id=tokenizer.pad_token_id)
+    assert [t.token_ids for t in mixed] == [t.token_ids for t in plain]
+
+
+# --------------------------------------------------------------------------- sampling helpers
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert (sampling_probs(logits, 1.0, 1.0, 2) > 0).tolist() == [[True, True, False, False]]
+    # top_p 0.8: 0.5 + 0.3 reaches it, so the tail goes.
+    assert (sampling_probs(logits, 1.0, 0.8, 0) > 0).tolist() == [[True, True, False, False]]
+    assert (sampling_probs(logits, 1.0, 0.81, 0) > 0).tolist() == [[True, True, True, False]]
+    assert sampling_probs(logits, 0.0, 1.0, 0).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(20000, 1)
+    draws = sample_inverse_cdf(probs, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    freq = torch.bincount(draws, minlength=6).float() / 20000
+    assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn
+    assert torch.allclose(freq, probs[0], atol=0.015)
+    edge = sample_inverse_cdf(probs[:2], torch.tensor([0.0, 1.0 - 1e-7]))
+    assert edge.tolist() == [1, 4]
