@@ -1,0 +1,163 @@
+"""DAILTrainer: exact alignment of the three contexts, masking, normalisation, LoRA-only updates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from dail.config import GenerateConfig, ModelConfig, SamplingConfig, TrainConfig
+from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_logits
+
+EXAMPLES = [
+    {"prompt_ids": {"student": [5, 6, 7], "privileged": [5, 6, 7, 8, 9, 10], "negative": [5, 8]},
+     "response_ids": [11, 12, 13, 2]},
+    {"prompt_ids": {"student": [5, 6, 7, 9, 9], "privileged": [5, 9], "negative": [5, 8, 8, 8]},
+     "response_ids": [14, 2]},
+]
+ROLES = ("student", "privileged", "negative")
+
+
+def test_collator_puts_the_response_at_one_column(tiny):
+    batch = DAILCollator(pad_id=0, roles=ROLES)(EXAMPLES)
+    assert batch["labels"].tolist() == [[11, 12, 13, 2], [14, 2, -100, -100]]
+    assert batch["response_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    for role in ROLES:
+        ids, mask = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+        start = ids.shape[1] - 4
+        assert ids[0, start:].tolist() == [11, 12, 13, 2]
+        for i, e in enumerate(EXAMPLES):
+            kept = ids[i][mask[i].bool()].tolist()
+            assert kept == e["prompt_ids"][role] + e["response_ids"]
+
+
+def test_eos_is_trained_even_when_pad_equals_eos():
+    batch = DAILCollator(pad_id=2, roles=("student",))(EXAMPLES)
+    assert batch["response_mask"][0, 3] == 1 and batch["labels"][0, 3] == 2
+    assert batch["response_mask"][1].tolist() == [1, 1, 0, 0]
+
+
+def test_response_logits_align_with_an_unpadded_forward(tiny):
+    """No off-by-one: column P-1+j of every role predicts response token j."""
+    model, _ = tiny
+    batch = DAILCollator(pad_id=0, roles=ROLES)(EXAMPLES)
+    with torch.no_grad():
+        for role in ROLES:
+            got = response_logits(model, batch, role)  # (B, T, V)
+            for i, e in enumerate(EXAMPLES):
+                prompt, response = e["prompt_ids"][role], e["response_ids"]
+                full = model(input_ids=torch.tensor([prompt + response])).logits[0]
+                expected = full[len(prompt) - 1: len(prompt) - 1 + len(response)]
+                assert torch.allclose(got[i, :len(response)], expected, atol=1e-4), role
+
+
+def make_trainer(tiny_model_dir, tmp_path, **kw):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    args = DAILConfig(output_dir=str(tmp_path / "ckpt"), save_strategy="no", num_train_epochs=1,
+                      learning_rate=1e-2, warmup_steps=0, **kw)
+    roles = ROLES if args.uses_negative else ROLES[:2] if args.uses_teacher else ROLES[:1]
+    return DAILTrainer(model=model, args=args, train_dataset=EXAMPLES * 2,
+                       data_collator=DAILCollator(pad_id=0, roles=roles))
+
+
+@pytest.mark.parametrize("loss", ["dail", "nll"])
+def test_training_moves_only_lora_weights(tiny_model_dir, tmp_path, loss):
+    trainer = make_trainer(tiny_model_dir, tmp_path, loss=loss, gradient_accumulation_steps=1)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "nothing was trained"
+    assert all("lora_" in n for n in changed)
+    assert any("lora_B" in n for n in changed)
+
+
+def test_gradient_accumulation_counts_tokens_of_the_whole_batch(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, loss="dail", gradient_accumulation_steps=2,
+                           per_device_train_batch_size=1)
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        seen.append(int(num_items_in_batch))
+        return original(model, inputs, return_outputs, num_items_in_batch)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    # Each optimizer step accumulates both examples: 4 + 2 response tokens, EOS included.
+    assert seen and all(n == 6 for n in seen)
+
+
+def test_loss_terms_are_logged(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, loss="dail", gradient_accumulation_steps=2,
+                           logging_steps=1)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "kl_privileged" in h]
+    assert logged and all("kl_negative" in h for h in logged)
+    h = logged[0]
+    assert h["loss"] == pytest.approx(h["kl_privileged"] - 0.1 * h["kl_negative"], abs=1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="loss"):
+        DAILConfig(output_dir="x", loss="ppo")
+    assert DAILConfig(output_dir="x", loss="kl").gamma == 0.0
+    defaults = DAILConfig(output_dir="x")
+    assert (defaults.lora_r, defaults.lora_alpha, defaults.learning_rate, defaults.gradient_accumulation_steps,
+            defaults.gamma, defaults.kl_direction) == (32, 32, 2e-4, 4, 0.1, "reverse")
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def traces_file(tiny_model_dir, tmp_path_factory):
+    from dail import generate
+    from tests.conftest import PROBLEMS
+
+    root = tmp_path_factory.mktemp("gen")
+    data = root / "problems.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    generate.run(GenerateConfig(data=str(data), out=str(root / "out"), samples=2, tau=0.5,
+                                model=ModelConfig(model=str(tiny_model_dir)),
+                                sampling=SamplingConfig(max_new_tokens=8, batch_size=4)))
+    return root / "out" / "traces.jsonl", data
+
+
+def test_train_stage_resumes_from_its_last_checkpoint(tiny_model_dir, traces_file, tmp_path, caplog):
+    from dail import train
+
+    traces, _ = traces_file
+    base = dict(traces=str(traces), out=str(tmp_path / "run"), model=ModelConfig(model=str(tiny_model_dir)))
+    steps = {"max_steps": 2, "save_steps": 1, "gradient_accumulation_steps": 1, "lora_r": 4}
+    train.run(TrainConfig(**base, training=steps))
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    with caplog.at_level("INFO"):
+        train.run(TrainConfig(**base, training={**steps, "max_steps": 3}))
+    assert any("resuming from" in r.message and "checkpoint-2" in r.message for r in caplog.records)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert max(h.get("step", 0) for h in summary["log_history"]) == 3
+
+
+def test_sft_trains_on_expert_solutions(tiny_model_dir, traces_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dail.train import load_examples
+
+    _, data = traces_file
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path), loss="sft", model=ModelConfig(model=str(tiny_model_dir)))
+    examples = load_examples(cfg, tokenizer, max_length=4096)
+    assert len(examples) == 3
+    first = examples[0]
+    assert first["response_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(first["response_ids"][:-1]) == "We add 2 and 3 to get 5. \\boxed{5}"
+    assert set(first["prompt_ids"]) == {"student"}
+    # Responses are cut so the longest role fits max_length.
+    short = load_examples(cfg, tokenizer, max_length=len(first["prompt_ids"]["student"]) + 3)
+    assert len(short[0]["response_ids"]) == 3
