@@ -1,0 +1,133 @@
+"""The command line end to end, and clean refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from dail.cli import main
+
+
+def run_cli(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.slow
+def test_dail_run_end_to_end(tiny_model_dir, problems_file, tmp_path):
+    out = tmp_path / "run"
+    config = {
+        "model": str(tiny_model_dir),
+        "data": str(problems_file),
+        "out": str(out),
+        "sampling": {"max_new_tokens": 8, "batch_size": 8},
+        "generate": {"samples": 2, "tau": 0.5},
+        "train": {"loss": "kl", "training": {"max_steps": 2, "lora_r": 4, "gradient_accumulation_steps": 1}},
+        "eval": {"n": 2, "budgets": [4, 8]},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run_cli("run", "--config", path) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"base", "trained"}
+    for summary in results.values():
+        assert {"pass@1", "pass@2", "mean_tokens"} <= set(summary)
+    traces = [json.loads(line) for line in (out / "generate" / "traces.jsonl").read_text().splitlines()]
+    assert len(traces) == 6
+    record = traces[0]
+    for key in ("id", "sample", "prompts", "prompt_ids", "text", "token_ids", "sources", "proposal_ids",
+                "proposal_probs", "acceptance_rate", "answer", "correct"):
+        assert key in record
+    assert set(record["prompts"]) == set(record["prompt_ids"]) == {"student", "privileged", "negative"}
+    assert len(record["sources"]) == len(record["token_ids"]) == len(record["proposal_probs"])
+    # Rerunning skips every completed stage and leaves the results unchanged.
+    before = (out / "results.json").read_text()
+    assert run_cli("run", "--config", path) == 0
+    assert (out / "results.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_generate_resumes_and_refuses_changed_settings(tiny_model_dir, problems_file, tmp_path, capsys):
+    out = tmp_path / "gen"
+    args = ["generate", "--model", tiny_model_dir, "--data", problems_file, "--out", out,
+            "--samples", 2, "--max-new-tokens", 6, "--tau", 0.5]
+    assert run_cli(*args) == 0
+    first = (out / "traces.jsonl").read_text()
+    # Lose one problem's part, as if the run had been killed before it finished.
+    parts = sorted((out / "parts").iterdir())
+    parts[1].unlink()
+    (out / "traces.jsonl").unlink()
+    assert run_cli(*args, "--batch-size", 1) == 0
+    assert (out / "traces.jsonl").read_text() == first
+    assert run_cli(*args[:-1], 0.9) == 2
+    assert "other settings (tau)" in capsys.readouterr().err
+
+
+def test_eval_scores_samples_from_elsewhere_without_a_model(problems_file, tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    rows = [{"id": "add", "text": "so \\boxed{5}", "num_tokens": 3},
+            {"id": "add", "text": "so \\boxed{6}", "num_tokens": 5},
+            {"id": "div", "text": "\\boxed{\\frac{16}{2}}", "num_tokens": 4},
+            {"id": "div", "text": "no idea", "num_tokens": 9}]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli("eval", "--data", problems_file, "--samples", samples, "--out", tmp_path / "ev") == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["pass@1"] == pytest.approx(0.5)
+    assert summary["pass@2"] == pytest.approx(1.0)
+    assert summary["mean_tokens"] == pytest.approx(21 / 4)
+    assert (tmp_path / "ev" / "summary.md").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": "a", "problem": "p", "solution": "s"}\n{"id": "b", "problem": "p"\n', ":2: malformed JSON"),
+    ('{"id": "a", "problem": "p"}\n', ":1: missing field 'solution'"),
+    ('{"id": "a", "problem": "p", "solution": "s"}\n{"id": "a", "problem": "p", "solution": "s"}\n',
+     ":2: field 'id': duplicate id"),
+])
+def test_bad_data_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys, content, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(content)
+    out = tmp_path / "out"
+    code = run_cli("generate", "--model", tiny_model_dir, "--data", data, "--out", out)
+    assert code == 2
+    assert f"{data}{message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_config_is_refused(tmp_path, capsys, problems_file):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tau: 0.8\nsamplez: 3\n")
+    assert run_cli("generate", "--config", cfg, "--model", "m", "--data", problems_file, "--out", tmp_path / "o") == 2
+    assert "unknown key(s) ['samplez']" in capsys.readouterr().err
+    assert run_cli("generate", "--model", "m", "--data", problems_file, "--out", tmp_path / "o", "--tau", 1.5) == 2
+    assert "tau must be in [0, 1]" in capsys.readouterr().err
+    assert run_cli("eval", "--data", problems_file, "--out", tmp_path / "o") == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_traces_file_validation(tiny_model_dir, problems_file, tmp_path, capsys):
+    # A problems file is not a traces file: the error says which line and field.
+    assert run_cli("train", "--model", tiny_model_dir, "--traces", problems_file, "--out", tmp_path / "t") == 2
+    assert f"{problems_file}:1: field 'prompt_ids'" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
+
+
+def test_tokenizer_model_mismatch_is_explained(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dail.models import ModelMismatchError, check_compatible
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(100)])
+    with pytest.raises(ModelMismatchError, match="embedding has"):
+        check_compatible(model, tokenizer)
+
+
+def test_inspect_shows_prompts_waypoints_and_alignment(tiny_model_dir, problems_file, capsys):
+    assert run_cli("inspect", "--model", tiny_model_dir, "--data", problems_file, "--id", "div",
+                   "--max-new-tokens", 4) == 0
+    out = capsys.readouterr().out
+    assert "## privileged prompt" in out and "## Waypoints: ['12', '4', '48', '6']" in out
+    assert "| t | token | source |" in out
