@@ -1,0 +1,66 @@
+"""`python -m dail.world pretrain|validity|export`: the world's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command and dispatch; heavy modules are imported lazily."""
+    parser = argparse.ArgumentParser(prog="python -m dail.world", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from dail.world.pretrain import PretrainConfig
+
+    pre = sub.add_parser("pretrain", help="pretrain the base model from scratch (CPU)")
+    for f in fields(PretrainConfig):
+        pre.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+
+    val = sub.add_parser("validity", help="measure the gap on a saved model")
+    val.add_argument("--model", default=None, help="model directory (default: committed base)")
+    val.add_argument("--n-problems", type=int, default=32)
+    val.add_argument("--n-samples", type=int, default=64)
+    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+
+    exp = sub.add_parser("export", help="write problems as JSONL for `dail generate/train/eval`")
+    exp.add_argument("path")
+    exp.add_argument("--split", choices=("train", "test"), default="train")
+    exp.add_argument("--kind", default="novel", help="novel, known, or one type name")
+    exp.add_argument("--n", type=int, default=64)
+    exp.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.command == "pretrain":
+        from dail.world.pretrain import run
+
+        cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+        print(run(cfg))
+    elif args.command == "validity":
+        from dail.world import base_model_dir
+        from dail.world.validity import load, validity
+
+        model, tokenizer = load(args.model or str(base_model_dir()))
+        result = validity(model, tokenizer, n_problems=args.n_problems,
+                          n_samples=args.n_samples, seed=args.seed)
+        text = json.dumps(result, indent=2)
+        if args.out:
+            from dail.data import write_text_atomic
+
+            write_text_atomic(args.out, text + "\n")
+        print(text)
+    elif args.command == "export":
+        from dail.world import export_problems
+
+        n = export_problems(args.path, split=args.split, kind=args.kind, n=args.n, seed=args.seed)
+        print(f"wrote {n} problems to {args.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

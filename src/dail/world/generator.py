@@ -1,0 +1,320 @@
+"""The didactic world: digit arithmetic modulo 10, problem types, and two solution styles.
+
+Every answer in this world is a list of digits; every value is a sum of products of digits taken
+modulo 10. A problem TYPE is a method: which sums of products of the given numbers make up the
+answer. The base model is pretrained on KNOWN types only; NOVEL types use the same primitives
+but a method it has never seen.
+
+Two styles of writing a solution:
+
+* DETAILED (the model's own style): one primitive operation per line, every intermediate
+  result written out, then the labelled value::
+
+      3 * 2 = 6
+      5 * 4 = 0
+      6 + 0 = 6
+      c11 = 6
+
+* DIDACTIC (the expert's style): one sentence naming the method, then one fused line per
+  labelled value that skips every intermediate result::
+
+      c11 = 3*2+5*4 = 6
+
+Both end with `\\boxed{d1,d2,...}`, the labelled values in order. Expressions are sums of
+products evaluated left to right: each product factor by factor, then added to (or subtracted
+from) the running total.
+
+Everything is drawn from an explicit `random.Random`, so a seed fixes a problem; the train and
+test splits use disjoint seed streams and are also filtered against each other by statement.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from dail.data import Problem
+
+MOD = 10
+KNOWN_TYPES = ("vecsum", "dot", "axpy", "expr")
+NOVEL_TYPES = ("matmul", "poly")
+ALL_TYPES = KNOWN_TYPES + NOVEL_TYPES
+
+# Labels the world may use: a letter, optionally followed by one or two small digits.
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_SUFFIXES = ("", "1", "2", "3", "4", "11", "12", "13", "21", "22", "23", "31", "32", "33")
+LABELS = tuple(letter + suffix for letter in _LETTERS for suffix in _SUFFIXES)
+
+# --------------------------------------------------------------------------- expressions
+
+Term = tuple[str, tuple[int, ...]]  # (sign "+" or "-", factors); the first sign is always "+"
+Expr = tuple[Term, ...]
+
+
+def evaluate(expr: Expr) -> int:
+    """Value of a sum of products modulo 10."""
+    total = 0
+    for sign, factors in expr:
+        product = 1
+        for f in factors:
+            product = product * f % MOD
+        total = (total + product) % MOD if sign == "+" else (total - product) % MOD
+    return total
+
+
+def fused(expr: Expr) -> str:
+    """Didactic form, no spaces: `3*2+5*4-1`."""
+    parts = []
+    for i, (sign, factors) in enumerate(expr):
+        body = "*".join(str(f) for f in factors)
+        parts.append(body if i == 0 else sign + body)
+    return "".join(parts)
+
+
+def detailed_steps(expr: Expr) -> tuple[list[str], int]:
+    """Primitive lines (`a op b = c`) computing `expr`, and its value.
+
+    Each product is computed factor by factor; each term after the first is then added to or
+    subtracted from the running total. Single-factor terms need no product line.
+    """
+    lines: list[str] = []
+    total: int | None = None
+    for sign, factors in expr:
+        product = factors[0]
+        for f in factors[1:]:
+            new = product * f % MOD
+            lines.append(f"{product} * {f} = {new}")
+            product = new
+        if total is None:
+            total = product
+        else:
+            new = (total + product) % MOD if sign == "+" else (total - product) % MOD
+            lines.append(f"{total} {sign} {product} = {new}")
+            total = new
+    assert total is not None
+    return lines, total
+
+
+def random_expr(rng: random.Random, *, max_terms: int = 4, max_factors: int = 3) -> Expr:
+    """A random sum of products with at least one operation."""
+    while True:
+        n_terms = rng.randint(1, max_terms)
+        expr = tuple(("+" if i == 0 or rng.random() < 0.6 else "-",
+                      tuple(rng.randrange(MOD) for _ in range(rng.randint(1, max_factors))))
+                     for i in range(n_terms))
+        if sum(len(f) for _, f in expr) > 1:
+            return expr
+
+
+# --------------------------------------------------------------------------- solutions
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A problem with its method spelled out.
+
+    Attributes:
+        kind: Problem type name.
+        statement: Problem text.
+        method: The didactic solution's one-sentence statement of the method.
+        items: (label, expression) pairs; the answer is their values in order.
+    """
+
+    kind: str
+    statement: str
+    method: str
+    items: tuple[tuple[str, Expr], ...]
+
+    @property
+    def values(self) -> list[int]:
+        return [evaluate(e) for _, e in self.items]
+
+    @property
+    def answer(self) -> str:
+        return ",".join(str(v) for v in self.values)
+
+    def didactic(self) -> str:
+        """The expert's solution: method sentence, fused lines, boxed answer."""
+        lines = [self.method]
+        lines += [f"{label} = {fused(e)} = {evaluate(e)}" for label, e in self.items]
+        lines.append(f"\\boxed{{{self.answer}}}")
+        return "\n".join(lines)
+
+    def detailed(self) -> str:
+        """The model's own style: one primitive per line, then each labelled value."""
+        lines: list[str] = []
+        for label, e in self.items:
+            steps, value = detailed_steps(e)
+            lines += steps
+            lines.append(f"{label} = {value}")
+        lines.append(f"\\boxed{{{self.answer}}}")
+        return "\n".join(lines)
+
+    def to_problem(self, pid: str) -> Problem:
+        return Problem(id=pid, problem=self.statement, solution=self.didactic(),
+                       answer=self.answer, meta={"type": self.kind})
+
+
+def _digits(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(MOD) for _ in range(n)]
+
+
+def _vec(v: list[int]) -> str:
+    return "(" + ", ".join(map(str, v)) + ")"
+
+
+def _and_list(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def make_vecsum(rng: random.Random) -> Spec:
+    u, v = _digits(rng, 4), _digits(rng, 4)
+    items = tuple((f"w{i + 1}", (("+", (u[i],)), ("+", (v[i],)))) for i in range(4))
+    return Spec("vecsum", f"Let u = {_vec(u)} and v = {_vec(v)}. Compute w = u + v modulo 10.",
+                "Add the two vectors entry by entry.", items)
+
+
+def make_dot(rng: random.Random) -> Spec:
+    vecs = {name: _digits(rng, 3) for name in "uvw"}
+    pairs = (("u", "v"), ("u", "w"), ("v", "w"))
+    items = tuple((f"d{k + 1}", tuple(("+", (vecs[a][i], vecs[b][i])) for i in range(3)))
+                  for k, (a, b) in enumerate(pairs))
+    statement = (f"Let u = {_vec(vecs['u'])}, v = {_vec(vecs['v'])} and w = {_vec(vecs['w'])}. "
+                 "Compute d1 = u.v, d2 = u.w and d3 = v.w modulo 10.")
+    return Spec("dot", statement,
+                "Each dot product is the sum of the products of matching entries.", items)
+
+
+def make_axpy(rng: random.Random) -> Spec:
+    a, x, y = rng.randrange(MOD), _digits(rng, 4), _digits(rng, 4)
+    items = tuple((f"z{i + 1}", (("+", (a, x[i])), ("+", (y[i],)))) for i in range(4))
+    statement = (f"Let a = {a}, x = {_vec(x)} and y = {_vec(y)}. "
+                 "Compute z = a x + y modulo 10.")
+    return Spec("axpy", statement, "Scale x by a and add y entry by entry.", items)
+
+
+def make_expr(rng: random.Random) -> Spec:
+    labels = rng.sample(LABELS, rng.randint(3, 4))
+    items = tuple((label, random_expr(rng)) for label in labels)
+    statement = "Evaluate modulo 10: " + _and_list([f"{l} = {fused(e)}" for l, e in items]) + "."
+    return Spec("expr", statement, "Evaluate each expression, products before sums.", items)
+
+
+def make_matmul(rng: random.Random) -> Spec:
+    a = [_digits(rng, 2) for _ in range(2)]
+    b = [_digits(rng, 2) for _ in range(2)]
+    items = tuple((f"c{i + 1}{j + 1}", tuple(("+", (a[i][k], b[k][j])) for k in range(2)))
+                  for i in range(2) for j in range(2))
+    statement = (f"Let A = [{_vec(a[0])}, {_vec(a[1])}] and B = [{_vec(b[0])}, {_vec(b[1])}]. "
+                 "Compute the matrix product C = A B modulo 10.")
+    return Spec("matmul", statement,
+                "Entry ij of C is row i of A times column j of B.", items)
+
+
+def make_poly(rng: random.Random) -> Spec:
+    c2, c1, c0 = rng.randint(1, 9), rng.randrange(MOD), rng.randrange(MOD)
+    points = rng.sample(range(MOD), 4)
+    items = tuple((f"y{k + 1}", (("+", (c2, x, x)), ("+", (c1, x)), ("+", (c0,))))
+                  for k, x in enumerate(points))
+    asks = _and_list([f"y{k + 1} = p({x})" for k, x in enumerate(points)])
+    statement = f"Let p(x) = {c2}x^2 + {c1}x + {c0}. Compute {asks} modulo 10."
+    return Spec("poly", statement, "Evaluate p at each point, computing x^2 as x*x.", items)
+
+
+MAKERS: dict[str, Callable[[random.Random], Spec]] = {
+    "vecsum": make_vecsum, "dot": make_dot, "axpy": make_axpy, "expr": make_expr,
+    "matmul": make_matmul, "poly": make_poly,
+}
+
+# --------------------------------------------------------------------------- generic references
+
+# Words for random problem statements and method sentences of the generic reference-following
+# task (pretraining). They teach the model to expand whatever fused lines a reference holds,
+# whatever the surrounding text says.
+WORDS = tuple("""Let Compute Find Evaluate Add Scale Each entry row column vector matrix product sum
+of the and by at each point with a an is are times plus minus modulo value values table list
+first second third last left right new old given following items pair pairs term terms
+coefficient coefficients polynomial function grid cell cells weight weights count score mix
+shift turn step combine take use write into from over under for every all two three four""".split())
+
+
+def _random_object(rng: random.Random) -> str:
+    name = rng.choice(_LETTERS)
+    shape = rng.randrange(5)
+    if shape == 0:
+        return f"{name} = {rng.randrange(MOD)}"
+    if shape == 1:
+        return f"{name} = {_vec(_digits(rng, rng.randint(2, 4)))}"
+    if shape == 2:
+        rows = [_vec(_digits(rng, 2)) for _ in range(2)]
+        return f"{name} = [{', '.join(rows)}]"
+    if shape == 3:
+        return f"{name}(x) = {rng.randint(1, 9)}x^2 + {rng.randrange(MOD)}x + {rng.randrange(MOD)}"
+    return f"{name} = {fused(random_expr(rng, max_terms=2, max_factors=2))}"
+
+
+def _sentence(rng: random.Random, lo: int, hi: int) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(lo, hi))]
+    return " ".join(words).capitalize() + "."
+
+
+def make_generic(rng: random.Random) -> Spec:
+    """A random statement with a random reference: labels and expression shapes of all kinds."""
+    n_items = rng.randint(2, 5)
+    labels = rng.sample(LABELS, n_items)
+    items = tuple((label, random_expr(rng)) for label in labels)
+    objects = [_random_object(rng) for _ in range(rng.randint(1, 3))]
+    statement = (f"Let {_and_list(objects)}. {rng.choice(('Compute', 'Find'))} "
+                 f"{_and_list(list(labels))} modulo 10.")
+    if rng.random() < 0.5:
+        statement = _sentence(rng, 3, 8) + " " + statement
+    return Spec("generic", statement, _sentence(rng, 4, 12), items)
+
+
+# --------------------------------------------------------------------------- splits
+
+_SPLIT_SEED = {"train": 1_000_003, "test": 2_000_029}
+
+
+def generate(kind: str, n: int, *, split: str = "train", seed: int = 0) -> list[Problem]:
+    """`n` distinct problems of one type, reproducible from (kind, split, seed).
+
+    Train and test use different seed streams; test generation also rejects any statement the
+    train stream of the same kind and seed produces among its first max(n, 1000) problems, so the
+    two splits never share a problem.
+
+    Raises:
+        ValueError: for an unknown kind or split.
+    """
+    if kind not in MAKERS:
+        raise ValueError(f"unknown problem type {kind!r}; choose from {sorted(MAKERS)}")
+    if split not in _SPLIT_SEED:
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    rng = random.Random(f"{kind}/{split}/{seed}/{_SPLIT_SEED[split]}")
+    banned = _train_statements(kind, seed, n) if split == "test" else set()
+    seen: set[str] = set()
+    problems = []
+    for spec in _stream(kind, rng):
+        if spec.statement in seen or spec.statement in banned:
+            continue
+        seen.add(spec.statement)
+        problems.append(spec.to_problem(f"{kind}-{split}-{seed}-{len(problems)}"))
+        if len(problems) == n:
+            return problems
+    raise AssertionError("unreachable")
+
+
+def _stream(kind: str, rng: random.Random) -> Iterator[Spec]:
+    while True:
+        yield MAKERS[kind](rng)
+
+
+def _train_statements(kind: str, seed: int, n: int) -> set[str]:
+    """Statements of the train split of the same kind and seed, for size n (and larger)."""
+    return {p.problem for p in generate(kind, max(n, 1000), split="train", seed=seed)}
+
+
+def spec_of(kind: str, rng: random.Random) -> Spec:
+    """One random Spec of a type, or of the generic reference-following task."""
+    return make_generic(rng) if kind == "generic" else MAKERS[kind](rng)

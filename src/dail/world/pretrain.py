@@ -1,0 +1,243 @@
+"""Pretrain the world's tiny base model from scratch on KNOWN problem types only.
+
+The mixture (per sequence) teaches, always with the detailed trace as the response:
+  * drills: single primitive operations, heavy at the start (a curriculum);
+  * student prompts on known types: solve from the problem alone;
+  * privileged prompts holding a didactic reference, on known types and, above all, on the
+    generic task (random statements, random labels, random expression shapes): expand every
+    fused reference line into primitive steps -- the skill that transfers to novel types;
+  * a few negative-reference prompts, so the format is not foreign.
+Loss is next-token cross-entropy on response tokens (and the closing EOS) only. Data are drawn
+from a generator seeded by (seed, step), so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dail.prompts import PromptBuilder
+from dail.world import generator as gen
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of one pretraining run (recorded in pretrain_settings.json)."""
+
+    out: str = "src/dail/world/assets/base"
+    work: str = "/tmp/dail_world_pretrain"
+    seed: int = 0
+    minutes: float = 70.0  # wall-clock budget; the LR schedule follows max(steps, time) used
+    max_steps: int = 100_000
+    batch_size: int = 24
+    lr: float = 1.5e-3
+    warmup: int = 150
+    weight_decay: float = 0.01
+    hidden: int = 256
+    layers: int = 6
+    heads: int = 8
+    kv_heads: int = 4
+    intermediate: int = 640
+    eval_every: int = 300
+    ckpt_every: int = 200
+    threads: int = 2
+
+
+# (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.
+_MIX = {
+    ("drill", "student"): 6, ("vecsum", "student"): 6, ("dot", "student"): 8,
+    ("axpy", "student"): 7, ("expr", "student"): 10,
+    ("vecsum", "privileged"): 2, ("dot", "privileged"): 3, ("axpy", "privileged"): 3,
+    ("expr", "privileged"): 3, ("generic", "privileged"): 47,
+    ("generic", "negative"): 2, ("dot", "negative"): 1, ("expr", "negative"): 2,
+}
+_WARM = 0.06
+
+
+def make_drill(rng: random.Random) -> gen.Spec:
+    """Four to six single primitive operations with random labels."""
+    labels = rng.sample(gen.LABELS, rng.randint(4, 6))
+    items = []
+    for label in labels:
+        a, b = rng.randrange(10), rng.randrange(10)
+        op = rng.choice("+*-")
+        expr = (("+", (a, b)),) if op == "*" else (("+", (a,)), (op, (b,)))
+        items.append((label, expr))
+    statement = ("Evaluate modulo 10: "
+                 + gen._and_list([f"{l} = {gen.fused(e)}" for l, e in items]) + ".")
+    return gen.Spec("drill", statement, "Evaluate each expression.", tuple(items))
+
+
+def sample_example(rng: random.Random, progress: float, tokenizer: Any,
+                   builder: PromptBuilder) -> tuple[list[int], list[int]]:
+    """One (prompt ids, response ids) pair; the response ends with EOS."""
+    tasks = list(_MIX)
+    weights = [w * (8.0 if (progress < _WARM and t == "drill") else 1.0) for t, w in _MIX.items()]
+    kind, role = rng.choices(tasks, weights)[0]
+    spec = make_drill(rng) if kind == "drill" else gen.spec_of(kind, rng)
+    prompt = builder.render(spec.to_problem("pretrain"), tokenizer)[role]
+    p_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    r_ids = tokenizer.encode(spec.detailed(), add_special_tokens=False) + [tokenizer.eos_token_id]
+    return p_ids, r_ids
+
+
+_BUCKETS = 4
+
+
+def make_batch(step: int, cfg: PretrainConfig, tokenizer: Any, builder: PromptBuilder,
+               progress: float) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are -100 on prompt and padding positions.
+
+    Examples are drawn in groups of `_BUCKETS` batches (seeded by the group) and sorted by
+    length, so each batch holds sequences of similar length and wastes little on padding.
+    """
+    group, part = divmod(step, _BUCKETS)
+    rng = random.Random(cfg.seed * 1_000_003 + group)
+    pool = [sample_example(rng, progress, tokenizer, builder)
+            for _ in range(cfg.batch_size * _BUCKETS)]
+    pool.sort(key=lambda pr: len(pr[0]) + len(pr[1]))
+    pairs = pool[part * cfg.batch_size:(part + 1) * cfg.batch_size]
+    length = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), length), tokenizer.pad_token_id)
+    labels = torch.full((len(pairs), length), -100)
+    mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    for i, (p, r) in enumerate(pairs):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        labels[i, len(p):n] = torch.tensor(r)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer: Any) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+        intermediate_size=cfg.intermediate, max_position_embeddings=1024,
+        tie_word_embeddings=True, rope_theta=10000.0,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def lr_at(step: int, progress: float, cfg: PretrainConfig) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10% of the peak.
+
+    `progress` is the fraction of the budget used: max(steps, wall time) -- a wall-clock
+    budget on a shared CPU is the binding one.
+    """
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = min(1.0, progress)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def run(cfg: PretrainConfig) -> Path:
+    """Train (resuming from `cfg.work` if a checkpoint is there) and save to `cfg.out`."""
+    from dail.world.tokenizer import build_tokenizer
+
+    torch.set_num_threads(cfg.threads)
+    work = Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok_dir = work / "tokenizer"
+    if tok_dir.exists():
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = build_tokenizer()
+        tokenizer.save_pretrained(tok_dir)
+    builder = PromptBuilder()
+    model = build_model(cfg, len(tokenizer), tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %.2fM parameters", n_params / 1e6)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    step, tokens, elapsed = 0, 0, 0.0
+    ckpt = work / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        logger.info("resumed at step %d (%d tokens, %.1f min)", step, tokens, elapsed / 60)
+    model.train()
+    start = time.time() - elapsed
+    ema = None
+    def progress() -> float:
+        return max(step / cfg.max_steps, (time.time() - start) / (cfg.minutes * 60))
+
+    while progress() < 1.0:
+        frac = progress()
+        batch = make_batch(step, cfg, tokenizer, builder, frac)
+        lr = lr_at(step, frac, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += int(batch["attention_mask"].sum())
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 20 == 0:
+            logger.info("step %d loss %.4f (ema %.4f) lr %.2e tokens %d min %.1f", step,
+                        loss.item(), ema, lr, tokens, (time.time() - start) / 60)
+        if step % cfg.ckpt_every == 0:
+            _checkpoint(ckpt, model, opt, step, tokens, time.time() - start)
+        if step % cfg.eval_every == 0:
+            model.eval()
+            logger.info("eval at step %d: %s", step, json.dumps(quick_eval(model, tokenizer)))
+            model.train()
+    wall = time.time() - start
+    _checkpoint(ckpt, model, opt, step, tokens, wall)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    settings = {"config": asdict(cfg), "steps": step, "tokens": tokens,
+                "wall_minutes": round(wall / 60, 1), "parameters": n_params,
+                "command": os.environ.get("DAIL_WORLD_COMMAND", ""),
+                "torch": torch.__version__}
+    (out / "pretrain_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    logger.info("saved %s after %d steps, %d tokens, %.1f min", out, step, tokens, wall / 60)
+    return out
+
+
+def _checkpoint(path: Path, model: Any, opt: Any, step: int, tokens: int, elapsed: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                "tokens": tokens, "elapsed": elapsed}, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def quick_eval(model: Any, tokenizer: Any, n: int = 12) -> dict[str, float]:
+    """Greedy accuracy on a few test problems: known types (student), novel (privileged)."""
+    from dail.world.validity import greedy_accuracy
+
+    out = {}
+    for kind, role in (("dot", "student"), ("expr", "student"), ("axpy", "student"),
+                       ("matmul", "privileged"), ("poly", "privileged"),
+                       ("matmul", "student")):
+        problems = gen.generate(kind, n, split="test", seed=99)
+        out[f"{kind}/{role}"] = greedy_accuracy(model, tokenizer, problems, role)
+    return out

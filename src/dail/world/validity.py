@@ -1,0 +1,201 @@
+"""Does the world show the gap DAIL addresses? Measured on the base model.
+
+* base pass@1 on KNOWN types (student prompt) -- should be high;
+* base pass@1 and pass@64 on NOVEL types (student prompt) -- should be low;
+* privileged-student pass@1 on NOVEL types (the didactic reference in the prompt) -- high;
+* forced didactic lines: with the student prompt and the expert's solution as the response
+  prefix up to `label = <fused expression> =`, how often the base model's most likely next
+  token is not the right value -- high; the same measure on the model's own primitive lines
+  (`a op b =`) is the control -- low.
+
+Sampling uses METHOD.md's settings (temperature 0.6, top-p 0.95); pass@k is the unbiased
+estimator 1 - C(n-c, k) / C(n, k), averaged over problems.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from dail.data import Problem, last_boxed
+from dail.prompts import PromptBuilder
+from dail.world import generator as gen
+
+logger = logging.getLogger(__name__)
+
+TEMPERATURE, TOP_P = 0.6, 0.95
+
+
+def grade(response: str, answer: str) -> bool:
+    """Exact match of the last `\\boxed{}` content with `answer`, ignoring all whitespace."""
+    got = last_boxed(response)
+    return got is not None and re.sub(r"\s+", "", got) == re.sub(r"\s+", "", answer)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k).
+
+    Raises:
+        ValueError: if k > n or c is outside [0, n].
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _prompts(problems: Sequence[Problem], tokenizer: Any, role: str) -> list[str]:
+    builder = PromptBuilder()
+    return [builder.render(p, tokenizer)[role] for p in problems]
+
+
+@torch.no_grad()
+def sample(model: Any, tokenizer: Any, prompts: Sequence[str], *, n: int = 1,
+           greedy: bool = False, max_new_tokens: int = 320, batch_size: int = 64) -> list[list[str]]:
+    """`n` completions per prompt with `model.generate` (left padding, batched)."""
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    flat = [p for p in prompts for _ in range(n)]
+    texts: list[str] = []
+    try:
+        for i in range(0, len(flat), batch_size):
+            enc = tokenizer(flat[i:i + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False)
+            kwargs: dict[str, Any] = ({"do_sample": False} if greedy else
+                                      {"do_sample": True, "temperature": TEMPERATURE,
+                                       "top_p": TOP_P, "top_k": 0})
+            out = model.generate(**enc, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = old_side
+    return [texts[j * n:(j + 1) * n] for j in range(len(prompts))]
+
+
+def greedy_accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], role: str) -> float:
+    """Fraction of problems solved by greedy decoding with the given role's prompt."""
+    outs = sample(model, tokenizer, _prompts(problems, tokenizer, role), greedy=True)
+    return sum(grade(o[0], p.answer or "") for o, p in zip(outs, problems, strict=True)) / len(problems)
+
+
+def pass_rates(model: Any, tokenizer: Any, problems: Sequence[Problem], role: str, *,
+               n: int, ks: Sequence[int] = (1,)) -> dict[str, float]:
+    """Mean unbiased pass@k over problems from `n` samples each."""
+    outs = sample(model, tokenizer, _prompts(problems, tokenizer, role), n=n)
+    counts = [sum(grade(o, p.answer or "") for o in os_) for os_, p in zip(outs, problems, strict=True)]
+    return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
+
+
+@torch.no_grad()
+def forced_line_error(model: Any, tokenizer: Any, problems: Sequence[Problem], *,
+                      style: str) -> dict[str, float]:
+    """Teacher-force a solution after the student prompt and score each line's result token.
+
+    Args:
+        style: "didactic" forces the expert's fused lines (`c11 = 2*1+9*7 =`); "detailed"
+            forces the model's own primitive lines (`2 * 1 =`).
+
+    Returns:
+        error rate of the argmax next token, and mean probability of the right value.
+    """
+    errors, probs, total = 0, 0.0, 0
+    for problem in problems:
+        text = problem.solution if style == "didactic" else detailed_of(problem)
+        prompt = _prompts([problem], tokenizer, "student")[0]
+        p_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        targets = _result_positions(text, style)
+        for prefix, value in targets:
+            ids = p_ids + tokenizer.encode(prefix, add_special_tokens=False)
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            want = tokenizer.encode(" " + value, add_special_tokens=False)
+            assert len(want) == 1, value
+            p = torch.softmax(logits.float(), -1)
+            errors += int(p.argmax().item() != want[0])
+            probs += p[want[0]].item()
+            total += 1
+    return {"error_rate": errors / max(total, 1), "p_correct": probs / max(total, 1),
+            "lines": total}
+
+
+def detailed_of(problem: Problem) -> str:
+    """The detailed trace of a world problem, rebuilt from its didactic solution."""
+    return _detailed_from_didactic(problem.solution)
+
+
+def _detailed_from_didactic(solution: str) -> str:
+    """Rebuild the detailed trace from the fused lines of a didactic solution."""
+    lines = []
+    for line in solution.split("\n"):
+        m = re.fullmatch(r"(\S+) = ([0-9*+\-]+) = ([0-9])", line)
+        if m:
+            expr = _parse(m.group(2))
+            steps, value = gen.detailed_steps(expr)
+            lines += steps + [f"{m.group(1)} = {value}"]
+    lines.append(solution.strip().split("\n")[-1])
+    return "\n".join(lines)
+
+
+def _parse(text: str) -> gen.Expr:
+    terms = re.findall(r"([+-]?)([0-9](?:\*[0-9])*)", text)
+    return tuple((sign or "+", tuple(int(f) for f in body.split("*"))) for sign, body in terms)
+
+
+def _result_positions(text: str, style: str) -> list[tuple[str, str]]:
+    """(prefix ending with ' =', correct value) for each computed line of `text`."""
+    out = []
+    pattern = (r"^(\S+ = [0-9*+\-]+ =) ([0-9])$" if style == "didactic"
+               else r"^([0-9] [*+\-] [0-9] =) ([0-9])$")
+    offset = 0
+    for line in text.split("\n"):
+        m = re.match(pattern, line)
+        if m:
+            out.append((text[:offset + len(m.group(1))], m.group(2)))
+        offset += len(line) + 1
+    return out
+
+
+def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int = 64,
+             seed: int = 0) -> dict[str, Any]:
+    """All validity numbers on test problems (see the module docstring)."""
+    result: dict[str, Any] = {"settings": {"n_problems": n_problems, "n_samples": n_samples,
+                                           "seed": seed, "temperature": TEMPERATURE,
+                                           "top_p": TOP_P, "split": "test"}}
+    known: dict[str, float] = {}
+    for kind in gen.KNOWN_TYPES:
+        probs = gen.generate(kind, n_problems, split="test", seed=seed)
+        known[kind] = pass_rates(model, tokenizer, probs, "student", n=4)["pass@1"]
+        logger.info("known %s student pass@1 %.3f", kind, known[kind])
+    result["known_student_pass@1"] = known
+    novel: dict[str, Any] = {}
+    for kind in gen.NOVEL_TYPES:
+        probs = gen.generate(kind, n_problems, split="test", seed=seed)
+        student = pass_rates(model, tokenizer, probs, "student", n=n_samples, ks=(1, 64))
+        privileged = pass_rates(model, tokenizer, probs, "privileged", n=4)["pass@1"]
+        fused = forced_line_error(model, tokenizer, probs[:16], style="didactic")
+        own = forced_line_error(model, tokenizer, probs[:16], style="detailed")
+        novel[kind] = {"student_pass@1": student["pass@1"], "student_pass@64": student["pass@64"],
+                       "privileged_pass@1": privileged,
+                       "forced_didactic_error_rate": fused["error_rate"],
+                       "forced_didactic_p_correct": fused["p_correct"],
+                       "forced_detailed_error_rate": own["error_rate"],
+                       "forced_detailed_p_correct": own["p_correct"]}
+        logger.info("novel %s: %s", kind, novel[kind])
+    result["novel"] = novel
+    return result
+
+
+def load(model_dir: str) -> tuple[Any, Any]:
+    """The model (float32, eval mode) and tokenizer saved in `model_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer

@@ -1,0 +1,202 @@
+"""The didactic world: generator, grader, tokenizer, committed base model, validity metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from itertools import combinations
+
+import pytest
+
+from dail.data import load_problems
+from dail.prompts import PromptBuilder
+from dail.world import (
+    KNOWN_TYPES,
+    NOVEL_TYPES,
+    base_model_dir,
+    export_problems,
+    generate,
+    grade,
+    pass_at_k,
+    problems,
+)
+from dail.world import generator as gen
+from dail.world.validity import _detailed_from_didactic, forced_line_error, pass_rates
+
+# --------------------------------------------------------------------------- generator
+
+
+@pytest.mark.parametrize("kind", gen.ALL_TYPES)
+def test_generator_is_seeded_and_deterministic(kind: str) -> None:
+    a = generate(kind, 20, split="train", seed=3)
+    b = generate(kind, 20, split="train", seed=3)
+    c = generate(kind, 20, split="train", seed=4)
+    assert [p.to_dict() for p in a] == [p.to_dict() for p in b]
+    assert [p.problem for p in a] != [p.problem for p in c]
+    assert len({p.problem for p in a}) == 20
+    assert len({p.id for p in a}) == 20
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(x) for x in re.findall(r"(?<![\w^])\d(?![\w])", text)]
+
+
+def _independent_answer(kind: str, statement: str) -> list[int]:
+    """Recompute the answer from the statement alone, with plain integer arithmetic."""
+    if kind == "expr":
+        body = statement.removeprefix("Evaluate modulo 10: ").rstrip(".")
+        exprs = re.findall(r"= ([0-9*+\-]+)", body)
+        return [eval(e) % 10 for e in exprs]  # noqa: S307 -- digits and + - * only
+    head = statement.split("Compute")[0]
+    nums = _numbers(head)
+    if kind == "vecsum":
+        u, v = nums[:4], nums[4:8]
+        return [(a + b) % 10 for a, b in zip(u, v, strict=True)]
+    if kind == "axpy":
+        a, x, y = nums[0], nums[1:5], nums[5:9]
+        return [(a * xi + yi) % 10 for xi, yi in zip(x, y, strict=True)]
+    if kind == "dot":
+        u, v, w = nums[:3], nums[3:6], nums[6:9]
+        dot = lambda p, q: sum(i * j for i, j in zip(p, q, strict=True)) % 10  # noqa: E731
+        return [dot(u, v), dot(u, w), dot(v, w)]
+    if kind == "matmul":
+        a = [nums[0:2], nums[2:4]]
+        b = [nums[4:6], nums[6:8]]
+        return [sum(a[i][k] * b[k][j] for k in range(2)) % 10 for i in range(2) for j in range(2)]
+    if kind == "poly":
+        m = re.search(r"p\(x\) = (\d)x\^2 \+ (\d)x \+ (\d)\.", statement)
+        assert m is not None
+        c2, c1, c0 = (int(g) for g in m.groups())
+        points = [int(x) for x in re.findall(r"p\((\d)\)", statement)]
+        return [(c2 * x * x + c1 * x + c0) % 10 for x in points]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", gen.ALL_TYPES)
+def test_answers_are_correct(kind: str) -> None:
+    for p in generate(kind, 30, split="test", seed=1):
+        expected = _independent_answer(kind, p.problem)
+        assert p.answer == ",".join(map(str, expected))
+        assert p.solution.endswith(f"\\boxed{{{p.answer}}}")
+        assert len(expected) >= 3  # chance of guessing <= 1e-3
+
+
+@pytest.mark.parametrize("kind", gen.ALL_TYPES)
+def test_didactic_fuses_and_detailed_writes_every_step(kind: str) -> None:
+    spec = gen.spec_of(kind, random.Random(7))
+    didactic, detailed = spec.didactic(), spec.detailed()
+    assert didactic != detailed
+    fused_lines = [l for l in didactic.split("\n") if re.fullmatch(r"\S+ = [0-9*+\-]+ = \d", l)]
+    assert len(fused_lines) == len(spec.items)
+    # Detailed: every line is one primitive `a op b = c`, a labelled value, or the box.
+    for line in detailed.split("\n"):
+        assert (re.fullmatch(r"\d [*+\-] \d = \d", line) or re.fullmatch(r"\S+ = \d", line)
+                or line.startswith("\\boxed")), line
+    # Each primitive line is arithmetically right.
+    for a, op, b, c in re.findall(r"^(\d) ([*+\-]) (\d) = (\d)$", detailed, flags=re.M):
+        assert eval(f"({a}{op}{b}) % 10") == int(c)  # noqa: S307
+    # Novel types fuse several primitives per line: the didactic text has fewer lines.
+    if kind in NOVEL_TYPES:
+        assert len(detailed.split("\n")) >= 2 * len(didactic.split("\n"))
+    assert _detailed_from_didactic(didactic) == detailed
+
+
+@pytest.mark.parametrize("kind", gen.ALL_TYPES)
+def test_no_leakage_between_train_and_test(kind: str) -> None:
+    train = {p.problem for p in generate(kind, 300, split="train", seed=0)}
+    test = {p.problem for p in generate(kind, 300, split="test", seed=0)}
+    assert not train & test
+
+
+def test_export_problems_round_trips_through_the_core_loader(tmp_path) -> None:
+    path = tmp_path / "novel.jsonl"
+    assert export_problems(path, split="test", kind="novel", n=5, seed=2) == 5
+    loaded = load_problems(path)
+    assert [p.to_dict() for p in loaded] == [p.to_dict() for p in problems("novel", split="test",
+                                                                             n=5, seed=2)]
+    assert {p.meta["type"] for p in loaded} == set(NOVEL_TYPES)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {"id", "problem", "solution", "answer"} <= set(rows[0])
+    assert {p.meta["type"] for p in problems("known", n=8)} == set(KNOWN_TYPES)
+    with pytest.raises(ValueError, match="unknown problem type"):
+        problems("nope")
+
+
+# --------------------------------------------------------------------------- grader, pass@k
+
+
+def test_grade() -> None:
+    assert grade("3 * 2 = 6\n\\boxed{6,1,2,3}", "6,1,2,3")
+    assert grade("\\boxed{1,2} then \\boxed{ 6, 1 ,2,3 }", "6,1,2,3")
+    assert not grade("\\boxed{6,1,2,3} then \\boxed{6,1,2,4}", "6,1,2,3")
+    assert not grade("6,1,2,3", "6,1,2,3")
+    assert not grade("\\boxed{6,1,2", "6,1,2")
+
+
+def test_pass_at_k_matches_enumeration() -> None:
+    n = 6
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            subsets = list(combinations([1] * c + [0] * (n - c), k))
+            expected = sum(any(s) for s in subsets) / len(subsets)
+            assert math.isclose(pass_at_k(n, c, k), expected)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+
+
+# --------------------------------------------------------------------------- committed model
+
+
+@pytest.fixture(scope="module")
+def base():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = base_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return model, tokenizer
+
+
+def test_committed_assets(base) -> None:
+    model, tokenizer = base
+    path = base_model_dir()
+    assert (path / "model.safetensors").stat().st_size <= 20 * 2**20
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token is not None
+    assert model.config.vocab_size >= len(tokenizer)
+    settings = json.loads((path / "pretrain_settings.json").read_text())
+    assert settings["tokens"] > 0 and settings["config"]["seed"] == 0
+    assert "known_student_pass@1" in json.loads((path / "validity.json").read_text())
+
+
+def test_tokenizer_round_trip_and_compact_prompts(base) -> None:
+    _, tokenizer = base
+    builder = PromptBuilder()
+    for kind in gen.ALL_TYPES:
+        for p in generate(kind, 3, split="test", seed=5):
+            prompts = builder.render(p, tokenizer)
+            assert prompts["student"].startswith("<|im_start|>user\n")
+            assert prompts["student"].endswith("<|im_end|>\n<|im_start|>assistant\n")
+            for text in (*prompts.values(), p.solution, _detailed_from_didactic(p.solution)):
+                ids = tokenizer.encode(text, add_special_tokens=False)
+                assert tokenizer.decode(ids) == text
+            # The fixed instruction text costs a handful of tokens.
+            extra = (len(tokenizer.encode(prompts["student"], add_special_tokens=False))
+                     - len(tokenizer.encode(p.problem, add_special_tokens=False)))
+            assert extra <= 12
+    for label in ("c11", "w2", "y4", "Q"):
+        assert len(tokenizer.encode(f"{label} = 7", add_special_tokens=False)) == 3
+
+
+def test_validity_metrics_on_a_tiny_sample(base) -> None:
+    model, tokenizer = base
+    probs = generate("matmul", 2, split="test", seed=0)
+    rates = pass_rates(model, tokenizer, probs, "privileged", n=2, ks=(1, 2))
+    assert set(rates) == {"pass@1", "pass@2"}
+    assert 0.0 <= rates["pass@1"] <= rates["pass@2"] <= 1.0
+    forced = forced_line_error(model, tokenizer, probs[:1], style="didactic")
+    assert forced["lines"] == 4 and 0.0 <= forced["error_rate"] <= 1.0
+    own = forced_line_error(model, tokenizer, probs[:1], style="detailed")
+    assert own["lines"] == 12
