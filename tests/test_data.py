@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dail.data import DataError, last_boxed, load_problems, write_jsonl_atomic, read_jsonl
+from dail.data import DataError, last_boxed, load_problems, read_jsonl, write_jsonl_atomic
 
 
 def write_lines(path, lines):

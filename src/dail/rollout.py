@@ -110,6 +110,19 @@ def sequence_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def uniform_table(seeds: list[int], settings: RolloutSettings, device: torch.device) -> torch.Tensor:
+    """Every random number a sequence may use, indexed by position: (N, max_new_tokens, draws).
+
+    Column r < retries + 1 drives the r-th student proposal at a position, the last column the
+    privileged fallback. Tying draws to positions (not to calls) makes a trace a function of its
+    seed alone, whatever the batch it shares or the order in which positions are decided.
+    """
+    draws = settings.retries + 2
+    rows = [torch.rand((settings.max_new_tokens, draws), generator=torch.Generator().manual_seed(s))
+            for s in seeds]
+    return torch.stack(rows).to(device)
+
+
 # --------------------------------------------------------------------------- batched decoding
 
 
@@ -175,13 +188,12 @@ def mixed_rollout(
     batch = len(seeds)
     decoder = _Decoder(model, student_prompts + privileged_prompts, pad_id)
     device = decoder.logits.device
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    draws = settings.retries + 2  # proposals, then one uniform for the fallback
+    uniforms_at = uniform_table(seeds, settings, device)  # (B, max_new_tokens, draws)
     eos = torch.tensor(settings.eos_ids or [-1], device=device)
     traces = [Trace() for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    for _ in range(settings.max_new_tokens):
+    for step in range(settings.max_new_tokens):
         student_logits, privileged_logits = decoder.logits[:batch], decoder.logits[batch:]
         # The acceptance test reads the raw distribution: no temperature, no filtering.
         privileged_raw = torch.softmax(privileged_logits, dim=-1)  # (B, V)
@@ -194,10 +206,8 @@ def mixed_rollout(
         student_dist = sampling_probs(student_logits, settings.temperature, settings.top_p, settings.top_k)
         privileged_dist = sampling_probs(privileged_logits, settings.temperature, settings.top_p,
                                          settings.top_k)
-        uniforms = torch.stack([torch.rand(draws, generator=g) for g in generators]).to(device)
-
         chosen, proposal, proposal_prob, accepted = _choose(
-            student_dist, privileged_dist, privileged_raw, uniforms, settings)
+            student_dist, privileged_dist, privileged_raw, uniforms_at[:, step], settings)
 
         for i in torch.nonzero(~done).flatten().tolist():
             trace = traces[i]
@@ -264,19 +274,18 @@ def sample_responses(
         raise ValueError("prompts and seeds must have equal lengths")
     decoder = _Decoder(model, prompts, pad_id)
     device = decoder.logits.device
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    uniforms_at = uniform_table(seeds, settings, device)
     eos = torch.tensor(settings.eos_ids or [-1], device=device)
     traces = [Trace() for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(settings.max_new_tokens):
+    for step in range(settings.max_new_tokens):
         logits = decoder.logits
         if settings.suppress_ids:
             logits = logits.clone()
             logits[:, list(settings.suppress_ids)] = float("-inf")
         dist = sampling_probs(logits, settings.temperature, settings.top_p, settings.top_k)
-        # Same draws per step as `mixed_rollout`, so tau = 0 there reproduces these samples.
-        uniforms = torch.stack([torch.rand(settings.retries + 2, generator=g) for g in generators]).to(device)
-        chosen = sample_inverse_cdf(dist, uniforms[:, 0])
+        # The same draw as a proposal of `mixed_rollout`: tau = 0 there reproduces these samples.
+        chosen = sample_inverse_cdf(dist, uniforms_at[:, step, 0])
         for i in torch.nonzero(~done).flatten().tolist():
             traces[i].token_ids.append(int(chosen[i]))
             traces[i].sources.append(STUDENT)
