@@ -131,3 +131,19 @@ def test_inspect_shows_prompts_waypoints_and_alignment(tiny_model_dir, problems_
     out = capsys.readouterr().out
     assert "## privileged prompt" in out and "## Waypoints: ['12', '4', '48', '6']" in out
     assert "| t | token | source |" in out
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b-instruct.yaml", "qwen3-8b-proofs.yaml", "champ-smoke.yaml"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    from dail.config import load_yaml
+    from dail.pipeline import stage_configs
+
+    path = Path(__file__).parent.parent / "configs" / name
+    stages = stage_configs(load_yaml(path), where=str(path))
+    assert stages["generate"].tau == pytest.approx(0.8 if "qwen" in name else 0.05)
+    assert stages["eval_trained"].adapter.endswith("train/adapter")
+    from dail.trainer import DAILConfig
+
+    DAILConfig(output_dir="unused", loss=stages["train"].loss, **stages["train"].training)

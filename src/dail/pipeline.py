@@ -14,6 +14,7 @@ Config keys (all optional but `model`, `data`, `out`):
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,8 @@ logger = logging.getLogger(__name__)
 _SECTIONS = {"model", "data", "eval_data", "out", "prompts", "sampling", "generate", "train", "eval"}
 
 
-def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
-    """Run every stage that is not complete; returns `{"base": summary, "trained": summary}`."""
-    from dail import evaluate, generate, train
-
+def stage_configs(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
+    """Validate a pipeline config; return the generate, train and per-eval stage configs."""
     unknown = sorted(set(config) - _SECTIONS)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(_SECTIONS)}")
@@ -40,38 +39,49 @@ def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     model = config["model"] if isinstance(config["model"], dict) else {"model": config["model"]}
     shared = {"model": model, "prompts": config.get("prompts", {})}
     sampling = config.get("sampling", {})
-
-    gen_cfg = from_dict(GenerateConfig, merge({**shared, "data": config["data"], "out": str(out / "generate"),
-                                               "sampling": sampling}, config.get("generate", {})),
-                        f"{where}: generate")
-    train_cfg = from_dict(TrainConfig, merge({**shared, "data": config["data"], "out": str(out / "train"),
-                                              "traces": str(out / "generate" / "selected.jsonl")},
-                                             config.get("train", {})), f"{where}: train")
+    stages: dict[str, Any] = {
+        "generate": from_dict(GenerateConfig, merge(
+            {**shared, "data": config["data"], "out": str(out / "generate"), "sampling": sampling},
+            config.get("generate", {})), f"{where}: generate"),
+        "train": from_dict(TrainConfig, merge(
+            {**shared, "data": config["data"], "out": str(out / "train"),
+             "traces": str(out / "generate" / "selected.jsonl")},
+            config.get("train", {})), f"{where}: train"),
+    }
     eval_values = {**shared, "data": config.get("eval_data") or config["data"], "sampling": sampling}
-    eval_section = config.get("eval", {})
+    for name, adapter in (("base", None), ("trained", str(out / "train" / "adapter"))):
+        stages[f"eval_{name}"] = from_dict(EvalConfig, merge(
+            {**eval_values, "out": str(out / f"eval_{name}"), "adapter": adapter},
+            config.get("eval", {})), f"{where}: eval")
+    return stages
+
+
+def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
+    """Run every stage that is not complete; returns `{"base": summary, "trained": summary}`."""
+    from dail import evaluate, generate, train
+
+    stages = stage_configs(config, where=where)
+    out = Path(config["out"])
+    gen_cfg, train_cfg = stages["generate"], stages["train"]
 
     if train_cfg.loss != "sft":
-        if (out / "generate" / "generate_summary.json").exists():
+        if (Path(gen_cfg.out) / "generate_summary.json").exists():
             logger.info("generate: complete, skipped")
         else:
             generate.run(gen_cfg)
-    adapter = out / "train" / "adapter"
-    if (adapter / "adapter_config.json").exists():
+    if (Path(train_cfg.out) / "train_summary.json").exists():  # written after the adapter
         logger.info("train: complete, skipped")
     else:
         train.run(train_cfg)
 
     results = {}
-    for name, adapter_dir in (("base", None), ("trained", str(adapter))):
-        target = out / f"eval_{name}"
-        if (target / "summary.json").exists():
+    for name in ("base", "trained"):
+        cfg = stages[f"eval_{name}"]
+        summary_path = Path(cfg.out) / "summary.json"
+        if summary_path.exists():
             logger.info("eval %s: complete, skipped", name)
-            import json
-
-            results[name] = json.loads((target / "summary.json").read_text(encoding="utf-8"))
-            continue
-        cfg = from_dict(EvalConfig, merge({**eval_values, "out": str(target), "adapter": adapter_dir},
-                                          eval_section), f"{where}: eval")
-        results[name] = evaluate.run(cfg)
+            results[name] = json.loads(summary_path.read_text(encoding="utf-8"))
+        else:
+            results[name] = evaluate.run(cfg)
     write_json_atomic(out / "results.json", results)
     return results
