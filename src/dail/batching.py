@@ -1,8 +1,10 @@
 """Problems x samples in batches, with one atomically written part file per finished problem.
 
-A part file appears only when all of a problem's samples are done (written to a temporary file
-and renamed), so an interrupted run leaves whole parts or none, and a rerun skips the problems
-whose part exists. The merged output is built from the parts in problem order.
+A part file appears only when all of a problem's samples are done (written to a temporary file,
+fsynced and renamed), so an interrupted run -- even by SIGKILL -- leaves whole parts or none, and
+a rerun skips the problems whose part exists. Leftover temporary files (dot-prefixed) are never
+read. The merged output is built from the parts in problem order, so it does not depend on how
+the problems were split between processes or shards (see `dail.distributed`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 
 from dail.config import ConfigError
 from dail.data import iter_jsonl, write_jsonl_atomic
+from dail.distributed import Shard, wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +41,9 @@ def run_per_problem(
     batch_size: int,
     generate: Callable[[list[Row]], list[dict[str, Any]]],
     desc: str,
-) -> list[dict[str, Any]]:
-    """Run `generate` over every (item, sample) row not yet done; return all records in order.
+    shard: Shard | None = None,
+) -> list[dict[str, Any]] | None:
+    """Run `generate` over this shard's (item, sample) rows not yet done; return all records.
 
     Args:
         items: The problems (anything `key` names uniquely).
@@ -49,11 +53,20 @@ def run_per_problem(
         batch_size: Rows per `generate` call.
         generate: Maps a batch of rows to one record per row (each with a "sample" field).
         desc: Progress-bar label.
+        shard: The items this process computes (default: all). Under a launcher every rank then
+            waits until the other ranks' parts exist.
+
+    Returns:
+        Every item's records in item order, or None when other array-job shards have not
+        finished yet (this shard's parts are written).
     """
+    shard = shard or Shard()
     paths = [part_path(parts, i, key(item)) for i, item in enumerate(items)]
-    todo = [i for i, path in enumerate(paths) if not path.exists()]
-    if len(todo) < len(items):
-        logger.info("%s: resuming, %d of %d problems already done", desc, len(items) - len(todo), len(items))
+    mine = [i for i in range(len(items)) if shard.owns(i)]
+    todo = [i for i in mine if not paths[i].exists()]
+    if len(todo) < len(mine):
+        logger.info("%s (%s): resuming, %d of %d problems already done", desc, shard.describe(),
+                    len(mine) - len(todo), len(mine))
     rows = [(i, s) for i in todo for s in range(samples)]
     pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
     with tqdm(total=len(rows), desc=desc, unit="sample") as bar:
@@ -65,11 +78,19 @@ def run_per_problem(
                 if len(pending[i]) == samples:
                     write_jsonl_atomic(paths[i], sorted(pending.pop(i), key=lambda r: r["sample"]))
             bar.update(len(chunk))
+    if shard.launched:
+        wait_for(paths, describe=f"{desc} part files")
+    missing = sum(not p.exists() for p in paths)
+    if missing:
+        logger.info("%s: %s done; %d of %d problems belong to shards that have not finished. "
+                    "The last shard to finish writes the merged output (or rerun any shard's "
+                    "command once all have finished)", desc, shard.describe(), missing, len(items))
+        return None
     return [record for path in paths for _, record in iter_jsonl(path)]
 
 
 # Settings that cannot change what a finished part holds.
-_NEUTRAL_KEYS = {"out", "batch_size", "device", "dtype"}
+_NEUTRAL_KEYS = {"out", "batch_size", "device", "dtype", "shard"}
 
 
 def check_resumable(config_path: Path, config: dict[str, Any]) -> None:

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retries", type=int, help="extra student proposals before falling back")
     g.add_argument("--keep", type=int, help="traces kept per problem by selection")
     g.add_argument("--grader", help="math, exact, world, or module:function")
+    g.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md)")
 
     t = sub.add_parser("train", help="LoRA training with the dail, kl, nll or sft loss")
     _common(t)
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, help="samples per problem")
     e.add_argument("--samples", dest="samples_file", help="score this samples JSONL (no model needed)")
     e.add_argument("--grader", help="math, exact, world, or module:function")
+    e.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md)")
 
     i = sub.add_parser("inspect", help="prompts, waypoints and token alignment of one problem")
     _common(i)
@@ -158,7 +160,8 @@ def stage_config(cls: type, args: argparse.Namespace, top_keys: tuple[str, ...])
 def cmd_generate(args: argparse.Namespace) -> None:
     from dail import generate
 
-    cfg = stage_config(GenerateConfig, args, ("data", "out", "tau", "samples", "retries", "keep", "grader"))
+    cfg = stage_config(GenerateConfig, args, ("data", "out", "tau", "samples", "retries", "keep", "grader",
+                                                   "shard"))
     generate.run(cfg)
 
 
@@ -172,7 +175,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from dail import evaluate
 
-    cfg = stage_config(EvalConfig, args, ("data", "out", "adapter", "n", "samples_file", "grader"))
+    cfg = stage_config(EvalConfig, args, ("data", "out", "adapter", "n", "samples_file", "grader",
+                                               "shard"))
     summary = evaluate.run(cfg)
     ks = [k for k in summary if k.startswith("pass@") and "ci" not in k]
     print(" ".join(f"{k}={summary[k]:.4f}" for k in ks), f"mean_tokens={summary.get('mean_tokens')}")

@@ -105,6 +105,8 @@ class GenerateConfig:
         keep: Traces kept per problem by selection.
         grader: Answer checker for selection ("math", "exact", "world" or "module:function").
         suppress_end_of_thinking: For reasoning models, forbid </think> during rollout.
+        shard: "i/n": compute only problems k with k mod n == i (array jobs; see
+            `dail.distributed`). Does not change any output.
     """
 
     data: str = ""
@@ -115,6 +117,7 @@ class GenerateConfig:
     keep: int = 1
     grader: str = "math"
     suppress_end_of_thinking: bool = True
+    shard: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -124,6 +127,7 @@ class GenerateConfig:
             raise ConfigError(f"tau must be in [0, 1], not {self.tau}")
         if self.samples < 1 or self.keep < 1 or self.retries < 0:
             raise ConfigError("samples and keep must be >= 1, retries >= 0")
+        _check_shard(self.shard)
 
 
 @dataclass
@@ -135,6 +139,7 @@ class EvalConfig:
         samples_file: Score samples produced elsewhere (JSONL with id, text) without a model.
         n: Samples per problem.
         budgets: Token budgets for accuracy-under-budget.
+        shard: "i/n": sample only problems k with k mod n == i (see GenerateConfig.shard).
     """
 
     data: str = ""
@@ -144,6 +149,7 @@ class EvalConfig:
     n: int = 128
     grader: str = "math"
     budgets: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
+    shard: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -151,6 +157,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ConfigError("n must be >= 1")
+        _check_shard(self.shard)
+
+
+def _check_shard(shard: str | None) -> None:
+    from dail.distributed import parse_shard
+
+    parse_shard(shard)
 
 
 @dataclass

@@ -3,6 +3,8 @@
 Reads top to bottom: load problems -> either score a samples file made elsewhere, or load the
 model (+ adapter), sample n responses per problem from the student prompt (resumable, one part
 file per problem) and grade them -> write samples.jsonl, summary.json and summary.md.
+Under `accelerate launch` or `--shard i/n` each process samples its share of the problems and
+the final files are written once every part exists (see `dail.distributed`).
 """
 
 from __future__ import annotations
@@ -27,22 +29,28 @@ logger = logging.getLogger(__name__)
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and return the summary (also written to `<out>/summary.json`)."""
+    from dail import distributed
     from dail.report import score_samples, summarize, to_markdown
 
     problems = resolve_problems(cfg.data)
     gold = {p.id: p.answer for p in problems}
+    shard = distributed.current_shard(cfg.shard)
     if cfg.samples_file:
         samples = load_samples(cfg.samples_file, gold)
     else:
-        samples = sample_problems(cfg, problems)
+        samples = sample_problems(cfg, problems, shard=shard)
+        if samples is None:  # an array-job shard whose siblings are still running
+            return {"shard": shard.describe(), "complete": False}
     samples = score_samples(samples, gold, grader=cfg.grader)
     summary = summarize(samples, budgets=cfg.budgets)
     summary["model"] = cfg.model.model
     summary["adapter"] = cfg.adapter
     out = Path(cfg.out)
-    write_jsonl_atomic(out / "samples.jsonl", samples)
-    write_json_atomic(out / "summary.json", summary)
-    write_text_atomic(out / "summary.md", to_markdown(summary, title=f"Evaluation of {cfg.adapter or cfg.model.model}"))
+    if shard.writes_merged:  # summary.json after samples.jsonl: its presence marks completion
+        write_jsonl_atomic(out / "samples.jsonl", samples)
+        write_text_atomic(out / "summary.md", to_markdown(summary, title=f"Evaluation of {cfg.adapter or cfg.model.model}"))
+        write_json_atomic(out / "summary.json", summary)
+    distributed.barrier(shard)
     logger.info("pass@1 %.4f, mean tokens %s", summary.get("pass@1", float("nan")), summary.get("mean_tokens"))
     return summary
 
@@ -68,8 +76,13 @@ def load_samples(path: str, gold: dict[str, str | None]) -> list[dict[str, Any]]
     return samples
 
 
-def sample_problems(cfg: EvalConfig, problems: list[Any]) -> list[dict[str, Any]]:
-    """n samples per problem from the student prompt of the (adapted) model."""
+def sample_problems(cfg: EvalConfig, problems: list[Any], *,
+                    shard: Any = None) -> list[dict[str, Any]] | None:
+    """n samples per problem from the student prompt of the (adapted) model.
+
+    Returns:
+        All problems' samples, or None when other array-job shards are still running.
+    """
     from dail import models
     from dail.generate import prompt_builder
     from dail.rollout import RolloutSettings, sample_responses, sequence_seed
@@ -97,7 +110,8 @@ def sample_problems(cfg: EvalConfig, problems: list[Any]) -> list[dict[str, Any]
                 for (p, s), t in zip(rows, traces, strict=True)]
 
     return run_per_problem(problems, cfg.n, key=lambda p: p.id, parts=out / "parts",
-                           batch_size=cfg.sampling.batch_size, generate=generate, desc="eval")
+                           batch_size=cfg.sampling.batch_size, generate=generate, desc="eval",
+                           shard=shard)
 
 
 def apply_adapter(model: Any, adapter: str) -> Any:

@@ -4,7 +4,8 @@ Reads top to bottom: load and validate problems (nothing is written if they are 
 load the model -> render and tokenize the three prompts of every problem -> roll out the
 problems x samples in batches, writing each finished problem's traces atomically to
 `<out>/parts/` (a rerun skips finished problems) -> merge into `<out>/traces.jsonl` -> select
-into `<out>/selected.jsonl`.
+into `<out>/selected.jsonl`. Under `accelerate launch` or `--shard i/n` each process rolls out
+its share of the problems and the merge waits for every part (see `dail.distributed`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class PreparedProblem:
 
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces and select from them; returns the summary also written to disk."""
-    from dail import models
+    from dail import distributed, models
     from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
 
     problems = resolve_problems(cfg.data)
@@ -63,13 +64,19 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
             settings, pad_id=tokenizer.pad_token_id)
         return [trace_record(p, s, t, tokenizer, cfg.grader) for (p, s), t in zip(rows, traces, strict=True)]
 
+    shard = distributed.current_shard(cfg.shard)
     records = run_per_problem(prepared, cfg.samples, key=lambda p: p.problem.id, parts=out / "parts",
-                              batch_size=cfg.sampling.batch_size, generate=generate, desc="rollout")
-    write_jsonl_atomic(out / "traces.jsonl", records)
+                              batch_size=cfg.sampling.batch_size, generate=generate, desc="rollout",
+                              shard=shard)
+    if records is None:  # an array-job shard whose siblings are still running
+        return {"shard": shard.describe(), "complete": False}
     selected = select_traces(records, keep=cfg.keep, seed=cfg.sampling.seed)
-    write_jsonl_atomic(out / "selected.jsonl", selected)
     summary = _summary(problems, prepared, skipped, records, selected)
-    write_json_atomic(out / "generate_summary.json", summary)
+    if shard.writes_merged:  # the summary last: its presence marks the stage complete
+        write_jsonl_atomic(out / "traces.jsonl", records)
+        write_jsonl_atomic(out / "selected.jsonl", selected)
+        write_json_atomic(out / "generate_summary.json", summary)
+    distributed.barrier(shard)
     logger.info("%d of %d problems survive selection (%d skipped as too long); mean acceptance %.3f",
                 summary["problems_selected"], summary["problems"], len(skipped),
                 summary["mean_acceptance_rate"])

@@ -21,9 +21,20 @@ class ModelMismatchError(ValueError):
     """Tokenizer and model disagree in a way that would corrupt generation or training."""
 
 
+class ModelLoadError(ModelMismatchError):
+    """A model that dail refuses to load as it stands (unsafe weights, unrequested code)."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    """The device for inference; "auto" under a launcher is this process's own GPU (LOCAL_RANK)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from dail.distributed import local_device_index
+
+        local = local_device_index()
+        return torch.device("cuda", local % torch.cuda.device_count()) if local is not None \
+            else torch.device("cuda")
     return torch.device(device)
 
 
@@ -39,6 +50,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
+    check_loadable(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding is always masked, so reusing EOS is safe; EOS itself stays a training target.
@@ -50,6 +62,7 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False) -> Any:
     """The base causal LM on its device, in eval mode unless it is to be trained."""
     from transformers import AutoModelForCausalLM
 
+    check_loadable(cfg.model, trust_remote_code=cfg.trust_remote_code)
     device = resolve_device(cfg.device)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model,
@@ -63,6 +76,50 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False) -> Any:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_loadable(name: str, *, trust_remote_code: bool = False) -> None:
+    """Refuse a local model directory that dail will not load as it stands.
+
+    Weights load from safetensors only (pickle files can run code when unpickled), and code
+    shipped with a model runs only with `--trust-remote-code`. Hub ids are checked by
+    `from_pretrained` itself (`use_safetensors=True`).
+
+    Raises:
+        ModelLoadError: no safetensors weights beside pickle ones, no weights at all, or
+            custom code (`auto_map`) without `trust_remote_code`.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        if name.startswith(("/", "./", "../", "~")) or path.exists():
+            raise ModelLoadError(f"{name}: not a model directory (no such directory)")
+        return
+    files = [p.name for p in path.iterdir()]
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise ModelLoadError(
+                f"{path}: holds only pickled weights ({', '.join(pickles[:3])}); dail loads "
+                f"safetensors only, because unpickling can run arbitrary code. Convert them once, "
+                f"somewhere you trust the file: load the model with transformers and call "
+                f"save_pretrained(dir, safe_serialization=True)")
+        raise ModelLoadError(f"{path}: no model weights (*.safetensors) in this directory")
+    config = path / "config.json"
+    if not trust_remote_code and config.is_file():
+        try:
+            auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ModelLoadError(f"{config}: not a valid model config ({e})") from None
+        if auto_map:
+            raise ModelLoadError(
+                f"{path}: the model ships its own Python code (auto_map in config.json), which "
+                f"dail does not run unless asked; pass --trust-remote-code if you trust it")
 
 
 def load(cfg: ModelConfig, *, for_training: bool = False) -> tuple[Any, Any]:

@@ -1,12 +1,19 @@
 """Stage 2: `dail train` -- LoRA fine-tuning with the DAIL, KL, NLL or SFT loss.
 
-Reads top to bottom: load examples -> load model and wrap it with LoRA -> train with
-`DAILTrainer` (resuming from the last checkpoint) -> save the adapter (and a merged model).
+Reads top to bottom: refuse broken distributed strategies -> load examples -> load model and
+wrap it with LoRA -> train with `DAILTrainer` (resuming from the last *complete* checkpoint, with
+the same data order) -> save the adapter (and a merged model), each swapped in atomically.
+
+Under `accelerate launch` the Trainer runs data-parallel (DDP, FSDP2, DeepSpeed ZeRO-2); the
+model is loaded on the CPU and the Trainer places one replica per process. See docs/scale.md.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,13 +30,14 @@ logger = logging.getLogger(__name__)
 def run(cfg: TrainConfig) -> Path:
     """Train and return the adapter directory (`<out>/adapter`)."""
     from peft import LoraConfig, get_peft_model
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from dail import models
+    from dail import distributed, models
     from dail.trainer import DAILCollator, DAILTrainer
 
     out = Path(cfg.out)
     args = _training_args(cfg, out)
+    strategy = distributed.check_training_strategy(args)
+    sharded = strategy["deepspeed_stage"] == 3 or strategy["fsdp_version"] is not None
     tokenizer = models.load_tokenizer(cfg.model)
     examples = load_examples(cfg, tokenizer, max_length=args.max_length)
 
@@ -46,16 +54,26 @@ def run(cfg: TrainConfig) -> Path:
         ("student", "privileged") if args.uses_teacher else ("student",))
     trainer = DAILTrainer(model=model, args=args, train_dataset=examples,
                           data_collator=DAILCollator(tokenizer.pad_token_id, roles))
-    last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    last = last_complete_checkpoint(Path(args.output_dir), remove_incomplete=trainer.is_world_process_zero())
     if last:
         logger.info("resuming from %s", last)
-    result = trainer.train(resume_from_checkpoint=last)
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
 
+    if sharded:
+        # Sharded parameters: only the Trainer can gather them (a collective on every rank).
+        staging = out / ".adapter.gathered"
+        trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
-        _save_atomically(out / "adapter", lambda d: (model.save_pretrained(d),
-                                                                     tokenizer.save_pretrained(d)))
+        if sharded:
+            _save_atomically(out / "adapter", lambda d: (shutil.copytree(staging, d),
+                                                         (d / "training_args.bin").unlink(missing_ok=True),
+                                                         tokenizer.save_pretrained(d)))
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            _save_atomically(out / "adapter", lambda d: (model.save_pretrained(d),
+                                                         tokenizer.save_pretrained(d)))
         if args.merge:
-            merged = model.merge_and_unload()
+            merged = _merge_from_disk(cfg, out / "adapter") if sharded else model.merge_and_unload()
             _save_atomically(out / "merged", lambda d: (merged.save_pretrained(d),
                                                           tokenizer.save_pretrained(d)))
         write_json_atomic(out / "train_summary.json", {
@@ -63,7 +81,68 @@ def run(cfg: TrainConfig) -> Path:
             "gamma": args.gamma, "kl_direction": args.kl_direction,
             "metrics": result.metrics, "log_history": trainer.state.log_history,
         })
+    trainer.accelerator.wait_for_everyone()  # no rank moves on before the adapter exists
     return out / "adapter"
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(folder: Path, *, remove_incomplete: bool = False) -> Path | None:
+    """The newest checkpoint that was completely written, or None.
+
+    The Trainer writes a checkpoint in place (weights, optimizer, RNG states, then
+    `trainer_state.json` last), so a process killed while saving leaves a directory that
+    `get_last_checkpoint` would pick. A checkpoint is complete when its trainer state parses and
+    names its step, and its weights, optimizer and every rank's RNG state are present.
+
+    Args:
+        folder: The Trainer's output_dir.
+        remove_incomplete: Delete incomplete checkpoints newer than the one returned (rank 0
+            only), so the Trainer's rotation never counts them.
+    """
+    if not folder.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if p.is_dir() and (m := _CHECKPOINT.match(p.name))), reverse=True)
+    for step, path in found:
+        if _checkpoint_complete(path, step):
+            return path
+        logger.warning("ignoring incomplete checkpoint %s (the process was stopped while saving it)", path)
+        if remove_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _checkpoint_complete(path: Path, step: int) -> bool:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        return False
+    names = {p.name for p in path.iterdir()}
+    has_weights = any(n.endswith(".safetensors") for n in names) or any(
+        n.startswith(("pytorch_model_fsdp", "global_step")) for n in names)
+    has_optimizer = "optimizer.pt" in names or any(n.startswith(("global_step", "optimizer_"))
+                                                     for n in names)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rng = {n for n in names if n.startswith("rng_state")}
+    has_rng = ("rng_state.pth" in rng) if world == 1 else all(
+        f"rng_state_{i}.pth" in rng for i in range(world))
+    return has_weights and has_optimizer and has_rng
+
+
+def _merge_from_disk(cfg: TrainConfig, adapter: Path) -> Any:
+    """The saved adapter merged into a fresh CPU copy of the base (sharded training)."""
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    from dail import models
+
+    base = models.load_model(replace(cfg.model, device="cpu"))
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 def _training_args(cfg: TrainConfig, out: Path) -> Any:
@@ -75,6 +154,11 @@ def _training_args(cfg: TrainConfig, out: Path) -> Any:
         # The release trains in bf16 with gradient checkpointing; on a CPU both only cost time.
         values.setdefault("bf16", torch.cuda.is_bf16_supported())
         values.setdefault("gradient_checkpointing", True)
+    if values.get("gradient_checkpointing"):
+        # Re-entrant checkpointing marks LoRA parameters ready twice under DDP.
+        values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    # Every LoRA parameter takes part in every step; searching for unused ones costs a graph walk.
+    values.setdefault("ddp_find_unused_parameters", False)
     return DAILConfig(**values)
 
 
