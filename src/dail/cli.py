@@ -108,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True)
 
     d = sub.add_parser("demo", help="the whole comparison on the embedded default")
-    d.add_argument("--out", default=None)
-    d.add_argument("--quick", action="store_true", help="toy scale, for smoke tests")
+    d.add_argument("--out", default=None, help="output folder (default runs/demo)")
+    d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
+
+    w = sub.add_parser("world", help="the didactic world: pretrain, validity, export",
+                       add_help=False)
+    w.add_argument("world_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -202,7 +206,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo.run(out=args.out, quick=args.quick)
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
+def cmd_world(args: argparse.Namespace) -> None:
+    from dail.world.__main__ import main as world_main
+
+    code = world_main(args.world_args)
+    if code:
+        raise SystemExit(code)
+
+
+COMMANDS = {"world": cmd_world, "generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
             "run": cmd_run, "demo": cmd_demo}
 
 

@@ -1,0 +1,348 @@
+"""`dail demo`: the paper's comparison, run end to end in the didactic world on a CPU.
+
+Reads top to bottom: validity of the world (is the gap real?) -> problems (novel-type training
+problems with didactic expert solutions; held-out novel and known test problems) -> traces for
+each data source (mixed rollout, direct sampling, STaR rationalization) -> one LoRA adapter per
+method -> evaluation of every method on test, known-type (retention) and training problems ->
+results.json, report.md and plots.
+
+Every stage lives in a folder named after a hash of its settings, so a rerun reuses finished
+work and a changed setting rebuilds only what depends on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from dail.config import EvalConfig, GenerateConfig, ModelConfig, PromptConfig, SamplingConfig, TrainConfig
+from dail.data import write_json_atomic, write_text_atomic
+from dail.prompts import NEGATIVE_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Scale of the demo. Defaults follow METHOD.md except where the model's size forces a change.
+
+    Scaled down from the paper (documented in the report): training problems (the paper uses
+    417), rollout samples per problem, evaluation samples per problem (the paper's n is 128) and
+    the token budget (world traces are short).
+    """
+
+    n_train: int = 200
+    n_test: int = 48
+    n_known: int = 32
+    n_train_eval: int = 32
+    samples: int = 16
+    eval_n: int = 64
+    known_n: int = 8
+    max_new_tokens: int = 320
+    tau: float = 0.8
+    gamma: float = 0.1
+    epochs: float = 5.0
+    learning_rate: float = 2e-4
+    lora_r: int = 32
+    batch_size: int = 64
+    train_batch_size: int = 1
+    grad_accum: int = 4
+    seed: int = 0
+    validity_problems: int = 16
+    validity_samples: int = 64
+    budgets: tuple[int, ...] = (64, 128, 192, 256, 320)
+
+
+QUICK = DemoSettings(n_train=6, n_test=6, n_known=4, n_train_eval=4, samples=4, eval_n=4, known_n=2,
+                     max_new_tokens=96, epochs=1.0, validity_problems=1, validity_samples=64,
+                     batch_size=32, budgets=(32, 64, 96))
+
+# Data source -> (tau, use the STaR hint prompt as the "privileged" context).
+SOURCES = {"mixed": (None, False), "direct": (1.0, False), "star": (1.0, True)}
+# Method -> (data source or None for expert solutions, loss). "base" is not trained.
+METHODS: dict[str, tuple[str | None, str]] = {
+    "sft": (None, "sft"),
+    "dail_nll": ("mixed", "nll"),
+    "dail": ("mixed", "dail"),
+    "direct_dail": ("direct", "dail"),
+    "star": ("star", "nll"),
+}
+ALL_METHODS = ("base", *METHODS)
+
+
+def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings | None = None,
+        model_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole comparison; returns the results also written to `results.json`.
+
+    Args:
+        out: Output folder (default runs/demo, or runs/demo-quick with `quick`).
+        quick: Toy scale (every stage, a few minutes).
+        settings: Explicit scale, overriding `quick`.
+        model_dir: Base model (default: the committed world model).
+    """
+    from dail import world
+
+    settings = settings or (QUICK if quick else DemoSettings())
+    root = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
+    model_dir = Path(model_dir) if model_dir else world.base_model_dir()
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no pretrained world model; build it with "
+                                f"`python -m dail.world pretrain`")
+    started = time.monotonic()
+    results: dict[str, Any] = {"settings": asdict(settings), "model": str(model_dir)}
+    results["validity"] = world_validity(root, model_dir, settings)
+    data = write_problems(root / "data", settings)
+
+    rollouts: dict[str, dict[str, Any]] = {}
+    adapters: dict[str, str | None] = {"base": None}
+    skipped: dict[str, str] = {}
+    for name, (source, loss) in METHODS.items():
+        traces = None
+        if source is not None:
+            traces, rollouts[source] = make_traces(root, model_dir, data["train"], source, settings)
+            if rollouts[source]["traces_selected"] == 0:
+                skipped[name] = f"no {source} trace survived selection"
+                continue
+        adapters[name] = train_method(root, model_dir, data["train"], traces, loss, settings)
+
+    methods: dict[str, Any] = {}
+    for name, adapter in adapters.items():
+        methods[name] = evaluate_method(root, model_dir, adapter, data, settings)
+        source = METHODS.get(name, (None, None))[0]
+        if source is not None:
+            methods[name]["rollout"] = rollouts[source]
+    results["methods"] = methods
+    results["skipped"] = skipped
+    results["rollouts"] = rollouts
+    results["minutes"] = round((time.monotonic() - started) / 60, 1)
+    write_json_atomic(root / "results.json", results)
+    write_text_atomic(root / "report.md", report(results))
+    plot(results, root)
+    logger.info("demo finished in %.1f minutes; see %s", results["minutes"], root / "report.md")
+    return results
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _stage_dir(root: Path, stage: str, settings: dict[str, Any]) -> Path:
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return root / f"{stage}-{digest}"
+
+
+def world_validity(root: Path, model_dir: Path, s: DemoSettings) -> dict[str, Any]:
+    """The world's validity numbers for this model (cached)."""
+    from dail.world import validity
+
+    key = {"model": _model_fingerprint(model_dir), "n": s.validity_problems, "k": s.validity_samples,
+           "seed": s.seed}
+    path = _stage_dir(root, "validity", key) / "validity.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    logger.info("measuring the world's validity (is the didactic gap real?)")
+    model, tokenizer = validity.load(str(model_dir))
+    result = validity.validity(model, tokenizer, n_problems=s.validity_problems,
+                               n_samples=s.validity_samples, seed=s.seed)
+    write_json_atomic(path, result)
+    return result
+
+
+def write_problems(folder: Path, s: DemoSettings) -> dict[str, str]:
+    """Novel-type train/test problems and known-type test problems as JSONL (disjoint splits)."""
+    from dail import world
+
+    files = {
+        "train": (folder / f"train-novel-{s.n_train}-{s.seed}.jsonl", "novel", "train", s.n_train),
+        "test": (folder / f"test-novel-{s.n_test}-{s.seed}.jsonl", "novel", "test", s.n_test),
+        "known": (folder / f"test-known-{s.n_known}-{s.seed}.jsonl", "known", "test", s.n_known),
+    }
+    for path, kind, split, n in files.values():
+        if not path.exists():
+            world.export_problems(path, split=split, kind=kind, n=n, seed=s.seed)
+    train_eval = folder / f"train-eval-{s.n_train}-{s.n_train_eval}-{s.seed}.jsonl"
+    if not train_eval.exists():
+        lines = files["train"][0].read_text().splitlines()[: s.n_train_eval]
+        write_text_atomic(train_eval, "".join(line + "\n" for line in lines))
+    return {name: str(path) for name, (path, *_) in files.items()} | {"train_eval": str(train_eval)}
+
+
+def _model(model_dir: Path) -> ModelConfig:
+    return ModelConfig(model=str(model_dir), device="cpu")
+
+
+def _sampling(s: DemoSettings) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, seed=s.seed)
+
+
+def make_traces(root: Path, model_dir: Path, train_file: str, source: str,
+                s: DemoSettings) -> tuple[str, dict[str, Any]]:
+    """Generate and select traces from one data source; returns (selected file, summary)."""
+    from dail import generate
+
+    tau, star = SOURCES[source]
+    prompts = PromptConfig()
+    if star:
+        # STaR rationalization: the model sees the answer as a hint and writes a solution.
+        hint = root / "templates" / "star_hint.txt"
+        if not hint.exists():
+            write_text_atomic(hint, NEGATIVE_TEMPLATE)
+        prompts = PromptConfig(privileged_template=str(hint), waypoints="none")
+    cfg = GenerateConfig(data=train_file, tau=s.tau if tau is None else tau, samples=s.samples,
+                         grader="world", model=_model(model_dir), prompts=prompts, sampling=_sampling(s))
+    key = {"cfg": _cfg_key(cfg), "model": _model_fingerprint(model_dir)}
+    cfg = replace(cfg, out=str(_stage_dir(root, f"traces-{source}", key)))
+    summary_path = Path(cfg.out) / "generate_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else generate.run(cfg)
+    return str(Path(cfg.out) / "selected.jsonl"), summary
+
+
+def train_method(root: Path, model_dir: Path, train_file: str, traces: str | None, loss: str,
+                 s: DemoSettings) -> str:
+    """Train one adapter (cached); returns its directory."""
+    from dail import train
+
+    training = {"num_train_epochs": s.epochs, "learning_rate": s.learning_rate, "lora_r": s.lora_r,
+                "lora_alpha": s.lora_r, "per_device_train_batch_size": s.train_batch_size,
+                "gradient_accumulation_steps": s.grad_accum, "seed": s.seed, "save_steps": 10_000,
+                "max_length": 2048, "logging_steps": 10, "dataloader_pin_memory": False}
+    cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss, gamma=s.gamma,
+                      model=_model(model_dir), training=training)
+    key = {"cfg": _cfg_key(cfg), "traces": _file_fingerprint(traces), "model": _model_fingerprint(model_dir)}
+    cfg = replace(cfg, out=str(_stage_dir(root, f"train-{loss}", key)))
+    if not (Path(cfg.out) / "train_summary.json").exists():
+        train.run(cfg)
+    return str(Path(cfg.out) / "adapter")
+
+
+def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict[str, str],
+                    s: DemoSettings) -> dict[str, Any]:
+    """Test pass@k, token efficiency, retention on known types and training-set pass@k."""
+    from dail import evaluate
+
+    def one(split: str, n: int) -> dict[str, Any]:
+        cfg = EvalConfig(data=data[split], adapter=adapter, n=n, grader="world", budgets=list(s.budgets),
+                         model=_model(model_dir), sampling=_sampling(s))
+        key = {"cfg": _cfg_key(cfg), "adapter": _file_fingerprint(adapter and f"{adapter}/adapter_model.safetensors"),
+               "model": _model_fingerprint(model_dir)}
+        cfg = replace(cfg, out=str(_stage_dir(root, f"eval-{split}", key)))
+        path = Path(cfg.out) / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else evaluate.run(cfg)
+
+    test, known, train = one("test", s.eval_n), one("known", s.known_n), one("train_eval", s.eval_n)
+    passk = {k: v for k, v in test.items() if k.startswith("pass@") and k != "pass@k_ci"}
+    return {**passk, "pass@k_ci": test.get("pass@k_ci"), "mean_tokens": test["mean_tokens"],
+            "accuracy_under_budget": test["accuracy_under_budget"], "retention": known["pass@1"],
+            "train_pass@k": {k: v for k, v in train.items() if k.startswith("pass@") and k != "pass@k_ci"}}
+
+
+def _cfg_key(cfg: Any) -> dict[str, Any]:
+    d = asdict(cfg)
+    d.pop("out", None)
+    return d
+
+
+def _file_fingerprint(path: str | None) -> str | None:
+    if not path or not Path(path).exists():
+        return None
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _model_fingerprint(model_dir: Path) -> str | None:
+    return _file_fingerprint(str(model_dir / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ks(results: dict[str, Any]) -> list[str]:
+    first = next(iter(results["methods"].values()))
+    return sorted((k for k in first if k.startswith("pass@") and k != "pass@k_ci"), key=lambda k: int(k[5:]))
+
+
+def report(results: dict[str, Any]) -> str:
+    """Markdown report: validity first, then the comparison tables."""
+    v, s = results["validity"], results["settings"]
+    lines = ["# DAIL in the didactic world", "",
+             f"Command: `dail demo{' --quick' if s['n_train'] < 50 else ''}` "
+             f"({results.get('minutes', '?')} minutes on this machine). "
+             f"Model: `{results['model']}`.", "", "## Validity of the world (base model)", ""]
+    known = v.get("known_student_pass@1", {})
+    lines += ["| known type | student pass@1 |", "|---|---|"]
+    lines += [f"| {k} | {x:.3f} |" for k, x in known.items()]
+    lines += ["", "| novel type | student pass@1 | student pass@64 | privileged pass@1 | "
+              "forced didactic-line error | forced own-line error |", "|---|---|---|---|---|---|"]
+    for k, x in v.get("novel", {}).items():
+        lines.append(f"| {k} | {x['student_pass@1']:.3f} | {x['student_pass@64']:.3f} | "
+                     f"{x['privileged_pass@1']:.3f} | {x['forced_didactic_error_rate']:.3f} | "
+                     f"{x['forced_detailed_error_rate']:.3f} |")
+    ks = _ks(results)
+    lines += ["", f"## Held-out novel problems ({s['n_test']} problems x {s['eval_n']} samples)", "",
+              "| method | " + " | ".join(ks) + " | mean tokens | retention (known pass@1) |",
+              "|---" * (len(ks) + 3) + "|"]
+    for name, m in results["methods"].items():
+        cells = []
+        for k in ks:
+            ci = (m.get("pass@k_ci") or {}).get(k[5:])
+            cells.append(f"{m[k]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        tokens = f"{m['mean_tokens']:.1f}" if m["mean_tokens"] is not None else "n/a"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {m['retention']:.3f} |")
+    lines += ["", "Brackets: 95% bootstrap interval over problems.", "",
+              "## Training problems versus test (the inverse generalization gap)", "",
+              "| method | train pass@1 | test pass@1 | train " + ks[-1] + " | test " + ks[-1] + " |",
+              "|---|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        t = m["train_pass@k"]
+        lines.append(f"| {name} | {t.get('pass@1', 0):.3f} | {m['pass@1']:.3f} | "
+                     f"{t.get(ks[-1], 0):.3f} | {m[ks[-1]]:.3f} |")
+    lines += ["", "## Accuracy under a token budget (test)", ""]
+    budgets = list(next(iter(results["methods"].values()))["accuracy_under_budget"])
+    lines += ["| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for name, m in results["methods"].items():
+        acc = m["accuracy_under_budget"]
+        lines.append(f"| {name} | " + " | ".join(f"{acc[b]:.3f}" if acc[b] is not None else "n/a"
+                                                 for b in budgets) + " |")
+    lines += ["", "## Rollouts", "", "| data | tau | mean acceptance | trace accuracy | problems kept |",
+              "|---|---|---|---|---|"]
+    for source, r in results.get("rollouts", {}).items():
+        tau = SOURCES[source][0] if SOURCES[source][0] is not None else s["tau"]
+        accuracy = f"{r['trace_accuracy']:.3f}" if r.get("trace_accuracy") is not None else "n/a"
+        lines.append(f"| {source} | {tau} | {r['mean_acceptance_rate']:.3f} | {accuracy} | "
+                     f"{r['problems_selected']}/{r['problems']} |")
+    for name, why in results.get("skipped", {}).items():
+        lines.append(f"\nNot trained: **{name}** ({why}).")
+    lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], root: Path) -> None:
+    """pass@k curves and accuracy against token budget, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = _ks(results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in results["methods"].items():
+        ax.plot([int(k[5:]) for k in ks], [m[k] for k in ks], marker="o", label=name)
+    ax.set(xscale="log", xlabel="k", ylabel="pass@k", title="Held-out novel problems")
+    ax.set_xticks([int(k[5:]) for k in ks], [k[5:] for k in ks])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "pass_at_k.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in results["methods"].items():
+        acc = m["accuracy_under_budget"]
+        ax.plot([int(b) for b in acc], [acc[b] or 0 for b in acc], marker="o", label=name)
+    ax.set(xlabel="token budget", ylabel="accuracy", title="Accuracy under a token budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(root / "accuracy_vs_budget.png", dpi=120)
+    plt.close(fig)
