@@ -111,9 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
 
-    w = sub.add_parser("world", help="the didactic world: pretrain, validity, export",
-                       add_help=False)
-    w.add_argument("world_args", nargs=argparse.REMAINDER)
+    # `dail world ...` is handed whole to `python -m dail.world` (see main).
+    sub.add_parser("world", help="the didactic world: pretrain, validity, export", add_help=False)
     return parser
 
 
@@ -206,19 +205,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo.run(out=args.out, quick=args.quick)
 
 
-def cmd_world(args: argparse.Namespace) -> None:
-    from dail.world.__main__ import main as world_main
-
-    code = world_main(args.world_args)
-    if code:
-        raise SystemExit(code)
-
-
-COMMANDS = {"world": cmd_world, "generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
+COMMANDS = {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
             "run": cmd_run, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["world"]:
+        from dail.world.__main__ import main as world_main
+
+        return world_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -20,7 +20,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dail.config import EvalConfig, GenerateConfig, ModelConfig, PromptConfig, SamplingConfig, TrainConfig
+from dail.config import (
+    EvalConfig,
+    GenerateConfig,
+    ModelConfig,
+    PromptConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from dail.data import write_json_atomic, write_text_atomic
 from dail.prompts import NEGATIVE_TEMPLATE
 
