@@ -147,3 +147,46 @@ def test_shipped_configs_are_valid(name):
     from dail.trainer import DAILConfig
 
     DAILConfig(output_dir="unused", loss=stages["train"].loss, **stages["train"].training)
+
+
+@pytest.mark.slow
+def test_merged_model_evaluates_like_base_plus_adapter(tiny_model_dir, problems_file, tmp_path):
+
+    gen = tmp_path / "gen"
+    assert run_cli("generate", "--model", tiny_model_dir, "--data", problems_file, "--out", gen,
+                   "--samples", 2, "--max-new-tokens", 6, "--tau", 0.5) == 0
+    train = tmp_path / "train"
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"training": {"max_steps": 3, "lora_r": 4, "learning_rate": 0.05,
+                                                "gradient_accumulation_steps": 1, "merge": True}}))
+    assert run_cli("train", "--config", cfg, "--model", tiny_model_dir, "--traces", gen / "traces.jsonl",
+                   "--out", train, "--loss", "nll") == 0
+    assert (train / "merged" / "config.json").exists()
+    common = ["--data", problems_file, "--n", 3, "--max-new-tokens", 8, "--temperature", 1.0]
+    assert run_cli("eval", "--model", tiny_model_dir, "--adapter", train / "adapter", "--out", tmp_path / "a",
+                   *common) == 0
+    assert run_cli("eval", "--model", train / "merged", "--out", tmp_path / "m", *common) == 0
+    assert run_cli("eval", "--model", tiny_model_dir, "--out", tmp_path / "b", *common) == 0
+    texts = {name: [json.loads(line)["text"] for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+             for name in "amb"}
+    assert texts["a"] == texts["m"]
+    assert texts["a"] != texts["b"], "training changed nothing"
+
+
+def test_reasoning_model_rollout_suppresses_end_of_thinking(thinking_model_dir, problems_file, tmp_path):
+    from dail.config import GenerateConfig, ModelConfig
+    from dail.generate import _suppressed
+    from dail.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(model=str(thinking_model_dir)))
+    cfg = GenerateConfig(model=ModelConfig(model=str(thinking_model_dir)))
+    assert _suppressed(tokenizer, cfg) == (tokenizer.convert_tokens_to_ids("</think>"),)
+    assert _suppressed(tokenizer, GenerateConfig(suppress_end_of_thinking=False)) == ()
+    out = tmp_path / "gen"
+    assert run_cli("generate", "--model", thinking_model_dir, "--data", problems_file, "--out", out,
+                   "--samples", 2, "--max-new-tokens", 12, "--tau", 0.5) == 0
+    record = json.loads((out / "traces.jsonl").read_text().splitlines()[0])
+    assert all(p.endswith("<|im_start|>assistant\n<think>\n") for p in record["prompts"].values())
+    end_think = tokenizer.convert_tokens_to_ids("</think>")
+    for line in (out / "traces.jsonl").read_text().splitlines():
+        assert end_think not in json.loads(line)["token_ids"]
