@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
 
+    pl = sub.add_parser("plot", help="pass@k and token-budget plots of several eval summaries")
+    pl.add_argument("summaries", nargs="+", help="summary.json files (or eval output folders)")
+    pl.add_argument("--out", required=True, help="folder for the PNG files")
+    pl.add_argument("--labels", nargs="*", help="one name per summary (default: folder names)")
+
     # `dail world ...` is handed whole to `python -m dail.world` (see main).
     sub.add_parser("world", help="the didactic world: pretrain, validity, export", add_help=False)
     return parser
@@ -205,7 +210,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
     demo.run(out=args.out, quick=args.quick)
 
 
-COMMANDS = {"generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
+def cmd_plot(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from dail.data import DataError
+    from dail.report import plot_summaries
+
+    paths = [Path(p) / "summary.json" if Path(p).is_dir() else Path(p) for p in args.summaries]
+    labels = args.labels or [p.parent.name for p in paths]
+    if len(labels) != len(paths):
+        raise ConfigError(f"--labels gives {len(labels)} names for {len(paths)} summaries")
+    summaries = {}
+    for label, path in zip(labels, paths, strict=True):
+        try:
+            summaries[label] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: cannot read an eval summary ({e})") from None
+    for written in plot_summaries(summaries, args.out):
+        print(written)
+
+
+COMMANDS = {"plot": cmd_plot, "generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
             "run": cmd_run, "demo": cmd_demo}
 
 

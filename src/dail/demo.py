@@ -267,8 +267,9 @@ def _model_fingerprint(model_dir: Path) -> str | None:
 
 
 def _ks(results: dict[str, Any]) -> list[str]:
-    first = next(iter(results["methods"].values()))
-    return sorted((k for k in first if k.startswith("pass@") and k != "pass@k_ci"), key=lambda k: int(k[5:]))
+    from dail.report import pass_at_k_keys
+
+    return pass_at_k_keys(next(iter(results["methods"].values())))
 
 
 def report(results: dict[str, Any]) -> str:
@@ -327,29 +328,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], root: Path) -> None:
-    """pass@k curves and accuracy against token budget, as PNG."""
-    import matplotlib
+    """pass@k curves and accuracy against token budget of every method, as PNG."""
+    from dail.report import plot_summaries
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ks = _ks(results)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in results["methods"].items():
-        ax.plot([int(k[5:]) for k in ks], [m[k] for k in ks], marker="o", label=name)
-    ax.set(xscale="log", xlabel="k", ylabel="pass@k", title="Held-out novel problems")
-    ax.set_xticks([int(k[5:]) for k in ks], [k[5:] for k in ks])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "pass_at_k.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, m in results["methods"].items():
-        acc = m["accuracy_under_budget"]
-        ax.plot([int(b) for b in acc], [acc[b] or 0 for b in acc], marker="o", label=name)
-    ax.set(xlabel="token budget", ylabel="accuracy", title="Accuracy under a token budget")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "accuracy_vs_budget.png", dpi=120)
-    plt.close(fig)
+    plot_summaries(results["methods"], root, title="(held-out novel problems)")

@@ -174,3 +174,59 @@ def to_markdown(summary: Mapping[str, Any], title: str) -> str:
     lines.append(f"Mean response tokens: {_fmt(summary.get('mean_tokens'))} "
                  f"(correct responses: {_fmt(summary.get('mean_tokens_correct'))})")
     return "\n".join(lines) + "\n"
+
+
+def pass_at_k_keys(summary: Mapping[str, Any]) -> list[str]:
+    """The summary's "pass@k" keys in increasing k."""
+    keys = [k for k in summary if k.startswith("pass@") and k[5:].isdigit()]
+    return sorted(keys, key=lambda k: int(k[5:]))
+
+
+def plot_summaries(summaries: Mapping[str, Mapping[str, Any]], out_dir: Any, *, title: str = "") -> list[Any]:
+    """pass@k curves and accuracy against token budget of several runs, as PNG files.
+
+    Args:
+        summaries: Run name -> summary (as written to summary.json).
+        out_dir: Folder for `pass_at_k.png` and `accuracy_vs_budget.png`.
+        title: Suffix for the plot titles.
+
+    Returns:
+        The paths written.
+    """
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, summary in summaries.items():
+        keys = pass_at_k_keys(summary)
+        if keys:
+            ax.plot([int(k[5:]) for k in keys], [summary[k] for k in keys], marker="o", label=name)
+            ax.set_xticks([int(k[5:]) for k in keys], [k[5:] for k in keys])
+    ax.set(xscale="log", xlabel="k", ylabel="pass@k", ylim=(0, 1.02), title=f"pass@k {title}".strip())
+    ax.minorticks_off()
+    ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "pass_at_k.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, summary in summaries.items():
+        acc = summary.get("accuracy_under_budget") or {}
+        points = [(int(b), a) for b, a in acc.items() if a is not None]
+        if points:
+            ax.plot(*zip(*sorted(points), strict=True), marker="o", label=name)
+    ax.set(xlabel="token budget", ylabel="accuracy", ylim=(0, 1.02), title=f"Accuracy under a token budget {title}".strip())
+    ax.legend()
+    fig.tight_layout()
+    written.append(out_dir / "accuracy_vs_budget.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
