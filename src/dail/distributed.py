@@ -20,6 +20,7 @@ refuses, before anything loads, the strategies that break DAIL's teacher passes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -127,52 +128,66 @@ def barrier(shard: Shard) -> None:
     """All launched processes meet here (a no-op without a launcher)."""
     if not shard.launched:
         return
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         from accelerate import PartialState
 
-        PartialState()  # joins the process group the launcher described (gloo on the CPU)
+        # Joins the process group the launcher described: NCCL on GPUs, gloo on the CPU.
+        PartialState(cpu=not torch.cuda.is_available())
     dist.barrier()
 
 
 # --------------------------------------------------------------------------- training strategies
 
 
-def training_strategy(args: Any, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """What the Trainer will do: {"deepspeed_stage": int | None, "fsdp_version": int | None}."""
+def training_strategy(training: Mapping[str, Any],
+                      env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What the Trainer will do: {"deepspeed_stage": int | None, "fsdp_version": int | None}.
+
+    Args:
+        training: The `TrainingArguments` values (`deepspeed`, `fsdp`, `fsdp_config`).
+        env: The environment `accelerate launch` filled from its config (default: os.environ).
+    """
     env = os.environ if env is None else env
     stage = None
-    ds = getattr(args, "deepspeed", None)
-    if ds:
-        stage = _zero_stage(ds)
+    if training.get("deepspeed"):
+        stage = _zero_stage(training["deepspeed"])
     elif _true(env.get("ACCELERATE_USE_DEEPSPEED")):
         stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") \
             else _zero_stage(env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
     fsdp = None
-    if getattr(args, "fsdp", None):
-        config = getattr(args, "fsdp_config", None) or {}
-        fsdp = int(config.get("version", config.get("fsdp_version", 1)))
+    if training.get("fsdp"):
+        config = training.get("fsdp_config") or {}
+        fsdp = int(config.get("version", config.get("fsdp_version", 1))) if isinstance(config, dict) else 1
     elif _true(env.get("ACCELERATE_USE_FSDP")):
         fsdp = int(env.get("FSDP_VERSION", "1"))
     return {"deepspeed_stage": stage, "fsdp_version": fsdp}
 
 
-def check_training_strategy(args: Any, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Refuse, before any model loads, the strategies known to break DAIL's teacher passes.
+def check_training_strategy(training: Mapping[str, Any], *, loss: str,
+                            env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Refuse, before anything loads, the strategies known to break DAIL's teacher passes.
 
     The privileged and negative-reference passes run the student's own frozen base weights a
     second and third time per step, adapter disabled, without gradients, through the unwrapped
-    model, between the student's forward and backward.
+    model, between the student's forward and backward (losses dail and kl; nll and sft have no
+    teacher and are not refused).
 
-    - DeepSpeed ZeRO-3 with a teacher loss (dail, kl): parameters are partitioned and gathered
-      module by module by hooks that trace the forward order; the extra passes break that
-      bookkeeping and the adapter toggling, which is why TRL loads a separate reference model
-      under ZeRO-3 instead of disabling the adapter. Use ZeRO-2 (LoRA's optimizer state is tiny,
-      so ZeRO-3 saves only the frozen base's copy) or FSDP2.
+    - DeepSpeed ZeRO-3 with a teacher loss: parameters are partitioned and gathered module by
+      module by hooks that trace the forward order; the extra passes through the unwrapped
+      module break that bookkeeping, which is why TRL loads a separate reference model under
+      ZeRO-3 instead of disabling the adapter. Use ZeRO-2 (LoRA's optimizer state is tiny, so
+      ZeRO-3 would save only the frozen base's copy) or FSDP2.
     - FSDP version 1 with a teacher loss: the root unit's parameters (embeddings, final norm,
-      LM head) stay sharded outside the FSDP wrapper, so a forward pass of the unwrapped model
-      reads flat shards. Use FSDP version 2 (`fully_shard` hooks the modules themselves).
+      LM head) stay flat shards outside the FSDP wrapper, so a forward pass of the unwrapped
+      model reads shards. Use FSDP version 2 (`fully_shard` hooks the modules themselves).
+
+    Args:
+        training: The `TrainingArguments` values the user gave.
+        loss: The training loss.
+        env: The environment (default: os.environ).
 
     Returns:
         The strategy (see `training_strategy`).
@@ -180,21 +195,24 @@ def check_training_strategy(args: Any, env: Mapping[str, str] | None = None) -> 
     Raises:
         ConfigError: a refused combination, with the reason and the alternative.
     """
-    strategy = training_strategy(args, env)
-    teacher = getattr(args, "uses_teacher", False)
+    strategy = training_strategy(training, env)
+    if strategy["deepspeed_stage"] is not None and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("this launch asks for DeepSpeed, which is not installed: "
+                          "pip install deepspeed (or launch with a DDP/FSDP config)")
+    teacher = loss in ("dail", "kl")
     if teacher and strategy["deepspeed_stage"] == 3:
         raise ConfigError(
-            f"DeepSpeed ZeRO-3 cannot run the {args.loss} loss: the privileged and negative-"
-            "reference passes reuse the student's partitioned base weights with the LoRA adapter "
-            "disabled, extra forward passes that ZeRO-3's gather/release hooks do not support. "
-            "Use configs/accelerate/deepspeed_zero2.yaml (LoRA's optimizer state is tiny, so "
-            "ZeRO-3 would only save the frozen base's copy) or configs/accelerate/fsdp.yaml "
-            "(FSDP version 2); the nll and sft losses do run under ZeRO-3")
+            f"DeepSpeed ZeRO-3 cannot run the {loss} loss: the privileged and negative-reference "
+            "passes reuse the student's partitioned base weights with the LoRA adapter disabled, "
+            "extra forward passes of the unwrapped model that ZeRO-3's parameter gathering does "
+            "not support. Use configs/accelerate/deepspeed_zero2.yaml (LoRA's optimizer state is "
+            "tiny, so ZeRO-3 would only save the frozen base's copy) or configs/accelerate/"
+            "fsdp.yaml (FSDP version 2); the nll and sft losses do run under ZeRO-3")
     if teacher and strategy["fsdp_version"] == 1:
         raise ConfigError(
-            f"FSDP version 1 cannot run the {args.loss} loss: the teacher passes call the "
-            "unwrapped model, whose root parameters (embeddings, LM head) FSDP1 keeps sharded "
-            "outside its wrapper. Set fsdp_version: 2 (configs/accelerate/fsdp.yaml)")
+            f"FSDP version 1 cannot run the {loss} loss: the teacher passes call the unwrapped "
+            "model, whose root parameters (embeddings, LM head) FSDP1 keeps sharded outside its "
+            "wrapper. Use FSDP version 2 (fsdp_version: 2, as in configs/accelerate/fsdp.yaml)")
     return strategy
 
 

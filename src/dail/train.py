@@ -35,8 +35,8 @@ def run(cfg: TrainConfig) -> Path:
     from dail.trainer import DAILCollator, DAILTrainer
 
     out = Path(cfg.out)
+    strategy = distributed.check_training_strategy(cfg.training, loss=cfg.loss)
     args = _training_args(cfg, out)
-    strategy = distributed.check_training_strategy(args)
     sharded = strategy["deepspeed_stage"] == 3 or strategy["fsdp_version"] is not None
     tokenizer = models.load_tokenizer(cfg.model)
     examples = load_examples(cfg, tokenizer, max_length=args.max_length)
@@ -157,6 +157,8 @@ def _training_args(cfg: TrainConfig, out: Path) -> Any:
     if values.get("gradient_checkpointing"):
         # Re-entrant checkpointing marks LoRA parameters ready twice under DDP.
         values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        values.setdefault("use_cpu", True)  # several CPU processes: DDP over gloo
     # Every LoRA parameter takes part in every step; searching for unused ones costs a graph walk.
     values.setdefault("ddp_find_unused_parameters", False)
     return DAILConfig(**values)
