@@ -40,6 +40,12 @@ class RolloutSettings:
         max_new_tokens: Token budget per trace.
         eos_ids: Tokens that end a trace (kept as its last token).
         suppress_ids: Tokens never sampled (e.g. </think> for reasoning models).
+        engine: "draft" (`dail.engine`: draft and verify, continuous batching) or "reference"
+            (the token-by-token loop below). Both give the same traces for the same seeds.
+        draft_length: Draft tokens per round for the "draft" engine; 0 adapts it to the
+            observed acceptance rate and measured forward costs.
+        max_batch: Sequences decoded at once by the "draft" engine (0 = all); the others wait
+            and join as sequences finish.
     """
 
     tau: float = 0.8
@@ -50,6 +56,15 @@ class RolloutSettings:
     max_new_tokens: int = 2048
     eos_ids: tuple[int, ...] = ()
     suppress_ids: tuple[int, ...] = ()
+    engine: str = "draft"
+    draft_length: int = 0
+    max_batch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("draft", "reference"):
+            raise ValueError(f"engine must be 'draft' or 'reference', not {self.engine!r}")
+        if self.draft_length < 0 or self.max_batch < 0:
+            raise ValueError("draft_length and max_batch must be >= 0 (0 = adaptive / all rows)")
 
 
 @dataclass
@@ -181,10 +196,29 @@ def mixed_rollout(
         pad_id: Token used for left padding (always masked).
 
     Returns:
-        One `Trace` per row, in input order.
+        One `Trace` per row, in input order. `settings.engine` picks how the work is scheduled
+        (`dail.engine.draft_rollout` or `reference_rollout`), never what is sampled.
     """
     if not (len(student_prompts) == len(privileged_prompts) == len(seeds)):
         raise ValueError("student_prompts, privileged_prompts and seeds must have equal lengths")
+    if settings.engine == "draft":
+        from dail.engine import draft_rollout
+
+        return draft_rollout(model, student_prompts, privileged_prompts, seeds, settings, pad_id=pad_id)
+    return reference_rollout(model, student_prompts, privileged_prompts, seeds, settings, pad_id=pad_id)
+
+
+@torch.no_grad()
+def reference_rollout(
+    model: torch.nn.Module,
+    student_prompts: list[list[int]],
+    privileged_prompts: list[list[int]],
+    seeds: list[int],
+    settings: RolloutSettings,
+    *,
+    pad_id: int,
+) -> list[Trace]:
+    """The token-by-token loop: one forward over both contexts per token (`engine="reference"`)."""
     batch = len(seeds)
     decoder = _Decoder(model, student_prompts + privileged_prompts, pad_id)
     device = decoder.logits.device

@@ -1,0 +1,477 @@
+"""Draft-and-verify engine for the mixed-policy rollout (METHOD.md, Stage 1; issue 4).
+
+The algorithm is `dail.rollout`'s token-by-token decoder; this module only changes how the
+forward passes are scheduled. Each round, with draft length k:
+
+1. The student drafts k tokens d_0..d_{k-1} one forward at a time (its KV cache grows).
+2. One forward pass feeds the privileged context the pending token and d_0..d_{k-2}, which yields
+   its raw distributions at all k draft positions; the same call feeds the student its last
+   draft input, so for k = 1 a round is exactly one batched forward over both contexts.
+3. Drafts are accepted left to right while the privileged raw probability is >= tau. At the first
+   rejection the `retries` extra proposals are tried at that position, then the privileged model
+   samples it; later drafts are discarded (their cache slots are masked out, see below).
+
+Every random number comes from `uniform_table` indexed by (sequence, response position): column
+r <= retries drives the r-th student proposal at a position, the last column the fallback. A
+draft at position t uses table[t][0], exactly what the token-by-token loop uses, so both engines
+produce the same traces for the same seeds (up to float noise between differently batched
+forwards), whatever the batch size, draft length or batch composition.
+
+Cache layout: one `DynamicCache` over 2n rows, rows [0, n) the students and [n, 2n) the
+privileged contexts of the n active sequences. Both roles always advance by the same number of
+slots; a slot a role did not use (the privileged rows during drafting, the student's padding in
+the verify call) or a discarded draft is a *hole*: its attention-mask entry is 0 and position ids
+count valid slots only, so holes change nothing. Holes are squeezed out (`_compact`) when they
+grow, and whenever sequences finish: finished rows leave the batch and waiting rows are
+prefilled and join it (continuous batching), so one long trace does not hold a batch of short
+ones.
+
+Why the draft length is usually 1 here: the draft model *is* the target model (same weights,
+other context) and both contexts already share one forward per token at k = 1. Drafting cannot
+cut the number of sequential student forwards (one per student token), so it only pays where a
+k-token verify call is cheaper than k single-token privileged passes riding along the student's.
+The adaptive rule therefore maximises expected tokens per second: expected tokens per round
+(1 - a^k) / (1 - a) from the observed acceptance rate a, over the measured cost of a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dail.rollout import (
+    PRIVILEGED,
+    STUDENT,
+    RolloutSettings,
+    Trace,
+    sample_inverse_cdf,
+    sampling_probs,
+    uniform_table,
+)
+
+logger = logging.getLogger(__name__)
+
+DRAFT_CANDIDATES = (1, 2, 3, 4, 6, 8)
+
+
+@dataclass
+class EngineStats:
+    """What one call of `draft_rollout` did (for benchmarks and logs)."""
+
+    rounds: int = 0
+    forwards: int = 0
+    drafted: int = 0
+    verified: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    draft_length_sum: int = 0
+    compactions: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / drafts that were judged (a draft after a rejection is not)."""
+        return self.accepted / self.verified if self.verified else 0.0
+
+    @property
+    def mean_draft_length(self) -> float:
+        return self.draft_length_sum / self.rounds if self.rounds else 0.0
+
+
+class _DraftLength:
+    """Chooses k per round: argmax of expected tokens per second (see module docstring)."""
+
+    def __init__(self, fixed: int, max_length: int):
+        self.fixed = fixed
+        self.candidates = [k for k in DRAFT_CANDIDATES if k <= max_length] or [1]
+        self.accept = 0.0  # EMA of the per-draft acceptance rate
+        self.draft_cost: float | None = None  # EMA seconds of a drafting forward
+        self.verify_cost: dict[int, float] = {}  # EMA seconds of the verify forward, per k
+
+    def choose(self, remaining: int) -> int:
+        if self.fixed > 0:
+            return max(1, min(self.fixed, remaining))
+        base = self.verify_cost.get(1)
+        if base is None:
+            return 1
+        best, best_rate = 1, 0.0
+        a = min(self.accept, 0.999)
+        for k in self.candidates:
+            if k > remaining:
+                break
+            tokens = (1 - a**k) / (1 - a)
+            cost = (k - 1) * (self.draft_cost or base) + self.verify_cost.get(k, base)
+            if tokens / cost > best_rate * (1 + 1e-9):
+                best, best_rate = k, tokens / cost
+        return best
+
+    def observe(self, k: int, accepted: int, verified: int, draft_seconds: float, verify_seconds: float) -> None:
+        if verified:
+            self.accept = 0.8 * self.accept + 0.2 * accepted / verified
+        if k > 1:
+            per_draft = draft_seconds / (k - 1)
+            self.draft_cost = per_draft if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_draft
+        old = self.verify_cost.get(k)
+        self.verify_cost[k] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
+
+
+class _Batch:
+    """Active sequences: a joint KV cache over [students; privileged] with a hole-aware mask."""
+
+    def __init__(self, model: torch.nn.Module, pad_id: int):
+        self.model = model
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.cache = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (2n, L)
+        self.rows: list[int] = []  # input index of each active sequence
+        # (2n,) the token each context has chosen but not yet read: [students; privileged]
+        self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.forwards = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Feed ids (2n, q) whose slots are marked by `valid` (2n, q); returns logits (2n, q, V)."""
+        start = self.mask.sum(-1, keepdim=True)
+        valid = valid.long()
+        positions = start + valid.cumsum(-1) - 1
+        self.mask = torch.cat([self.mask, valid], dim=-1)
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions.clamp(min=0),
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.forwards += 1
+        return out.logits.float()
+
+    # ------------------------------------------------------------------ membership
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor]:
+        """Encode prompts minus their last token (it stays pending). Returns (cache, mask (m, L))."""
+        bodies = [p[:-1] for p in prompts]
+        width = max(1, max(len(b) for b in bodies))
+        ids = torch.full((len(bodies), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, body in enumerate(bodies):
+            if body:
+                ids[i, width - len(body):] = torch.tensor(body, dtype=torch.long)
+                mask[i, width - len(body):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        self.forwards += 1
+        if any(getattr(layer, "is_sliding", False) for layer in out.past_key_values.layers):
+            raise NotImplementedError("the draft engine needs full-attention KV caches")
+        return out.past_key_values, mask
+
+    def admit(self, rows: list[int], student: list[list[int]], privileged: list[list[int]]) -> None:
+        """Prefill `rows` (each role separately, no cross-role padding) and join them to the batch."""
+        s_cache, s_mask = self._prefill([student[i] for i in rows])
+        p_cache, p_mask = self._prefill([privileged[i] for i in rows])
+        pending = torch.tensor([student[i][-1] for i in rows] + [privileged[i][-1] for i in rows],
+                               dtype=torch.long, device=self.device)
+        n, m = self.size, len(rows)
+        s_kv = [(layer.keys, layer.values) for layer in s_cache.layers]
+        p_kv = [(layer.keys, layer.values) for layer in p_cache.layers]
+        if self.cache is None:
+            parts_kv, parts_mask = [s_kv, p_kv], [s_mask, p_mask]
+            old_pending = [self.pending[:0], pending[:m], self.pending[:0], pending[m:]]
+        else:
+            old = [(layer.keys, layer.values) for layer in self.cache.layers]
+            parts_kv = [[(k[:n], v[:n]) for k, v in old], s_kv, [(k[n:], v[n:]) for k, v in old], p_kv]
+            parts_mask = [self.mask[:n], s_mask, self.mask[n:], p_mask]
+            old_pending = [self.pending[:n], pending[:m], self.pending[n:], pending[m:]]
+        width = max(mask.shape[1] for mask in parts_mask)
+        for layer, target in enumerate(s_cache.layers):
+            target.keys = torch.cat([F.pad(part[layer][0], (0, 0, width - part[layer][0].shape[2], 0))
+                                     for part in parts_kv])
+            target.values = torch.cat([F.pad(part[layer][1], (0, 0, width - part[layer][1].shape[2], 0))
+                                       for part in parts_kv])
+        self.cache = s_cache
+        self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in parts_mask])
+        self.rows = self.rows + list(rows)
+        self.pending = torch.cat(old_pending)  # (2n,): [students; privileged]
+
+    def compact(self, keep: torch.Tensor | None = None) -> None:
+        """Keep the sequences where `keep` (n,) is True and squeeze out every hole."""
+        n = self.size
+        keep_rows = torch.arange(n, device=self.device) if keep is None else torch.nonzero(keep).flatten()
+        joint = torch.cat([keep_rows, keep_rows + n])
+        mask = self.mask[joint]
+        # A stable sort of the 0/1 mask moves holes to the left and keeps valid slots in order.
+        order = torch.sort(mask, dim=-1, stable=True).indices
+        width = max(1, int(mask.sum(-1).max())) if mask.numel() else 1
+        order = order[:, -width:]
+        self.mask = mask.gather(-1, order)
+        for layer in self.cache.layers:
+            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+            index = order[:, None, :, None].expand(-1, heads, -1, dim)
+            layer.keys = layer.keys[joint].gather(2, index)
+            layer.values = layer.values[joint].gather(2, index)
+        self.rows = [self.rows[i] for i in keep_rows.tolist()]
+        self.pending = self.pending[joint]
+        if not self.rows:
+            self.cache = None
+            self.mask = self.mask[:0, :0]
+
+    @property
+    def hole_fraction(self) -> float:
+        if self.mask.numel() == 0:
+            return 0.0
+        return 1.0 - float(self.mask.sum(-1).max()) / self.mask.shape[1]
+
+
+@torch.no_grad()
+def draft_rollout(
+    model: torch.nn.Module,
+    student_prompts: list[list[int]],
+    privileged_prompts: list[list[int]],
+    seeds: list[int],
+    settings: RolloutSettings,
+    *,
+    pad_id: int,
+    stats: EngineStats | None = None,
+) -> list[Trace]:
+    """`dail.rollout.mixed_rollout` by draft and verify, with continuous batching.
+
+    Args:
+        model: The frozen base model (both roles share its weights).
+        student_prompts / privileged_prompts: Token ids of each row's two contexts (non-empty;
+            the last prompt token is read by the first round, together with the first draft).
+        seeds: One seed per row; the row's trace depends on nothing else.
+        settings: As for `mixed_rollout`; `draft_length` (0 = adaptive) and `max_batch`
+            (0 = all rows at once) schedule the work without changing any trace.
+        pad_id: Token used for padding and holes (always masked).
+        stats: Filled with counters when given.
+
+    Returns:
+        One `Trace` per row, in input order.
+    """
+    if not (len(student_prompts) == len(privileged_prompts) == len(seeds)):
+        raise ValueError("student_prompts, privileged_prompts and seeds must have equal lengths")
+    if any(not p for p in student_prompts) or any(not p for p in privileged_prompts):
+        raise ValueError("prompts must not be empty")
+    stats = stats if stats is not None else EngineStats()
+    total = len(seeds)
+    traces = [Trace() for _ in range(total)]
+    if total == 0:
+        return traces
+    budget = settings.max_new_tokens
+    batch = _Batch(model, pad_id)
+    device = batch.device
+    uniforms = uniform_table(seeds, settings, device)  # (N, budget, retries + 2)
+    eos = torch.tensor(settings.eos_ids or [-1], device=device)
+    # Per input row, filled by whole rounds; copied into `traces` when the row finishes.
+    tokens = torch.zeros((total, budget), dtype=torch.long, device=device)
+    from_student = torch.zeros((total, budget), dtype=torch.bool, device=device)
+    proposals = torch.zeros((total, budget), dtype=torch.long, device=device)
+    proposal_probs = torch.zeros((total, budget), dtype=torch.float32, device=device)
+    length = torch.zeros(total, dtype=torch.long, device=device)
+    draft = _DraftLength(settings.draft_length, max_length=budget)
+    capacity = settings.max_batch if settings.max_batch > 0 else total
+    waiting = list(range(total))
+    batch.admit(waiting[:capacity], student_prompts, privileged_prompts)
+    waiting = waiting[capacity:]
+
+    while batch.size:
+        n = batch.size
+        rows = torch.tensor(batch.rows, device=device)
+        t0 = length[rows]  # (n,) response position of the first draft
+        remaining = int((budget - t0).max())
+        k = draft.choose(remaining)
+        positions = (t0[:, None] + torch.arange(k, device=device)).clamp(max=budget - 1)  # (n, k)
+        table = uniforms[rows[:, None], positions]  # (n, k, draws)
+
+        # 1. Draft: the student proposes k tokens; the privileged rows idle (holes).
+        tic = time.perf_counter()
+        student_logits = []
+        drafts = []
+        fed = batch.pending[:n]
+        for j in range(k - 1):
+            ids = torch.cat([fed, torch.full_like(fed, pad_id)])[:, None]
+            valid = torch.cat([torch.ones_like(fed), torch.zeros_like(fed)]).bool()[:, None]
+            logits = batch.forward(ids, valid)[:n, -1]  # (n, V)
+            student_logits.append(logits)
+            fed = _propose(logits, table[:, j, 0], settings)
+            drafts.append(fed)
+        draft_seconds = time.perf_counter() - tic
+
+        # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read d_{k-2}.
+        tic = time.perf_counter()
+        privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
+        student_ids = F.pad(fed[:, None], (k - 1, 0), value=pad_id)
+        student_valid = torch.zeros((n, k), dtype=torch.bool, device=device)
+        student_valid[:, -1] = True
+        logits = batch.forward(torch.cat([student_ids, privileged_ids]),
+                               torch.cat([student_valid, torch.ones_like(student_valid)]))
+        student_logits.append(logits[:n, -1])
+        drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
+        verify_seconds = time.perf_counter() - tic
+        privileged_logits = logits[n:]  # (n, k, V): row j scores draft j
+        drafted = torch.stack(drafts, dim=-1)  # (n, k)
+        raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1)
+               - torch.logsumexp(privileged_logits, dim=-1)).exp()  # (n, k) raw privileged probs
+        ok = _passes(raw, settings.tau)
+        rejected_at = torch.where(ok.all(-1), k, (~ok).long().argmax(-1))  # (n,) first rejection
+
+        # 3. Decide the rejected position: retries, then the privileged fallback.
+        chosen = drafted.clone()
+        accepted = ok.clone()
+        proposal, proposal_prob = drafted.clone(), raw.clone()
+        reject_rows = torch.nonzero(rejected_at < k).flatten()
+        if reject_rows.numel():
+            j = rejected_at[reject_rows]
+            s_logits = torch.stack(student_logits, dim=1)[reject_rows, j]  # (r, V)
+            p_logits = privileged_logits[reject_rows, j]
+            z, prop, prob, acc = _decide(s_logits, p_logits, drafted[reject_rows, j], raw[reject_rows, j],
+                                         table[reject_rows, j], settings)
+            chosen[reject_rows, j] = z
+            accepted[reject_rows, j] = acc
+            proposal[reject_rows, j] = prop
+            proposal_prob[reject_rows, j] = prob
+
+        # 4. Emit tokens up to and including the first rejection; stop at eos or the budget.
+        span = torch.clamp(rejected_at + 1, max=k)  # (n,) tokens decided this round
+        span = torch.minimum(span, budget - t0)
+        idx = torch.arange(k, device=device)
+        live = idx[None, :] < span[:, None]  # (n, k)
+        is_eos = torch.isin(chosen, eos) & live
+        has_eos = is_eos.any(-1)
+        first_eos = is_eos.long().argmax(-1)
+        span = torch.where(has_eos, first_eos + 1, span)
+        live = idx[None, :] < span[:, None]
+        r_idx, c_idx = torch.nonzero(live, as_tuple=True)
+        dest_rows, dest_cols = rows[r_idx], t0[r_idx] + c_idx
+        tokens[dest_rows, dest_cols] = chosen[r_idx, c_idx]
+        from_student[dest_rows, dest_cols] = accepted[r_idx, c_idx]
+        proposals[dest_rows, dest_cols] = proposal[r_idx, c_idx]
+        proposal_probs[dest_rows, dest_cols] = proposal_prob[r_idx, c_idx].float()
+        length[rows] = t0 + span
+        finished = has_eos | (length[rows] >= budget)
+
+        judged = torch.clamp(rejected_at + 1, max=k)
+        stats.rounds += 1
+        stats.draft_length_sum += k
+        stats.drafted += n * k
+        stats.verified += int(judged.sum())
+        stats.accepted += int(torch.minimum(rejected_at, judged).sum())
+        stats.tokens += int(span.sum())
+        draft.observe(k, int(torch.minimum(rejected_at, judged).sum()), int(judged.sum()),
+                      draft_seconds, verify_seconds)
+
+        # 5. Roll the caches back: slots of discarded drafts become holes.
+        # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at.
+        discard = idx[None, :] > rejected_at[:, None]  # (n, k)
+        width = batch.mask.shape[1]
+        student_slots = torch.cat([torch.arange(width - 2 * k + 1, width - k, device=device),
+                                   torch.tensor([width - 1], device=device)])
+        privileged_slots = torch.arange(width - k, width, device=device)
+        batch.mask[:n, student_slots] *= (~discard).long()
+        batch.mask[n:, privileged_slots] *= (~discard).long()
+        next_token = chosen.gather(-1, torch.clamp(rejected_at, max=k - 1)[:, None]).squeeze(-1)
+        batch.pending = torch.cat([next_token, next_token])
+
+        # 6. Finished rows leave, waiting rows join; holes are squeezed out when they pile up.
+        if bool(finished.any()):
+            for local in torch.nonzero(finished).flatten().tolist():
+                row = batch.rows[local]
+                _write_trace(traces[row], tokens[row], from_student[row], proposals[row],
+                             proposal_probs[row], int(length[row]), finished=bool(has_eos[local]))
+            if bool(finished.all()) and not waiting:
+                break
+            batch.compact(~finished)
+            stats.compactions += 1
+            if waiting and batch.size < capacity:
+                joining, waiting = waiting[:capacity - batch.size], waiting[capacity - batch.size:]
+                batch.admit(joining, student_prompts, privileged_prompts)
+        elif batch.hole_fraction > 0.5 and batch.mask.shape[1] > 64:
+            batch.compact()
+            stats.compactions += 1
+    stats.forwards += batch.forwards
+    return traces
+
+
+def _write_trace(trace: Trace, tokens: torch.Tensor, from_student: torch.Tensor, proposals: torch.Tensor,
+                 probs: torch.Tensor, length: int, *, finished: bool) -> None:
+    trace.token_ids = tokens[:length].tolist()
+    trace.sources = [STUDENT if s else PRIVILEGED for s in from_student[:length].tolist()]
+    trace.proposal_ids = proposals[:length].tolist()
+    trace.proposal_probs = probs[:length].tolist()
+    trace.finished = finished
+
+
+def _suppressed(logits: torch.Tensor, settings: RolloutSettings) -> torch.Tensor:
+    if not settings.suppress_ids:
+        return logits
+    logits = logits.clone()
+    logits[:, list(settings.suppress_ids)] = float("-inf")
+    return logits
+
+
+def _propose(student_logits: torch.Tensor, uniforms: torch.Tensor, settings: RolloutSettings) -> torch.Tensor:
+    """The student's first proposal at a position: (n, V) logits, (n,) uniforms -> (n,) ids."""
+    dist = sampling_probs(_suppressed(student_logits, settings), settings.temperature, settings.top_p,
+                          settings.top_k)
+    return sample_inverse_cdf(dist, uniforms)
+
+
+def _passes(raw: torch.Tensor, tau: float) -> torch.Tensor:
+    """The acceptance test with the release's special cases (tau 0: always, tau 1: never)."""
+    if tau <= 0:
+        return torch.ones_like(raw, dtype=torch.bool)
+    if tau >= 1:
+        return torch.zeros_like(raw, dtype=torch.bool)
+    return raw >= tau
+
+
+def _decide(
+    student_logits: torch.Tensor,
+    privileged_logits: torch.Tensor,
+    first: torch.Tensor,
+    first_prob: torch.Tensor,
+    uniforms: torch.Tensor,
+    settings: RolloutSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A position whose first proposal failed: retries, then the fallback.
+
+    Args:
+        student_logits / privileged_logits: (r, V) logits at the rejected positions.
+        first / first_prob: (r,) the rejected draft and its raw privileged probability.
+        uniforms: (r, retries + 2) the position's row of the uniform table.
+
+    Returns:
+        (chosen, proposal, proposal_prob, accepted), each (r,), as `rollout._choose` records them.
+    """
+    proposal, proposal_prob = first, first_prob
+    accepted = torch.zeros_like(first, dtype=torch.bool)
+    if settings.retries:
+        dist = sampling_probs(_suppressed(student_logits, settings), settings.temperature, settings.top_p,
+                              settings.top_k)
+        log_z = torch.logsumexp(privileged_logits, dim=-1)
+        for r in range(1, settings.retries + 1):
+            candidate = sample_inverse_cdf(dist, uniforms[:, r])
+            prob = (privileged_logits.gather(-1, candidate[:, None]).squeeze(-1) - log_z).exp()
+            undecided = ~accepted
+            proposal = torch.where(undecided, candidate, proposal)
+            proposal_prob = torch.where(undecided, prob, proposal_prob)
+            accepted = accepted | _passes(prob, settings.tau)
+    fallback_dist = sampling_probs(_suppressed(privileged_logits, settings), settings.temperature,
+                                   settings.top_p, settings.top_k)
+    fallback = sample_inverse_cdf(fallback_dist, uniforms[:, -1])
+    return torch.where(accepted, proposal, fallback), proposal, proposal_prob, accepted
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens decided by a k-token round when each draft passes with probability `acceptance`."""
+    if acceptance >= 1:
+        return float(k)
+    return (1 - acceptance**k) / (1 - acceptance)
+
+
+__all__ = ["EngineStats", "draft_rollout", "expected_tokens"]

@@ -1,0 +1,137 @@
+"""The draft-and-verify engine reproduces the token-by-token decoder exactly and in distribution."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from dail.data import Problem
+from dail.engine import EngineStats, draft_rollout, expected_tokens
+from dail.models import eos_token_ids
+from dail.prompts import PromptBuilder
+from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
+from dail.train import encode_prompt
+
+PROBLEMS = [
+    Problem(id="a", problem="What is 2+3?", solution="2+3=5, so \\boxed{5}.", answer="5"),
+    Problem(id="b", problem="Compute 12 * 4 / 6 and explain each step carefully.",
+            solution="12 * 4 = 48. Then 48 / 6 = 8. Hence \\boxed{8}.", answer="8"),
+    Problem(id="c", problem="x+1=3. Find x.", solution="x = 3 - 1 = 2, so \\boxed{2}.", answer="2"),
+]
+
+
+@pytest.fixture(scope="module")
+def contexts(tiny):
+    model, tokenizer = tiny
+    student, privileged = [], []
+    for p in PROBLEMS:
+        prompts = PromptBuilder().render(p, tokenizer)
+        student.append(encode_prompt(tokenizer, prompts["student"]))
+        privileged.append(encode_prompt(tokenizer, prompts["privileged"]))
+    return student, privileged
+
+
+def run(tiny, contexts, settings, *, rows=7, seed=0, engine="reference", stats=None, **schedule):
+    model, tokenizer = tiny
+    student, privileged = contexts
+    idx = [i % len(student) for i in range(rows)]
+    seeds = [sequence_seed(seed, str(i)) for i in range(rows)]
+    s = dataclasses.replace(settings, engine=engine, **schedule)
+    args = (model, [student[i] for i in idx], [privileged[i] for i in idx], seeds, s)
+    if engine == "draft":
+        return draft_rollout(*args, pad_id=tokenizer.pad_token_id, stats=stats)
+    return mixed_rollout(*args, pad_id=tokenizer.pad_token_id)
+
+
+def settings_for(tiny, **kw):
+    model, tokenizer = tiny
+    base = {"max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9,
+            "eos_ids": tuple(eos_token_ids(model, tokenizer))}
+    return RolloutSettings(**{**base, **kw})
+
+
+def as_tuple(trace):
+    return (trace.token_ids, trace.sources, trace.proposal_ids, trace.finished)
+
+
+@pytest.mark.parametrize(("tau", "retries"), [(0.0, 0), (0.02, 0), (0.5, 2), (1.0, 1)])
+def test_draft_engine_equals_token_by_token(tiny, contexts, tau, retries):
+    settings = settings_for(tiny, tau=tau, retries=retries, max_new_tokens=12)
+    reference = run(tiny, contexts, settings, rows=5)
+    for schedule in ({"draft_length": 3, "max_batch": 2}, {"draft_length": 0, "max_batch": 0}):
+        traces = run(tiny, contexts, settings, rows=5, engine="draft", **schedule)
+        assert [as_tuple(t) for t in traces] == [as_tuple(t) for t in reference], schedule
+        for trace, ref in zip(traces, reference, strict=True):
+            assert trace.proposal_probs == pytest.approx(ref.proposal_probs, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tau", [0.0, 0.02, 0.3, 1.0])
+def test_draft_engine_equals_token_by_token_many_seeds(tiny, contexts, tau):
+    settings = settings_for(tiny, tau=tau, retries=1 if tau == 0.3 else 0)
+    for seed in range(3):
+        reference = [as_tuple(t) for t in run(tiny, contexts, settings, seed=seed)]
+        for schedule in ({"draft_length": 1}, {"draft_length": 5, "max_batch": 1}):
+            traces = run(tiny, contexts, settings, seed=seed, engine="draft", **schedule)
+            assert [as_tuple(t) for t in traces] == reference, (seed, schedule)
+
+
+def test_draft_engine_suppress_eos_budget_and_greedy(tiny, contexts):
+    model, tokenizer = tiny
+    probe = run(tiny, contexts, settings_for(tiny, tau=0.0, eos_ids=(), max_new_tokens=10), rows=3)
+    common = max({t for trace in probe for t in trace.token_ids},
+                 key=lambda t: sum(trace.token_ids.count(t) for trace in probe))
+    for kw in ({"suppress_ids": (common,)}, {"eos_ids": (common,)},
+               {"temperature": 0.0, "top_k": 5, "max_new_tokens": 7}):
+        settings = settings_for(tiny, tau=0.02, max_new_tokens=kw.pop("max_new_tokens", 10), **kw)
+        reference = [as_tuple(t) for t in run(tiny, contexts, settings, rows=4)]
+        assert [as_tuple(t) for t in run(tiny, contexts, settings, rows=4, engine="draft",
+                                         draft_length=2, max_batch=2)] == reference, kw
+        if "suppress_ids" in kw:
+            assert all(common not in t[0] for t in reference)
+        if kw.get("eos_ids") == (common,):
+            assert all(t[3] == (common in t[0]) for t in reference)
+
+
+def test_same_seed_same_trace_whatever_the_batch_or_draft(tiny, contexts):
+    settings = settings_for(tiny, tau=0.02, max_new_tokens=10)
+    alone = [as_tuple(run(tiny, contexts, settings, rows=1, engine="draft")[0])]
+    for schedule in ({"draft_length": 4}, {"draft_length": 2, "max_batch": 3}):
+        assert [as_tuple(run(tiny, contexts, settings, rows=6, engine="draft", **schedule)[0])] == alone
+
+
+def test_draft_length_adapts_and_is_reported(tiny, contexts):
+    stats = EngineStats()
+    run(tiny, contexts, settings_for(tiny, tau=0.0, max_new_tokens=10), rows=3, engine="draft",
+        stats=stats, draft_length=3)
+    assert stats.acceptance_rate == 1.0 and stats.rounds > 0
+    assert 0 < stats.tokens <= 3 * 10 and stats.mean_draft_length > 1
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 4.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.5)
+
+
+@pytest.mark.slow
+def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts):
+    """Independent seeds for the two engines: acceptance rate and per-position token frequencies
+    agree within sampling error (a test that does not rely on the shared uniform table)."""
+    settings = settings_for(tiny, tau=0.02, max_new_tokens=4, eos_ids=())
+    n = 400
+    reference = run(tiny, contexts, settings, rows=n, seed=11)
+    engine = run(tiny, contexts, settings, rows=n, seed=12, engine="draft", draft_length=3)
+    # Row i uses problem i mod 3 in both runs; compare per problem and position.
+    for position in range(4):
+        for problem in range(3):
+            a = [t.token_ids[position] for i, t in enumerate(reference) if i % 3 == problem]
+            b = [t.token_ids[position] for i, t in enumerate(engine) if i % 3 == problem]
+            for token in set(a) | set(b):
+                pa, pb = a.count(token) / len(a), b.count(token) / len(b)
+                pooled = (a.count(token) + b.count(token)) / (len(a) + len(b))
+                se = math.sqrt(max(pooled * (1 - pooled), 1e-4) * (1 / len(a) + 1 / len(b)))
+                assert abs(pa - pb) <= 4.5 * se, (position, problem, token, pa, pb)
+    rate = [sum(t.sources.count("S") for t in traces) / sum(len(t.sources) for t in traces)
+            for traces in (reference, engine)]
+    pooled = sum(rate) / 2
+    assert abs(rate[0] - rate[1]) <= 4.5 * math.sqrt(max(pooled * (1 - pooled), 1e-4) * 2 / (4 * n))
+    assert 0 < pooled < 1
