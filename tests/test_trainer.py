@@ -161,3 +161,33 @@ def test_sft_trains_on_expert_solutions(tiny_model_dir, traces_file, tmp_path):
     # Responses are cut so the longest role fits max_length.
     short = load_examples(cfg, tokenizer, max_length=len(first["prompt_ids"]["student"]) + 3)
     assert len(short[0]["response_ids"]) == 3
+
+
+@pytest.mark.parametrize("loss", ["dail", "nll"])
+def test_chunked_loss_equals_full_logit_loss_with_lora_on_lm_head(tiny_model_dir, tmp_path, loss):
+    """compute_loss from hidden states (chunked head) == from full logits, value and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = DAILCollator(pad_id=0, roles=ROLES)(EXAMPLES)
+    results = []
+    for chunk in (0, 2):
+        args = DAILConfig(output_dir=str(tmp_path / f"c{chunk}"), loss=loss, gamma=0.3, loss_chunk_size=chunk,
+                          use_cpu=True)
+        trainer = DAILTrainer(model=model, args=args)
+        model.zero_grad()
+        value = trainer.compute_loss(model, batch)
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert any("lm_head" in n for n in grads)
+        results.append((float(value.detach()), grads))
+    (v0, g0), (v1, g1) = results
+    assert v1 == pytest.approx(v0, abs=1e-5)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4)

@@ -16,7 +16,8 @@ tokens and 0 for padding.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -117,3 +118,142 @@ def nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
     denominator = mask.sum() if num_tokens is None else num_tokens
     return total / torch.clamp(torch.as_tensor(denominator, dtype=torch.float32, device=total.device),
                                min=1.0)
+
+
+# --------------------------------------------------------------------------- memory-bounded losses
+#
+# The plain functions above take (B, T, V) logits for every role. At a 150k vocabulary and a few
+# thousand response tokens that is gigabytes per role, held at once (the release's weakness,
+# METHOD.md). The functions below take hidden states instead and apply the output projection
+# chunk by chunk over positions: each chunk's logits, log-softmaxes and both KL terms live only
+# while the chunk is processed, and the chunk's gradient (with respect to the student's hidden
+# states and the head's trainable parameters, e.g. a LoRA adapter on lm_head) is computed right
+# there, in the forward pass, so nothing has to be recomputed or kept for backward.
+
+ChunkLoss = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum_chunks loss_fn(head(hidden[chunk])), with gradients accumulated chunk by chunk.
+
+    Returns (total, aux): the differentiable scalar and a non-differentiable vector of extra sums.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, loss_fn: ChunkLoss, head: Callable[[torch.Tensor], torch.Tensor], chunk_size: int,
+                hidden: torch.Tensor, *params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[3] else None
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[4:], strict=True) if need]
+        grad_params = [torch.zeros_like(p) for p in wanted]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        aux = None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            with torch.enable_grad():
+                h = hidden[start:end].detach().requires_grad_(grad_hidden is not None)
+                value, extra = loss_fn(head(h), start, end)  # logits (chunk, V) live only here
+                inputs = ([h] if grad_hidden is not None else []) + wanted
+                grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs and value.requires_grad \
+                    else [None] * len(inputs)
+            if grad_hidden is not None:
+                if grads[0] is not None:
+                    grad_hidden[start:end] = grads[0]
+                grads = grads[1:]
+            for acc, g in zip(grad_params, grads, strict=True):
+                if g is not None:
+                    acc.add_(g)
+            total = total + value.detach().float()
+            aux = extra.detach().float() if aux is None else aux + extra.detach().float()
+        if aux is None:
+            aux = hidden.new_zeros((2,), dtype=torch.float32)
+        ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []), *grad_params)
+        ctx.has_hidden = grad_hidden is not None
+        ctx.param_needs = list(ctx.needs_input_grad[4:])
+        ctx.mark_non_differentiable(aux)
+        return total, aux
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor, grad_aux: torch.Tensor) -> tuple[Any, ...]:
+        saved = list(ctx.saved_tensors)
+        grad_hidden = saved.pop(0) * grad_total if ctx.has_hidden else None
+        grads: list[torch.Tensor | None] = []
+        for need in ctx.param_needs:
+            grads.append(saved.pop(0) * grad_total if need else None)
+        return (None, None, None, grad_hidden, *grads)
+
+
+def chunked_head_loss(loss_fn: ChunkLoss, head: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+                      hidden: torch.Tensor, *, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `head` and `loss_fn` to `hidden` (N, H) in chunks of rows, holding one chunk's logits.
+
+    Args:
+        loss_fn: (logits (c, V), start, end) -> (scalar to differentiate, (2,) extra sums to report).
+        head: The output projection; its trainable parameters (a LoRA adapter, or the whole
+            matrix when it is trained) receive gradients.
+        hidden: (N, H) final hidden states (after the last norm) of the positions to score.
+        chunk_size: Rows per chunk.
+
+    Returns:
+        (total, extra): the differentiable sum over chunks and the summed extras (no gradient).
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    params = [p for p in head.parameters() if p.requires_grad] if isinstance(head, torch.nn.Module) else []
+    return _ChunkedHeadLoss.apply(loss_fn, head, chunk_size, hidden, *params)
+
+
+def chunked_contrastive_kl_terms(
+    student_hidden: torch.Tensor,
+    privileged_hidden: torch.Tensor,
+    negative_hidden: torch.Tensor | None,
+    head: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    *,
+    gamma: float,
+    direction: Direction = "reverse",
+    chunk_size: int = 256,
+    teacher_head: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`contrastive_kl_terms` from hidden states, never holding more than one chunk of logits.
+
+    Only the positions to score are passed (the caller drops padding), so every row counts.
+
+    Args:
+        student_hidden: (N, H) student hidden states (with gradients).
+        privileged_hidden / negative_hidden: (N, H) teacher hidden states (no gradients);
+            negative_hidden may be None (then the negative term is 0).
+        head: The student's output projection (maybe LoRA-wrapped).
+        gamma: Weight of the negative term in the differentiated combination.
+        direction: "reverse" (student first) or "forward".
+        chunk_size: Positions per chunk.
+        teacher_head: The teachers' output projection (the adapter-free head); defaults to `head`.
+
+    Returns:
+        (combined, positive_sum, negative_sum): combined = positive_sum - gamma * negative_sum is
+        differentiable; the two sums are detached, for logging.
+    """
+    teacher_head = head if teacher_head is None else teacher_head
+
+    def loss_fn(student_logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            privileged = teacher_head(privileged_hidden[start:end])
+            negative = teacher_head(negative_hidden[start:end]) if negative_hidden is not None else None
+        positive = token_kl(student_logits, privileged, direction=direction).sum()
+        if negative is None:
+            return positive, torch.stack([positive.detach(), positive.new_zeros(())])
+        neg = token_kl(student_logits, negative, direction=direction).sum()
+        return positive - gamma * neg, torch.stack([positive.detach(), neg.detach()])
+
+    combined, extra = chunked_head_loss(loss_fn, head, student_hidden, chunk_size=chunk_size)
+    return combined, extra[0], extra[1]
+
+
+def chunked_nll_sum(hidden: torch.Tensor, targets: torch.Tensor,
+                    head: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], *,
+                    chunk_size: int = 256) -> torch.Tensor:
+    """Summed next-token cross-entropy of `targets` (N,) from hidden states (N, H), chunk-wise."""
+
+    def loss_fn(logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        value = F.cross_entropy(logits.float(), targets[start:end], reduction="sum")
+        return value, torch.stack([value.detach(), value.new_zeros(())])
+
+    return chunked_head_loss(loss_fn, head, hidden, chunk_size=chunk_size)[0]

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainingArguments
 
-from dail.loss import contrastive_kl_terms, nll
+from dail.loss import chunked_contrastive_kl_terms, chunked_nll_sum, contrastive_kl_terms, nll
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class DAILConfig(TrainingArguments):
         lora_r / lora_alpha / lora_dropout / lora_target_modules: The LoRA adapter.
         max_length: Longest sequence (any role's prompt + response); responses are cut to fit.
         merge: Also save the adapter merged into the base weights.
+        loss_chunk_size: Response positions per chunk of the memory-bounded loss: the output
+            projection, log-softmaxes and KL terms are computed from hidden states chunk by chunk
+            (`dail.loss.chunked_contrastive_kl_terms`), never all positions' logits at once.
+            0 computes full (B, T, V) logits for every role (the plain path; same results).
     """
 
     output_dir: str | None = None
@@ -52,6 +56,7 @@ class DAILConfig(TrainingArguments):
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     max_length: int = 12288
     merge: bool = False
+    loss_chunk_size: int = 512
     # Release hyperparameters (METHOD.md).
     learning_rate: float = 2e-4
     warmup_steps: int = 5
@@ -73,6 +78,8 @@ class DAILConfig(TrainingArguments):
             raise ValueError(f"kl_direction must be reverse or forward, not {self.kl_direction!r}")
         if self.loss == "kl":
             self.gamma = 0.0
+        if self.loss_chunk_size < 0:
+            raise ValueError("loss_chunk_size must be >= 0 (0 = plain full-logit loss)")
         if self.gamma < 0:
             raise ValueError("gamma must be >= 0 (it weights a term that is subtracted)")
         super().__post_init__()
@@ -136,6 +143,27 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], role
     return out.logits[:, :-1, :]
 
 
+def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body, output projection) of a causal LM, looking through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    return body, base.get_output_embeddings()
+
+
+def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role: str) -> torch.Tensor:
+    """Final hidden states (after the last norm) that predict the response tokens: (B, T, H).
+
+    The same columns as `response_logits`, without the output projection (applied chunk-wise by
+    the loss). LoRA layers in the body are active unless the caller disabled the adapter.
+    """
+    ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+    width = batch["response_mask"].shape[1]
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    body, _ = _parts(model)
+    out = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[:, -(width + 1):-1, :]
+
+
 class DAILTrainer(Trainer):
     """Trainer for the DAIL losses; overrides `compute_loss` only (plus logging of its terms)."""
 
@@ -155,6 +183,11 @@ class DAILTrainer(Trainer):
         mask = inputs["response_mask"]
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.clamp(torch.as_tensor(num_tokens, dtype=torch.float32, device=mask.device), min=1.0)
+        if self.args.loss_chunk_size > 0:
+            loss = self._chunked_loss(model, inputs, mask, num_tokens)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            return (loss, {}) if return_outputs else loss
         student = response_logits(model, inputs, "student")  # (B, T, V), with gradients
         if self.args.uses_teacher:
             privileged, negative = self._teacher_logits(model, inputs)
@@ -171,6 +204,30 @@ class DAILTrainer(Trainer):
             # num_items_in_batch is summed over processes and DDP averages gradients.
             loss = loss * self.accelerator.num_processes
         return (loss, {"logits": student}) if return_outputs else loss
+
+    def _chunked_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
+                      num_tokens: torch.Tensor) -> torch.Tensor:
+        """The same loss from hidden states, applying the (maybe LoRA-wrapped) head chunk-wise."""
+        keep = mask.bool()
+        student = response_hidden(model, inputs, "student")[keep]  # (N, H), with gradients
+        _, head = _parts(self.accelerator.unwrap_model(model))
+        chunk = self.args.loss_chunk_size
+        if not self.args.uses_teacher:
+            loss = chunked_nll_sum(student, inputs["labels"][keep], head, chunk_size=chunk) / num_tokens
+            self._record("nll", loss)
+            return loss
+        base = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), _adapter_disabled(base):
+            privileged = response_hidden(base, inputs, "privileged")[keep]  # (N, H)
+            negative = response_hidden(base, inputs, "negative")[keep] if self.args.uses_negative else None
+        teacher_head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+        combined, positive_sum, negative_sum = chunked_contrastive_kl_terms(
+            student, privileged, negative, head, gamma=self.args.gamma, direction=self.args.kl_direction,
+            chunk_size=chunk, teacher_head=teacher_head)
+        self._record("kl_privileged", positive_sum / num_tokens)
+        if negative is not None:
+            self._record("kl_negative", negative_sum / num_tokens)
+        return combined / num_tokens
 
     @torch.no_grad()
     def _teacher_logits(self, model: torch.nn.Module,
