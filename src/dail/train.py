@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 def run(cfg: TrainConfig) -> Path:
     """Train and return the adapter directory (`<out>/adapter`)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     from dail import distributed, models
     from dail.trainer import DAILCollator, DAILTrainer
@@ -46,6 +47,7 @@ def run(cfg: TrainConfig) -> Path:
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=_lora_targets(model, args.lora_target_modules),
                       task_type="CAUSAL_LM")
+    set_seed(args.seed)  # LoRA's random init: the same adapter in every process and every run
     model = get_peft_model(model, lora)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
