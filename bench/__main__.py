@@ -1,0 +1,268 @@
+"""`make bench` / `python -m bench [--quick]`: ratios measured in one run, printed and saved.
+
+Every figure is a ratio of two measurements taken in the same process, back to back, so that
+background load on the machine cancels out as far as possible. Writes bench/results.json.
+
+- rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
+  `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
+  budget; no eos so every row runs the full budget).
+- rollout_vs_reference: tokens/s of the default engine / the token-by-token loop
+  (`engine="reference"`: one batched forward over both contexts per token, KV-cached).
+- train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch.
+- loss_memory: peak RSS growth of the contrastive loss + backward, chunked / unchunked, each in
+  a fresh subprocess (peak RSS from getrusage minus RSS before the measured call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logger = logging.getLogger("bench")
+HERE = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------- models
+
+
+def random_qwen2(hidden: int, layers: int, vocab: int, seed: int = 0) -> torch.nn.Module:
+    """A random Qwen2 of the given size (float32, eval mode)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=max(2, hidden // 64),
+                         num_key_value_heads=max(1, hidden // 128), max_position_embeddings=4096,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def demo_model() -> tuple[torch.nn.Module, str]:
+    """The world model when its assets exist, else a random Qwen2 of the demo's size."""
+    assets = Path(__file__).resolve().parents[1] / "src" / "dail" / "world" / "assets" / "base"
+    if (assets / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(assets).eval(), "world base model"
+    return random_qwen2(256, 4, 512), "random Qwen2 (demo size; world assets absent)"
+
+
+def params(model: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M"
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+def prompts(batch: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Student prompts of 24 tokens and privileged prompts of 96 (problem + solution)."""
+    g = torch.Generator().manual_seed(seed)
+    student, privileged = [], []
+    for _ in range(batch):
+        problem = torch.randint(3, vocab, (23,), generator=g).tolist()
+        solution = torch.randint(3, vocab, (72,), generator=g).tolist()
+        student.append(problem + [1])
+        privileged.append(problem + solution + [1])
+    return student, privileged
+
+
+def time_rollout(model, student, privileged, settings) -> tuple[float, Any]:
+    from dail.engine import EngineStats, draft_rollout
+    from dail.rollout import reference_rollout, sequence_seed
+
+    seeds = [sequence_seed(0, str(i)) for i in range(len(student))]
+    stats = EngineStats()
+    tic = time.perf_counter()
+    if settings.engine == "draft":
+        traces = draft_rollout(model, student, privileged, seeds, settings, pad_id=0, stats=stats)
+    else:
+        traces = reference_rollout(model, student, privileged, seeds, settings, pad_id=0)
+    seconds = time.perf_counter() - tic
+    return sum(len(t.token_ids) for t in traces) / seconds, (stats, traces)
+
+
+def time_generate(model, student, budget: int) -> float:
+    from dail.rollout import left_pad
+
+    ids, mask = left_pad(student, 0, torch.device("cpu"))
+    tic = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.6, top_p=0.95,
+                             top_k=0, max_new_tokens=budget, min_new_tokens=budget, pad_token_id=0)
+    return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - tic)
+
+
+def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[float]) -> list[dict[str, Any]]:
+    import dataclasses
+
+    from dail.rollout import RolloutSettings
+
+    rows = []
+    vocab = model.config.vocab_size
+    for batch in batches:
+        student, privileged = prompts(batch, vocab)
+        time_generate(model, student[:1], 4)  # warm-up
+        for tau in taus:
+            settings = RolloutSettings(tau=tau, temperature=0.6, top_p=0.95, max_new_tokens=budget)
+            sampling = time_generate(model, student, budget)
+            engine, (stats, traces) = time_rollout(model, student, privileged, settings)
+            reference, (_, ref_traces) = time_rollout(model, student, privileged,
+                                                       dataclasses.replace(settings, engine="reference"))
+            same = sum(a.token_ids == b.token_ids for a, b in zip(traces, ref_traces, strict=True)) / batch
+            rows.append({"model": name, "batch": batch, "tau": tau, "budget": budget,
+                         "sampling_tok_s": round(sampling, 1), "engine_tok_s": round(engine, 1),
+                         "reference_tok_s": round(reference, 1),
+                         "vs_sampling": round(engine / sampling, 3), "vs_reference": round(engine / reference, 3),
+                         "reference_vs_sampling": round(reference / sampling, 3),
+                         "acceptance": round(stats.acceptance_rate, 3),
+                         "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same})
+            logger.info("%s", rows[-1])
+    return rows
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def bench_train_step(repeats: int) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+
+    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer
+
+    model = get_peft_model(random_qwen2(256, 4, 8192), LoraConfig(r=32, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(0)
+    examples = [{"prompt_ids": {"student": torch.randint(3, 8192, (32,), generator=g).tolist(),
+                                "privileged": torch.randint(3, 8192, (160,), generator=g).tolist(),
+                                "negative": torch.randint(3, 8192, (48,), generator=g).tolist()},
+                 "response_ids": torch.randint(3, 8192, (256,), generator=g).tolist()} for _ in range(2)]
+    batch = DAILCollator(pad_id=0, roles=("student", "privileged", "negative"))(examples)
+    times: dict[str, list[float]] = {"dail": [], "nll": []}
+    trainers = {loss: DAILTrainer(model=model, args=DAILConfig(output_dir="/tmp/dail-bench", loss=loss,
+                                                               use_cpu=True, gradient_checkpointing=False))
+                for loss in times}
+    for _ in range(repeats + 1):  # the first round warms up
+        for loss, trainer in trainers.items():
+            model.zero_grad()
+            tic = time.perf_counter()
+            trainer.compute_loss(model, batch).backward()
+            times[loss].append(time.perf_counter() - tic)
+    dail, nll = statistics.median(times["dail"][1:]), statistics.median(times["nll"][1:])
+    return {"ratio": round(dail / nll, 3), "dail_s": round(dail, 3), "nll_s": round(nll, 3),
+            "model": "random Qwen2 hidden 256, 4 layers, vocab 8192, LoRA r=32", "batch": "2 x 256 response tokens"}
+
+
+# --------------------------------------------------------------------------- loss memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: int) -> None:
+    """Run in a subprocess: one contrastive loss + backward; prints JSON with peak RSS growth."""
+    from dail.loss import chunked_contrastive_kl_terms, contrastive_kl_terms
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+    hs = torch.randn(tokens, hidden, requires_grad=True)
+    hp, hn = torch.randn(tokens, hidden), torch.randn(tokens, hidden)
+    before = _rss_bytes()
+    if mode == "plain":
+        with torch.no_grad():
+            lp, ln = head(hp), head(hn)
+        pos, neg = contrastive_kl_terms(head(hs), lp, ln, torch.ones(tokens))
+        loss = pos - 0.1 * neg
+        del lp, ln
+    else:
+        loss = chunked_contrastive_kl_terms(hs, hp, hn, head, gamma=0.1, chunk_size=chunk)[0]
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_growth": peak - before, "loss": float(loss.detach()),
+                      "grad_norm": float(hs.grad.norm()), "grad_sum": float(hs.grad.sum())}))
+
+
+def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk: int = 128) -> dict[str, Any]:
+    results = {}
+    for mode in ("chunked", "plain"):
+        out = subprocess.run([sys.executable, "-m", "bench", "--loss-memory-child", mode, str(tokens), str(vocab),
+                              str(hidden), str(chunk)], capture_output=True, text=True, check=True,
+                             cwd=HERE.parent)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    c, p = results["chunked"], results["plain"]
+    return {"ratio": round(c["peak_growth"] / p["peak_growth"], 4),
+            "chunked_mib": round(c["peak_growth"] / 2**20, 1), "plain_mib": round(p["peak_growth"] / 2**20, 1),
+            "loss_abs_diff": abs(c["loss"] - p["loss"]),
+            "grad_norm_rel_diff": abs(c["grad_norm"] - p["grad_norm"]) / p["grad_norm"],
+            "tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk,
+            "method": "peak RSS (getrusage ru_maxrss) minus RSS before the loss, fresh subprocess each"}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="fewer settings; finishes in a few minutes")
+    parser.add_argument("--loss-memory-child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.loss_memory_child:
+        mode, *numbers = args.loss_memory_child
+        loss_memory_child(mode, *map(int, numbers))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_grad_enabled(True)
+    quick = args.quick
+    demo, demo_name = demo_model()
+    budget = 32 if quick else 64
+    rows = bench_rollout(demo, f"{demo_name} {params(demo)}", [1, 8] if quick else [1, 8, 64], budget, [0.8, 0.0])
+    del demo
+    large = random_qwen2(768, 12, 32000)
+    rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],
+                          16 if quick else 32, [0.8] if quick else [0.8, 0.0])
+    del large
+    train = bench_train_step(2 if quick else 4)
+    memory = bench_loss_memory(512 if quick else 2048)
+    main_rows = [r for r in rows if r["tau"] == 0.8 and r["model"] == rows[0]["model"]]
+    results = {
+        "quick": quick,
+        "command": "make bench" + (" QUICK=1" if quick else ""),
+        "rollout_vs_sampling": {str(r["batch"]): r["vs_sampling"] for r in main_rows},
+        "rollout_vs_reference": {str(r["batch"]): r["vs_reference"] for r in main_rows},
+        "rollout_acceptance": {str(r["batch"]): r["acceptance"] for r in main_rows},
+        "rollout_draft_length": {str(r["batch"]): r["draft_length"] for r in main_rows},
+        "rollout_details": rows,
+        "train_step": train,
+        "loss_memory": memory,
+    }
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'model':<52} {'B':>3} {'tau':>4} {'vs_sampling':>11} {'vs_reference':>12} "
+          f"{'ref_vs_samp':>11} {'accept':>6} {'draft_k':>7} {'same':>5}")
+    for r in rows:
+        print(f"{r['model'][:52]:<52} {r['batch']:>3} {r['tau']:>4} {r['vs_sampling']:>11} {r['vs_reference']:>12} "
+              f"{r['reference_vs_sampling']:>11} {r['acceptance']:>6} {r['draft_length']:>7} "
+              f"{r['identical_traces']:>5}")
+    print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s)")
+    print(f"loss_memory (chunked / plain peak): {memory['ratio']}  ({memory['chunked_mib']} MiB / "
+          f"{memory['plain_mib']} MiB at {memory['tokens']} tokens; |dloss| {memory['loss_abs_diff']:.2e})")
+    if quick:
+        print("quick mode: budgets 32/16 tokens, batches 1 and 8 (demo) and 1 (100M), loss memory at 512 tokens")
+
+
+if __name__ == "__main__":
+    main()
