@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retries", type=int, help="extra student proposals before falling back")
     g.add_argument("--keep", type=int, help="traces kept per problem by selection")
     g.add_argument("--grader", help="math, exact, world, or module:function")
+    g.add_argument("--engine", choices=["reference", "draft"],
+                   help="token-by-token (default) or draft-and-verify scheduling; same traces")
+    g.add_argument("--draft-length", type=int, help="draft tokens per round (0 adapts)")
     g.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md)")
 
     t = sub.add_parser("train", help="LoRA training with the dail, kl, nll or sft loss")
@@ -169,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from dail import generate
 
     cfg = stage_config(GenerateConfig, args, ("data", "out", "tau", "samples", "retries", "keep", "grader",
-                                                   "shard"))
+                                              "engine", "draft_length", "shard"))
     generate.run(cfg)
 
 

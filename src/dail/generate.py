@@ -53,7 +53,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         tau=cfg.tau, retries=cfg.retries, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, max_new_tokens=budget,
         eos_ids=tuple(models.eos_token_ids(model, tokenizer)),
-        suppress_ids=_suppressed(tokenizer, cfg))
+        suppress_ids=_suppressed(tokenizer, cfg), engine=cfg.engine, draft_length=cfg.draft_length)
 
     def generate(rows: list[tuple[PreparedProblem, int]]) -> list[dict[str, Any]]:
         traces = mixed_rollout(
