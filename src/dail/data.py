@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -57,20 +58,40 @@ class Problem:
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, nested braces handled.
 
-    Returns None when there is no complete box. `\\boxed 5` (no braces) yields "5".
+    Returns None when there is no complete box. `\\boxed 5` (no braces) yields "5". Runs in
+    linear time: braces are matched in one pass, so text full of unclosed boxes stays cheap.
     """
-    start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
-    while start >= 0:
-        cmd = next(c for c in _BOX_COMMANDS if text.startswith(c, start))
-        content = _braced_argument(text, start + len(cmd))
+    starts = [m.end() for m in _BOX_PATTERN.finditer(text)]
+    if not starts:
+        return None
+    closing = _matching_braces(text)
+    for pos in reversed(starts):
+        content = _braced_argument(text, pos, closing)
         if content is not None:
             return content.strip()
         # An unclosed box: look for an earlier, complete one.
-        start = max(text.rfind(c, 0, start) for c in _BOX_COMMANDS)
     return None
 
 
-def _braced_argument(text: str, pos: int) -> str | None:
+_BOX_PATTERN = re.compile("|".join(re.escape(c) for c in _BOX_COMMANDS))
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each `{` -> position of its `}`; braces after a backslash are literal."""
+    stack: list[int] = []
+    closing: dict[int, int] = {}
+    for m in re.finditer(r"[{}]", text):
+        i = m.start()
+        if i > 0 and text[i - 1] == "\\":
+            continue
+        if m.group() == "{":
+            stack.append(i)
+        elif stack:
+            closing[stack.pop()] = i
+    return closing
+
+
+def _braced_argument(text: str, pos: int, closing: dict[int, int]) -> str | None:
     """The `{...}` argument starting at `pos` (after optional spaces), or a bare token."""
     while pos < len(text) and text[pos] == " ":
         pos += 1
@@ -81,18 +102,8 @@ def _braced_argument(text: str, pos: int) -> str | None:
         while end < len(text) and not text[end].isspace() and text[end] not in "$}":
             end += 1
         return text[pos:end] or None
-    depth = 0
-    for i in range(pos, len(text)):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-            continue
-        if ch == "{" and (i == 0 or text[i - 1] != "\\"):
-            depth += 1
-        elif ch == "}" and (i == 0 or text[i - 1] != "\\"):
-            depth -= 1
-            if depth == 0:
-                return text[pos + 1 : i]
-    return None
+    end = closing.get(pos)
+    return None if end is None else text[pos + 1 : end]
 
 
 # --------------------------------------------------------------------------- loading
