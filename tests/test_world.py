@@ -88,7 +88,7 @@ def test_didactic_fuses_and_detailed_writes_every_step(kind: str) -> None:
     spec = gen.spec_of(kind, random.Random(7))
     didactic, detailed = spec.didactic(), spec.detailed()
     assert didactic != detailed
-    fused_lines = [l for l in didactic.split("\n") if re.fullmatch(r"\S+ = [0-9*+\-]+ = \d", l)]
+    fused_lines = [ln for ln in didactic.split("\n") if re.fullmatch(r"\S+ = [0-9*+\-]+ = \d", ln)]
     assert len(fused_lines) == len(spec.items)
     # Detailed: every line is one primitive `a op b = c`, a labelled value, or the box.
     for line in detailed.split("\n"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dail.data import write_jsonl_atomic
 from dail.world.generator import ALL_TYPES, KNOWN_TYPES, NOVEL_TYPES, generate
-from dail.world.validity import grade, pass_at_k
+from dail.world.scoring import grade, pass_at_k
 
 __all__ = ["ALL_TYPES", "KNOWN_TYPES", "NOVEL_TYPES", "base_model_dir", "export_problems",
            "generate", "grade", "pass_at_k", "problems"]

@@ -197,7 +197,7 @@ def make_axpy(rng: random.Random) -> Spec:
 def make_expr(rng: random.Random) -> Spec:
     labels = rng.sample(LABELS, rng.randint(3, 4))
     items = tuple((label, random_expr(rng)) for label in labels)
-    statement = "Evaluate modulo 10: " + _and_list([f"{l} = {fused(e)}" for l, e in items]) + "."
+    statement = "Evaluate modulo 10: " + _and_list([f"{lab} = {fused(e)}" for lab, e in items]) + "."
     return Spec("expr", statement, "Evaluate each expression, products before sums.", items)
 
 
@@ -232,11 +232,7 @@ MAKERS: dict[str, Callable[[random.Random], Spec]] = {
 # Words for random problem statements and method sentences of the generic reference-following
 # task (pretraining). They teach the model to expand whatever fused lines a reference holds,
 # whatever the surrounding text says.
-WORDS = tuple("""Let Compute Find Evaluate Add Scale Each entry row column vector matrix product sum
-of the and by at each point with a an is are times plus minus modulo value values table list
-first second third last left right new old given following items pair pairs term terms
-coefficient coefficients polynomial function grid cell cells weight weights count score mix
-shift turn step combine take use write into from over under for every all two three four""".split())
+WORDS = tuple(["Let", "Compute", "Find", "Evaluate", "Add", "Scale", "Each", "entry", "row", "column", "vector", "matrix", "product", "sum", "of", "the", "and", "by", "at", "each", "point", "with", "a", "an", "is", "are", "times", "plus", "minus", "modulo", "value", "values", "table", "list", "first", "second", "third", "last", "left", "right", "new", "old", "given", "following", "items", "pair", "pairs", "term", "terms", "coefficient", "coefficients", "polynomial", "function", "grid", "cell", "cells", "weight", "weights", "count", "score", "mix", "shift", "turn", "step", "combine", "take", "use", "write", "into", "from", "over", "under", "for", "every", "all", "two", "three", "four"])
 
 
 def _random_object(rng: random.Random) -> str:

@@ -38,19 +38,19 @@ class PretrainConfig:
     out: str = "src/dail/world/assets/base"
     work: str = "/tmp/dail_world_pretrain"
     seed: int = 0
-    minutes: float = 70.0  # wall-clock budget; the LR schedule follows max(steps, time) used
+    minutes: float = 52.0  # wall-clock budget; the LR schedule follows max(steps, time) used
     max_steps: int = 100_000
-    batch_size: int = 24
-    lr: float = 1.5e-3
-    warmup: int = 150
+    batch_size: int = 16
+    lr: float = 2.5e-3
+    warmup: int = 100
     weight_decay: float = 0.01
-    hidden: int = 256
-    layers: int = 6
-    heads: int = 8
-    kv_heads: int = 4
-    intermediate: int = 640
-    eval_every: int = 300
-    ckpt_every: int = 200
+    hidden: int = 192
+    layers: int = 4
+    heads: int = 6
+    kv_heads: int = 3
+    intermediate: int = 512
+    eval_every: int = 400
+    ckpt_every: int = 100
     threads: int = 2
 
 
@@ -75,7 +75,7 @@ def make_drill(rng: random.Random) -> gen.Spec:
         expr = (("+", (a, b)),) if op == "*" else (("+", (a,)), (op, (b,)))
         items.append((label, expr))
     statement = ("Evaluate modulo 10: "
-                 + gen._and_list([f"{l} = {gen.fused(e)}" for l, e in items]) + ".")
+                 + gen._and_list([f"{lab} = {gen.fused(e)}" for lab, e in items]) + ".")
     return gen.Spec("drill", statement, "Evaluate each expression.", tuple(items))
 
 

@@ -15,39 +15,20 @@ estimator 1 - C(n-c, k) / C(n, k), averaged over problems.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from dail.data import Problem, last_boxed
+from dail.data import Problem
 from dail.prompts import PromptBuilder
 from dail.world import generator as gen
+from dail.world.scoring import grade, pass_at_k
 
 logger = logging.getLogger(__name__)
 
 TEMPERATURE, TOP_P = 0.6, 0.95
-
-
-def grade(response: str, answer: str) -> bool:
-    """Exact match of the last `\\boxed{}` content with `answer`, ignoring all whitespace."""
-    got = last_boxed(response)
-    return got is not None and re.sub(r"\s+", "", got) == re.sub(r"\s+", "", answer)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k).
-
-    Raises:
-        ValueError: if k > n or c is outside [0, n].
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def _prompts(problems: Sequence[Problem], tokenizer: Any, role: str) -> list[str]:
