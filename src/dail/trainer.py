@@ -177,33 +177,39 @@ class DAILTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_counts: dict[str, int] = defaultdict(int)
+        self._scale = 1
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         mask = inputs["response_mask"]
         num_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
         num_tokens = torch.clamp(torch.as_tensor(num_tokens, dtype=torch.float32, device=mask.device), min=1.0)
+        # num_items_in_batch counts every process's tokens while DDP averages gradients, so each
+        # process's share is scaled back up (as the Trainer does for models that take it).
+        self._scale = (self.accelerator.num_processes
+                       if self.args.average_tokens_across_devices and num_items_in_batch is not None else 1)
         if self.args.loss_chunk_size > 0:
-            loss = self._chunked_loss(model, inputs, mask, num_tokens)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes
-            return (loss, {}) if return_outputs else loss
-        student = response_logits(model, inputs, "student")  # (B, T, V), with gradients
-        if self.args.uses_teacher:
-            privileged, negative = self._teacher_logits(model, inputs)
-            positive_sum, negative_sum = contrastive_kl_terms(
-                student, privileged, negative, mask, direction=self.args.kl_direction)
-            loss = (positive_sum - self.args.gamma * negative_sum) / num_tokens
-            self._record("kl_privileged", positive_sum / num_tokens)
-            if negative is not None:
-                self._record("kl_negative", negative_sum / num_tokens)
+            loss, outputs = self._chunked_loss(model, inputs, mask, num_tokens), {}
         else:
+            loss, outputs = self._full_logit_loss(model, inputs, mask, num_tokens)
+        loss = loss * self._scale
+        return (loss, outputs) if return_outputs else loss
+
+    def _full_logit_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
+                         num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss from (B, T, V) logits of every role (`loss_chunk_size=0`)."""
+        student = response_logits(model, inputs, "student")  # (B, T, V), with gradients
+        if not self.args.uses_teacher:
             loss = nll(student, inputs["labels"], mask, num_tokens=num_tokens)
             self._record("nll", loss)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch is summed over processes and DDP averages gradients.
-            loss = loss * self.accelerator.num_processes
-        return (loss, {"logits": student}) if return_outputs else loss
+            return loss, {"logits": student}
+        privileged, negative = self._teacher_logits(model, inputs)
+        positive_sum, negative_sum = contrastive_kl_terms(
+            student, privileged, negative, mask, direction=self.args.kl_direction)
+        self._record("kl_privileged", positive_sum / num_tokens)
+        if negative is not None:
+            self._record("kl_negative", negative_sum / num_tokens)
+        return (positive_sum - self.args.gamma * negative_sum) / num_tokens, {"logits": student}
 
     def _chunked_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor,
                       num_tokens: torch.Tensor) -> torch.Tensor:
@@ -240,8 +246,9 @@ class DAILTrainer(Trainer):
         return privileged, negative
 
     def _record(self, name: str, value: torch.Tensor) -> None:
-        # Per micro-batch contributions add up to the accumulated-batch value.
-        self._term_sums[name] += float(value.detach())
+        # Per micro-batch contributions add up to the accumulated-batch value (this process's
+        # share, scaled like the loss so that it estimates the all-process value).
+        self._term_sums[name] += float(value.detach()) * self._scale
         self._term_counts[name] += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
