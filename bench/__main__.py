@@ -88,7 +88,7 @@ def two_pass_rollout(model, student, privileged, seeds, settings, *, pad_id: int
         Trace,
         _choose,
         _Decoder,
-        sampling_probs,
+        sampling_distribution,
         uniform_table,
     )
 
@@ -96,8 +96,7 @@ def two_pass_rollout(model, student, privileged, seeds, settings, *, pad_id: int
     table = uniform_table(seeds, settings, s_dec.logits.device)
     traces = [Trace() for _ in seeds]
     for step in range(settings.max_new_tokens):
-        s_dist = sampling_probs(s_dec.logits, settings.temperature, settings.top_p, settings.top_k)
-        p_dist = sampling_probs(p_dec.logits, settings.temperature, settings.top_p, settings.top_k)
+        s_dist, p_dist = sampling_distribution(s_dec.logits, settings), sampling_distribution(p_dec.logits, settings)
         chosen, proposal, prob, accepted = _choose(s_dist, p_dist, torch.softmax(p_dec.logits, -1),
                                                    table[:, step], settings)
         for i, trace in enumerate(traces):

@@ -49,8 +49,9 @@ from dail.rollout import (
     STUDENT,
     RolloutSettings,
     Trace,
+    accepts,
     sample_inverse_cdf,
-    sampling_probs,
+    sampling_distribution,
     uniform_table,
 )
 
@@ -317,7 +318,7 @@ def draft_rollout(
         drafted = torch.stack(drafts, dim=-1)  # (n, k)
         raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1)
                - torch.logsumexp(privileged_logits, dim=-1)).exp()  # (n, k) raw privileged probs
-        ok = _passes(raw, settings.tau)
+        ok = accepts(raw, settings.tau)
         rejected_at = torch.where(ok.all(-1), k, (~ok).long().argmax(-1))  # (n,) first rejection
 
         # 3. Decide the rejected position: retries, then the privileged fallback.
@@ -406,28 +407,9 @@ def _write_trace(trace: Trace, tokens: torch.Tensor, from_student: torch.Tensor,
     trace.finished = finished
 
 
-def _suppressed(logits: torch.Tensor, settings: RolloutSettings) -> torch.Tensor:
-    if not settings.suppress_ids:
-        return logits
-    logits = logits.clone()
-    logits[:, list(settings.suppress_ids)] = float("-inf")
-    return logits
-
-
 def _propose(student_logits: torch.Tensor, uniforms: torch.Tensor, settings: RolloutSettings) -> torch.Tensor:
     """The student's first proposal at a position: (n, V) logits, (n,) uniforms -> (n,) ids."""
-    dist = sampling_probs(_suppressed(student_logits, settings), settings.temperature, settings.top_p,
-                          settings.top_k)
-    return sample_inverse_cdf(dist, uniforms)
-
-
-def _passes(raw: torch.Tensor, tau: float) -> torch.Tensor:
-    """The acceptance test with the release's special cases (tau 0: always, tau 1: never)."""
-    if tau <= 0:
-        return torch.ones_like(raw, dtype=torch.bool)
-    if tau >= 1:
-        return torch.zeros_like(raw, dtype=torch.bool)
-    return raw >= tau
+    return sample_inverse_cdf(sampling_distribution(student_logits, settings), uniforms)
 
 
 def _decide(
@@ -451,8 +433,7 @@ def _decide(
     proposal, proposal_prob = first, first_prob
     accepted = torch.zeros_like(first, dtype=torch.bool)
     if settings.retries:
-        dist = sampling_probs(_suppressed(student_logits, settings), settings.temperature, settings.top_p,
-                              settings.top_k)
+        dist = sampling_distribution(student_logits, settings)
         log_z = torch.logsumexp(privileged_logits, dim=-1)
         for r in range(1, settings.retries + 1):
             candidate = sample_inverse_cdf(dist, uniforms[:, r])
@@ -460,10 +441,8 @@ def _decide(
             undecided = ~accepted
             proposal = torch.where(undecided, candidate, proposal)
             proposal_prob = torch.where(undecided, prob, proposal_prob)
-            accepted = accepted | _passes(prob, settings.tau)
-    fallback_dist = sampling_probs(_suppressed(privileged_logits, settings), settings.temperature,
-                                   settings.top_p, settings.top_k)
-    fallback = sample_inverse_cdf(fallback_dist, uniforms[:, -1])
+            accepted = accepted | accepts(prob, settings.tau)
+    fallback = sample_inverse_cdf(sampling_distribution(privileged_logits, settings), uniforms[:, -1])
     return torch.where(accepted, proposal, fallback), proposal, proposal_prob, accepted
 
 

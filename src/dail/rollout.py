@@ -108,6 +108,23 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k
     return probs
 
 
+def sampling_distribution(logits: torch.Tensor, settings: RolloutSettings) -> torch.Tensor:
+    """A role's sampling distribution: suppressed tokens removed, then temperature, top-k, top-p."""
+    if settings.suppress_ids:
+        logits = logits.clone()
+        logits[:, list(settings.suppress_ids)] = float("-inf")
+    return sampling_probs(logits, settings.temperature, settings.top_p, settings.top_k)
+
+
+def accepts(prob: torch.Tensor, tau: float) -> torch.Tensor:
+    """The acceptance test, with the release's special cases: tau 0 always, tau 1 never."""
+    if tau <= 0:
+        return torch.ones_like(prob, dtype=torch.bool)
+    if tau >= 1:
+        return torch.zeros_like(prob, dtype=torch.bool)
+    return prob >= tau
+
+
 def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Draw one token per row from (unnormalised) `probs` (N, V) with uniforms (N,) in [0, 1)."""
     cdf = probs.cumsum(-1)
@@ -232,17 +249,9 @@ def reference_rollout(
         student_logits, privileged_logits = decoder.logits[:batch], decoder.logits[batch:]
         # The acceptance test reads the raw distribution: no temperature, no filtering.
         privileged_raw = torch.softmax(privileged_logits, dim=-1)  # (B, V)
-        if settings.suppress_ids:
-            suppress = list(settings.suppress_ids)
-            student_logits = student_logits.clone()
-            student_logits[:, suppress] = float("-inf")
-            privileged_logits = privileged_logits.clone()
-            privileged_logits[:, suppress] = float("-inf")
-        student_dist = sampling_probs(student_logits, settings.temperature, settings.top_p, settings.top_k)
-        privileged_dist = sampling_probs(privileged_logits, settings.temperature, settings.top_p,
-                                         settings.top_k)
         chosen, proposal, proposal_prob, accepted = _choose(
-            student_dist, privileged_dist, privileged_raw, uniforms_at[:, step], settings)
+            sampling_distribution(student_logits, settings), sampling_distribution(privileged_logits, settings),
+            privileged_raw, uniforms_at[:, step], settings)
 
         for i in torch.nonzero(~done).flatten().tolist():
             trace = traces[i]
@@ -275,12 +284,7 @@ def _choose(
     for r in range(settings.retries + 1):
         candidate = sample_inverse_cdf(student_dist, uniforms[:, r])
         prob = privileged_raw.gather(-1, candidate.unsqueeze(-1)).squeeze(-1)
-        if settings.tau <= 0:
-            ok = torch.ones_like(accepted)
-        elif settings.tau >= 1:
-            ok = torch.zeros_like(accepted)
-        else:
-            ok = prob >= settings.tau
+        ok = accepts(prob, settings.tau)
         # Rows still undecided take this proposal (kept as the record if every try fails).
         undecided = ~accepted
         proposal = torch.where(undecided, candidate, proposal)
@@ -314,11 +318,7 @@ def sample_responses(
     traces = [Trace() for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(settings.max_new_tokens):
-        logits = decoder.logits
-        if settings.suppress_ids:
-            logits = logits.clone()
-            logits[:, list(settings.suppress_ids)] = float("-inf")
-        dist = sampling_probs(logits, settings.temperature, settings.top_p, settings.top_k)
+        dist = sampling_distribution(decoder.logits, settings)
         # The same draw as a proposal of `mixed_rollout`: tau = 0 there reproduces these samples.
         chosen = sample_inverse_cdf(dist, uniforms_at[:, step, 0])
         for i in torch.nonzero(~done).flatten().tolist():
