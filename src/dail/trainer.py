@@ -143,25 +143,26 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], role
     return out.logits[:, :-1, :]
 
 
-def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder body, output projection) of a causal LM, looking through a PEFT wrapper."""
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The output projection of a causal LM (LoRA-wrapped if targeted), through a PEFT wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    return body, base.get_output_embeddings()
+    return base.get_output_embeddings()
 
 
 def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role: str) -> torch.Tensor:
     """Final hidden states (after the last norm) that predict the response tokens: (B, T, H).
 
     The same columns as `response_logits`, without the output projection (applied chunk-wise by
-    the loss). LoRA layers in the body are active unless the caller disabled the adapter.
+    the loss). LoRA layers in the body are active unless the caller disabled the adapter. The
+    call goes through `model` itself, so a DDP/FSDP wrapper sees the forward it must see before
+    the backward; only the last position's logits are computed.
     """
     ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
     width = batch["response_mask"].shape[1]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    body, _ = _parts(model)
-    out = body(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
-    return out.last_hidden_state[:, -(width + 1):-1, :]
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1][:, -(width + 1):-1, :]  # the last entry is after the final norm
 
 
 class DAILTrainer(Trainer):
@@ -216,7 +217,7 @@ class DAILTrainer(Trainer):
         """The same loss from hidden states, applying the (maybe LoRA-wrapped) head chunk-wise."""
         keep = mask.bool()
         student = response_hidden(model, inputs, "student")[keep]  # (N, H), with gradients
-        _, head = _parts(self.accelerator.unwrap_model(model))
+        head = output_head(self.accelerator.unwrap_model(model))
         chunk = self.args.loss_chunk_size
         if not self.args.uses_teacher:
             loss = chunked_nll_sum(student, inputs["labels"][keep], head, chunk_size=chunk) / num_tokens
