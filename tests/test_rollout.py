@@ -199,3 +199,15 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     assert torch.allclose(freq, probs[0], atol=0.015)
     edge = sample_inverse_cdf(probs[:2], torch.tensor([0.0, 1.0 - 1e-7]))
     assert edge.tolist() == [1, 4]
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])  # flat rows are sorted in full, peaked ones are not
+def test_nucleus_equals_a_full_sort(scale):
+    from dail.rollout import nucleus
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(16, 3000, generator=g) * scale, dim=-1)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    expected = torch.zeros_like(probs, dtype=torch.bool).scatter(
+        -1, order, (sorted_probs.cumsum(-1) - sorted_probs) < 0.95)
+    assert torch.equal(nucleus(probs, 0.95), expected)

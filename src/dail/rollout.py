@@ -100,12 +100,26 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Drop a token when the mass before it already reaches top_p (the first always stays).
-        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
+        probs = probs.masked_fill(~nucleus(probs, top_p), 0.0)
     return probs
+
+
+def nucleus(probs: torch.Tensor, top_p: float, *, first: int = 64) -> torch.Tensor:
+    """Mask (N, V) of the top-p nucleus: a token stays unless the mass before it reaches top_p.
+
+    Sorting the whole vocabulary every step is the costliest part of sampling, and the nucleus
+    of a language model is usually small: rows whose `first` most likely tokens already hold
+    top_p are decided from a top-k, and only the others are sorted in full.
+    """
+    k = min(first, probs.shape[-1])
+    top, order = torch.topk(probs, k, dim=-1)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (top.cumsum(-1) - top) < top_p)
+    wide = torch.nonzero(top.sum(-1) < top_p).flatten()
+    if len(wide):
+        sorted_probs, full_order = torch.sort(probs[wide], dim=-1, descending=True)
+        stays = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+        keep[wide] = torch.zeros_like(stays).scatter(-1, full_order, stays)
+    return keep
 
 
 def sampling_distribution(logits: torch.Tensor, settings: RolloutSettings) -> torch.Tensor:
@@ -253,12 +267,14 @@ def reference_rollout(
             sampling_distribution(student_logits, settings), sampling_distribution(privileged_logits, settings),
             privileged_raw, uniforms_at[:, step], settings)
 
+        # One device-to-host copy per field and step, not one per row and field.
+        tokens, oks, proposed, probs = chosen.tolist(), accepted.tolist(), proposal.tolist(), proposal_prob.tolist()
         for i in torch.nonzero(~done).flatten().tolist():
             trace = traces[i]
-            trace.token_ids.append(int(chosen[i]))
-            trace.sources.append(STUDENT if accepted[i] else PRIVILEGED)
-            trace.proposal_ids.append(int(proposal[i]))
-            trace.proposal_probs.append(float(proposal_prob[i]))
+            trace.token_ids.append(tokens[i])
+            trace.sources.append(STUDENT if oks[i] else PRIVILEGED)
+            trace.proposal_ids.append(proposed[i])
+            trace.proposal_probs.append(probs[i])
         finished_now = torch.isin(chosen, eos) & ~done
         for i in torch.nonzero(finished_now).flatten().tolist():
             traces[i].finished = True
@@ -321,8 +337,9 @@ def sample_responses(
         dist = sampling_distribution(decoder.logits, settings)
         # The same draw as a proposal of `mixed_rollout`: tau = 0 there reproduces these samples.
         chosen = sample_inverse_cdf(dist, uniforms_at[:, step, 0])
+        tokens = chosen.tolist()
         for i in torch.nonzero(~done).flatten().tolist():
-            traces[i].token_ids.append(int(chosen[i]))
+            traces[i].token_ids.append(tokens[i])
             traces[i].sources.append(STUDENT)
         finished_now = torch.isin(chosen, eos) & ~done
         for i in torch.nonzero(finished_now).flatten().tolist():
