@@ -52,6 +52,7 @@ class PretrainConfig:
     eval_every: int = 400
     ckpt_every: int = 100
     threads: int = 2
+    init: str = ""  # start from the weights of a saved model directory (fresh optimizer)
 
 
 # (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.
@@ -153,7 +154,7 @@ def run(cfg: PretrainConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok_dir = work / "tokenizer"
+    tok_dir = Path(cfg.init) if cfg.init else work / "tokenizer"
     if tok_dir.exists():
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -162,6 +163,12 @@ def run(cfg: PretrainConfig) -> Path:
         tokenizer.save_pretrained(tok_dir)
     builder = PromptBuilder()
     model = build_model(cfg, len(tokenizer), tokenizer)
+    if cfg.init:
+        from transformers import AutoModelForCausalLM
+
+        init = AutoModelForCausalLM.from_pretrained(cfg.init, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        logger.info("initialised from %s", cfg.init)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters", n_params / 1e6)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
