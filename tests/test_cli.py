@@ -190,3 +190,16 @@ def test_reasoning_model_rollout_suppresses_end_of_thinking(thinking_model_dir, 
     end_think = tokenizer.convert_tokens_to_ids("</think>")
     for line in (out / "traces.jsonl").read_text().splitlines():
         assert end_think not in json.loads(line)["token_ids"]
+
+
+def test_demo_checks_the_world_shows_the_gap():
+    from dail.demo import gap_is_real
+
+    good = {"known_student_pass@1": {"dot": 0.9, "expr": 0.8},
+            "novel": {"matmul": {"student_pass@1": 0.0, "privileged_pass@1": 0.9},
+                      "poly": {"student_pass@1": 0.05, "privileged_pass@1": 0.7}}}
+    assert gap_is_real(good) == (True, "ok")
+    weak = {**good, "known_student_pass@1": {"dot": 0.1, "expr": 0.0}}
+    ok, why = gap_is_real(weak)
+    assert not ok and "known-type student pass@1 0.05" in why
+    assert gap_is_real({})[0] is False
