@@ -151,10 +151,12 @@ def test_pass_at_k_matches_enumeration() -> None:
 
 @pytest.fixture(scope="module")
 def base():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    # AutoTokenizer (transformers 5) swaps in Qwen2Tokenizer for model_type qwen2, which splits
+    # digits and labels apart; the world's tokenizer must be loaded as PreTrainedTokenizerFast.
     path = base_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     return model, tokenizer
 

@@ -94,13 +94,14 @@ def forced_line_error(model: Any, tokenizer: Any, problems: Sequence[Problem], *
         p_ids = tokenizer.encode(prompt, add_special_tokens=False)
         targets = _result_positions(text, style)
         for prefix, value in targets:
-            ids = p_ids + tokenizer.encode(prefix, add_special_tokens=False)
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            want = tokenizer.encode(" " + value, add_special_tokens=False)
-            assert len(want) == 1, value
+            prefix_ids = tokenizer.encode(prefix, add_special_tokens=False)
+            full = tokenizer.encode(prefix + " " + value, add_special_tokens=False)
+            assert full[:len(prefix_ids)] == prefix_ids and len(full) == len(prefix_ids) + 1
+            want = full[-1]
+            logits = model(torch.tensor([p_ids + prefix_ids])).logits[0, -1]
             p = torch.softmax(logits.float(), -1)
-            errors += int(p.argmax().item() != want[0])
-            probs += p[want[0]].item()
+            errors += int(p.argmax().item() != want)
+            probs += p[want].item()
             total += 1
     return {"error_rate": errors / max(total, 1), "p_correct": probs / max(total, 1),
             "lines": total}
@@ -175,8 +176,10 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
 
 def load(model_dir: str) -> tuple[Any, Any]:
     """The model (float32, eval mode) and tokenizer saved in `model_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # AutoTokenizer in transformers 5 maps model_type qwen2 to Qwen2Tokenizer, which replaces
+    # this tokenizer's pre-tokenizer (digits split apart); load the saved tokenizer.json as is.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
