@@ -202,3 +202,18 @@ def test_validity_metrics_on_a_tiny_sample(base) -> None:
     assert forced["lines"] == 4 and 0.0 <= forced["error_rate"] <= 1.0
     own = forced_line_error(model, tokenizer, probs[:1], style="detailed")
     assert own["lines"] == 12
+
+
+def test_core_loader_keeps_the_saved_pre_tokenizer() -> None:
+    """transformers 5's AutoTokenizer would rebuild this tokenizer as Qwen2Tokenizer and split labels."""
+    from transformers import PreTrainedTokenizerFast
+
+    from dail.config import ModelConfig
+    from dail.models import load_tokenizer
+
+    path = base_model_dir()
+    tokenizer = load_tokenizer(ModelConfig(model=str(path)))
+    saved = PreTrainedTokenizerFast.from_pretrained(path)
+    text = "c11 = 2*1+9*7 = 5\nSolve the problem step by step and put your final answer in \\boxed{}."
+    assert tokenizer(text).input_ids == saved(text).input_ids
+    assert len(tokenizer.encode("c11 = 7", add_special_tokens=False)) == 3

@@ -7,7 +7,9 @@ the user names a hub model; weights load from safetensors only.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,10 +54,24 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
     check_loadable(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    saved = Path(cfg.model) / "tokenizer.json"
+    if saved.exists() and _pre_tokenizer(tokenizer) != json.loads(saved.read_text(encoding="utf-8")).get("pre_tokenizer"):
+        # transformers 5 rebuilds some tokenizers from their model type's class (e.g. Qwen2Tokenizer),
+        # replacing the saved pre-tokenizer; the saved tokenizer.json is what the model was trained with.
+        from transformers import PreTrainedTokenizerFast
+
+        logger.warning("%s: AutoTokenizer changed the saved pre-tokenizer; loading tokenizer.json as saved",
+                       cfg.model)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.model)
     if tokenizer.pad_token_id is None:
         # Padding is always masked, so reusing EOS is safe; EOS itself stays a training target.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _pre_tokenizer(tokenizer: Any) -> Any:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
 
 
 def load_model(cfg: ModelConfig, *, for_training: bool = False) -> Any:
@@ -92,9 +108,6 @@ def check_loadable(name: str, *, trust_remote_code: bool = False) -> None:
         ModelLoadError: no safetensors weights beside pickle ones, no weights at all, or
             custom code (`auto_map`) without `trust_remote_code`.
     """
-    import json
-    from pathlib import Path
-
     path = Path(name).expanduser()
     if not path.is_dir():
         if name.startswith(("/", "./", "../", "~")) or path.exists():
