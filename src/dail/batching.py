@@ -90,7 +90,7 @@ def run_per_problem(
 
 
 # Settings that cannot change what a finished part holds.
-_NEUTRAL_KEYS = {"out", "batch_size", "device", "dtype", "shard"}
+_NEUTRAL_KEYS = {"out", "batch_size", "device", "dtype", "shard", "engine", "draft_length"}
 
 
 def check_resumable(config_path: Path, config: dict[str, Any]) -> None:

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", type=int, help="traces kept per problem by selection")
     g.add_argument("--grader", help="math, exact, world, or module:function")
     g.add_argument("--engine", choices=["reference", "draft"],
-                   help="token-by-token (default) or draft-and-verify scheduling; same traces")
+                   help="draft-and-verify (default) or token-by-token scheduling; same traces")
     g.add_argument("--draft-length", type=int, help="draft tokens per round (0 adapts)")
     g.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md)")
 

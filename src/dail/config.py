@@ -105,8 +105,8 @@ class GenerateConfig:
         keep: Traces kept per problem by selection.
         grader: Answer checker for selection ("math", "exact", "world" or "module:function").
         suppress_end_of_thinking: For reasoning models, forbid </think> during rollout.
-        engine: "reference" (one forward over both contexts per token) or "draft" (draft and
-            verify with continuous batching); both give the same traces for the same seeds.
+        engine: "draft" (draft and verify with continuous batching) or "reference" (one
+            forward over both contexts per token); both give the same traces for the same seeds.
         draft_length: Draft tokens per round of the "draft" engine (0 adapts it).
         shard: "i/n": compute only problems k with k mod n == i (array jobs; see
             `dail.distributed`). Does not change any output.
@@ -120,7 +120,7 @@ class GenerateConfig:
     keep: int = 1
     grader: str = "math"
     suppress_end_of_thinking: bool = True
-    engine: str = "reference"
+    engine: str = "draft"
     draft_length: int = 0
     shard: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
