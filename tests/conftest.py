@@ -49,3 +49,13 @@ def problems_file(tmp_path) -> Path:
     path = tmp_path / "problems.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS), encoding="utf-8")
     return path
+
+
+def role_contexts(tokenizer, problems) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the student and privileged prompts of `problems`."""
+    from dail.prompts import PromptBuilder
+    from dail.train import encode_prompt
+
+    rendered = [PromptBuilder().render(p, tokenizer) for p in problems]
+    return ([encode_prompt(tokenizer, r["student"]) for r in rendered],
+            [encode_prompt(tokenizer, r["privileged"]) for r in rendered])

@@ -7,7 +7,6 @@ import torch
 
 from dail.data import Problem
 from dail.models import eos_token_ids
-from dail.prompts import PromptBuilder
 from dail.rollout import (
     RolloutSettings,
     mixed_rollout,
@@ -16,7 +15,7 @@ from dail.rollout import (
     sampling_probs,
     sequence_seed,
 )
-from dail.train import encode_prompt
+from tests.conftest import role_contexts
 
 PROBLEMS = [
     Problem(id="a", problem="What is 2+3?", solution="2+3=5, so \\boxed{5}.", answer="5"),
@@ -27,13 +26,7 @@ PROBLEMS = [
 
 @pytest.fixture(scope="module")
 def contexts(tiny):
-    model, tokenizer = tiny
-    student, privileged = [], []
-    for p in PROBLEMS:
-        prompts = PromptBuilder().render(p, tokenizer)
-        student.append(encode_prompt(tokenizer, prompts["student"]))
-        privileged.append(encode_prompt(tokenizer, prompts["privileged"]))
-    return student, privileged
+    return role_contexts(tiny[1], PROBLEMS)
 
 
 def rollout(tiny, contexts, *, rows=6, seed=0, **kw):
