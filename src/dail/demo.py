@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Scale of the demo. Defaults follow METHOD.md except where the model's size forces a change.
+    """Scale of the demo. Defaults follow the paper's settings except where the model's size forces a change.
 
     Scaled down from the paper (documented in the report): training problems (the paper uses
     417), rollout samples per problem, evaluation samples per problem (the paper's n is 128) and

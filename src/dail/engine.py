@@ -1,4 +1,4 @@
-"""Draft-and-verify engine for the mixed-policy rollout (METHOD.md, Stage 1; issue 4).
+"""Draft-and-verify engine for the mixed-policy rollout (the paper's Stage 1).
 
 The algorithm is `dail.rollout`'s token-by-token decoder; this module only changes how the
 forward passes are scheduled. Each round, with draft length k:

@@ -1,6 +1,6 @@
 """DAIL's token-level losses, in pure torch (no transformers import).
 
-The contrastive objective (METHOD.md, Stage 2; the paper's training loss):
+The contrastive objective (the paper's Stage 2 training loss):
 
     L = mean_t [ KL(M_theta(.|x, r<t) || M_PS(.|x, s, r<t)) - gamma * KL(M_theta(.|x, r<t) || M_NR(.|x, s~, r<t)) ]
 
@@ -123,8 +123,8 @@ def nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
 # --------------------------------------------------------------------------- memory-bounded losses
 #
 # The plain functions above take (B, T, V) logits for every role. At a 150k vocabulary and a few
-# thousand response tokens that is gigabytes per role, held at once (the release's weakness,
-# METHOD.md). The functions below take hidden states instead and apply the output projection
+# thousand response tokens that is gigabytes per role, held at once (a weakness of the authors'
+# release). The functions below take hidden states instead and apply the output projection
 # chunk by chunk over positions: each chunk's logits, log-softmaxes and both KL terms live only
 # while the chunk is processed, and the chunk's gradient (with respect to the student's hidden
 # states and the head's trainable parameters, e.g. a LoRA adapter on lm_head) is computed right

@@ -1,6 +1,6 @@
 """The three roles' prompts, and waypoint extraction for the negative reference.
 
-Roles (METHOD.md): the student sees the problem only; the privileged student sees the problem and
+Roles (as in the paper): the student sees the problem only; the privileged student sees the problem and
 the expert solution with instructions to use its method silently and show every step; the
 negative reference sees the problem, the final answer and coarse waypoints of the solution.
 All three are rendered through the tokenizer's chat template as one user turn followed by the
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 ROLES = ("student", "privileged", "negative")
 
-# Our own wording of the instructions METHOD.md describes. Placeholders: {problem}, {solution},
+# Our own wording of the instructions the paper describes. Placeholders: {problem}, {solution},
 # {answer}, {waypoints}, {hints}; other braces are left alone, so LaTeX needs no escaping.
 STUDENT_TEMPLATE = """\
 {problem}

@@ -1,4 +1,4 @@
-"""The mixed-policy decoder (METHOD.md, Stage 1).
+"""The mixed-policy decoder (the paper's Stage 1).
 
 At every step the student (problem-only context) proposes a token y from its sampling
 distribution; if the privileged student (problem + expert solution) gives y a raw probability

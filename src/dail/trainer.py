@@ -57,7 +57,7 @@ class DAILConfig(TrainingArguments):
     max_length: int = 12288
     merge: bool = False
     loss_chunk_size: int = 512
-    # Release hyperparameters (METHOD.md).
+    # The authors' release hyperparameters.
     learning_rate: float = 2e-4
     warmup_steps: int = 5
     weight_decay: float = 0.01

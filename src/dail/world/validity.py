@@ -8,7 +8,7 @@
   token is not the right value -- high; the same measure on the model's own primitive lines
   (`a op b =`) is the control -- low.
 
-Sampling uses METHOD.md's settings (temperature 0.6, top-p 0.95); pass@k is the unbiased
+Sampling uses the paper's settings (temperature 0.6, top-p 0.95); pass@k is the unbiased
 estimator 1 - C(n-c, k) / C(n, k), averaged over problems.
 """
 
