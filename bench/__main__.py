@@ -230,7 +230,10 @@ def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: in
                       "grad_norm": float(hs.grad.norm()), "grad_sum": float(hs.grad.sum())}))
 
 
-def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk: int = 128) -> dict[str, Any]:
+def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk: int | None = None) -> dict[str, Any]:
+    from dail.trainer import DAILConfig
+
+    chunk = chunk or DAILConfig.loss_chunk_size  # what the trainer uses by default
     results = {}
     for mode in ("chunked", "plain"):
         out = subprocess.run([sys.executable, "-m", "bench", "--loss-memory-child", mode, str(tokens), str(vocab),
