@@ -11,7 +11,7 @@ background load on the machine cancels out as far as possible. Writes bench/resu
   verify engine is measured against both and reported beside them.
 - train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch.
 - loss_memory: peak RSS growth of the contrastive loss + backward, chunked / unchunked, each in
-  a fresh subprocess (peak RSS from getrusage minus RSS before the measured call).
+  a fresh subprocess (VmHWM minus VmRSS before the measured call).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -199,12 +198,13 @@ def bench_train_step(repeats: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- loss memory
 
 
-def _rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM")."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: int) -> None:
@@ -215,7 +215,7 @@ def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: in
     head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
     hs = torch.randn(tokens, hidden, requires_grad=True)
     hp, hn = torch.randn(tokens, hidden), torch.randn(tokens, hidden)
-    before = _rss_bytes()
+    before = _status_bytes("VmRSS")
     if mode == "plain":
         with torch.no_grad():
             lp, ln = head(hp), head(hn)
@@ -225,7 +225,9 @@ def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: in
     else:
         loss = chunked_contrastive_kl_terms(hs, hp, hn, head, gamma=0.1, chunk_size=chunk)[0]
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM belongs to this address space; getrusage's ru_maxrss would carry over the parent's
+    # peak through fork and exec and put a floor under small measurements.
+    peak = _status_bytes("VmHWM")
     print(json.dumps({"peak_growth": peak - before, "loss": float(loss.detach()),
                       "grad_norm": float(hs.grad.norm()), "grad_sum": float(hs.grad.sum())}))
 
@@ -246,7 +248,7 @@ def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk
             "loss_abs_diff": abs(c["loss"] - p["loss"]),
             "grad_norm_rel_diff": abs(c["grad_norm"] - p["grad_norm"]) / p["grad_norm"],
             "tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk,
-            "method": "peak RSS (getrusage ru_maxrss) minus RSS before the loss, fresh subprocess each"}
+            "method": "peak RSS (VmHWM) minus RSS before the loss, fresh subprocess each"}
 
 
 # --------------------------------------------------------------------------- main
