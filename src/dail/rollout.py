@@ -276,14 +276,20 @@ def reference_rollout(
             trace.sources.append(STUDENT if oks[i] else PRIVILEGED)
             trace.proposal_ids.append(proposed[i])
             trace.proposal_probs.append(probs[i])
-        finished_now = torch.isin(chosen, eos) & ~done
-        for i in torch.nonzero(finished_now).flatten().tolist():
-            traces[i].finished = True
-        done |= finished_now
+        done = _mark_finished(traces, chosen, eos, done)
         if bool(done.all()):
             break
         decoder.step(torch.cat([chosen, chosen]))
     return traces
+
+
+def _mark_finished(traces: list[Trace], chosen: torch.Tensor, eos: torch.Tensor,
+                   done: torch.Tensor) -> torch.Tensor:
+    """Flag the traces whose chosen token ends them; returns the updated (B,) done mask."""
+    finished_now = torch.isin(chosen, eos) & ~done
+    for i in torch.nonzero(finished_now).flatten().tolist():
+        traces[i].finished = True
+    return done | finished_now
 
 
 def _choose(
@@ -342,10 +348,7 @@ def sample_responses(
         for i in torch.nonzero(~done).flatten().tolist():
             traces[i].token_ids.append(tokens[i])
             traces[i].sources.append(STUDENT)
-        finished_now = torch.isin(chosen, eos) & ~done
-        for i in torch.nonzero(finished_now).flatten().tolist():
-            traces[i].finished = True
-        done |= finished_now
+        done = _mark_finished(traces, chosen, eos, done)
         if bool(done.all()):
             break
         decoder.step(chosen)
