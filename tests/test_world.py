@@ -90,10 +90,16 @@ def test_didactic_fuses_and_detailed_writes_every_step(kind: str) -> None:
     assert didactic != detailed
     fused_lines = [ln for ln in didactic.split("\n") if re.fullmatch(r"\S+ = [0-9*+\-]+ = \d", ln)]
     assert len(fused_lines) == len(spec.items)
-    # Detailed: every line is one primitive `a op b = c`, a labelled value, or the box.
-    for line in detailed.split("\n"):
-        assert (re.fullmatch(r"\d [*+\-] \d = \d", line) or re.fullmatch(r"\S+ = \d", line)
-                or line.startswith("\\boxed")), line
+    # Detailed: every line is a labelled expression, one primitive `a op b = c`, the didactic
+    # line itself (closing its item), or the box.
+    lines = detailed.split("\n")
+    for line in lines:
+        assert (re.fullmatch(r"\d [*+\-] \d = \d", line) or re.fullmatch(r"\S+ = [0-9*+\-]+", line)
+                or line in fused_lines or line.startswith("\\boxed")), line
+    # Each item opens with its expression and closes with the expert's line, steps in between.
+    opening = [ln for ln in lines if re.fullmatch(r"[A-Za-z]\S* = [0-9*+\-]+", ln)]
+    assert opening == [ln.rsplit(" = ", 1)[0] for ln in fused_lines]
+    assert [ln for ln in lines if ln in fused_lines] == fused_lines
     # Each primitive line is arithmetically right.
     for a, op, b, c in re.findall(r"^(\d) ([*+\-]) (\d) = (\d)$", detailed, flags=re.M):
         assert eval(f"({a}{op}{b}) % 10") == int(c)  # noqa: S307

@@ -7,18 +7,28 @@ but a method it has never seen.
 
 Two styles of writing a solution:
 
-* DETAILED (the model's own style): one primitive operation per line, every intermediate
-  result written out, then the labelled value::
+* DETAILED (the model's own style): the labelled expression (the method: which numbers
+  combine), then one primitive operation per line with every intermediate result written out,
+  then the labelled value::
 
+      c11 = 3*2+5*4
       3 * 2 = 6
       5 * 4 = 0
       6 + 0 = 6
-      c11 = 6
+      c11 = 3*2+5*4 = 6
 
 * DIDACTIC (the expert's style): one sentence naming the method, then one fused line per
   labelled value that skips every intermediate result::
 
       c11 = 3*2+5*4 = 6
+
+The detailed style is the didactic one with the work put back: each fused line is written
+first without its value, then the primitive steps, then the fused line again with the value.
+Writing the expression is where the method lives: a model that knows the method for a type
+writes it from the statement; one that does not can copy it from a reference solution (the
+line closing one item is the reference's own line, so the next item's line follows it there).
+Each primitive line only combines numbers from the lines just above it, so the detailed style
+is within a small model's reach while a fused line's value (several primitives at once) is not.
 
 Both end with `\\boxed{d1,d2,...}`, the labelled values in order. Expressions are sums of
 products evaluated left to right: each product factor by factor, then added to (or subtracted
@@ -142,12 +152,13 @@ class Spec:
         return "\n".join(lines)
 
     def detailed(self) -> str:
-        """The model's own style: one primitive per line, then each labelled value."""
+        """The model's own style: the expression, one primitive per line, the fused line with its value."""
         lines: list[str] = []
         for label, e in self.items:
             steps, value = detailed_steps(e)
+            lines.append(f"{label} = {fused(e)}")
             lines += steps
-            lines.append(f"{label} = {value}")
+            lines.append(f"{label} = {fused(e)} = {value}")
         lines.append(f"\\boxed{{{self.answer}}}")
         return "\n".join(lines)
 

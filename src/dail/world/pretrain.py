@@ -156,8 +156,10 @@ def run(cfg: PretrainConfig) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = Path(cfg.init) if cfg.init else work / "tokenizer"
     if tok_dir.exists():
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        from transformers import PreTrainedTokenizerFast
+
+        # The saved tokenizer.json as is (AutoTokenizer may swap its pre-tokenizer).
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     else:
         tokenizer = build_tokenizer()
         tokenizer.save_pretrained(tok_dir)
@@ -224,6 +226,9 @@ def run(cfg: PretrainConfig) -> Path:
                 "wall_minutes": round(wall / 60, 1), "parameters": n_params,
                 "command": os.environ.get("DAIL_WORLD_COMMAND", ""),
                 "torch": torch.__version__}
+    history = Path(cfg.init) / "pretrain_settings.json" if cfg.init else None
+    if history is not None and history.exists():
+        settings["init_from"] = json.loads(history.read_text())  # the chain of runs behind `init`
     (out / "pretrain_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     logger.info("saved %s after %d steps, %d tokens, %.1f min", out, step, tokens, wall / 60)
     return out

@@ -120,7 +120,7 @@ def _detailed_from_didactic(solution: str) -> str:
         if m:
             expr = _parse(m.group(2))
             steps, value = gen.detailed_steps(expr)
-            lines += steps + [f"{m.group(1)} = {value}"]
+            lines += [f"{m.group(1)} = {m.group(2)}", *steps, line]
     lines.append(solution.strip().split("\n")[-1])
     return "\n".join(lines)
 
