@@ -9,7 +9,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from dail.config import GenerateConfig, ModelConfig, SamplingConfig, TrainConfig
-from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_hidden, response_logits, teacher_hidden
+from dail.trainer import (
+    DAILCollator,
+    DAILConfig,
+    DAILTrainer,
+    response_hidden,
+    response_logits,
+    teacher_hidden,
+)
 
 EXAMPLES = [
     {"prompt_ids": {"student": [5, 6, 7], "privileged": [5, 6, 7, 8, 9, 10], "negative": [5, 8]},
