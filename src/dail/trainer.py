@@ -165,32 +165,6 @@ def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role
     return out.hidden_states[-1][:, -(width + 1):-1, :]  # the last entry is after the final norm
 
 
-def stack_roles(batch: dict[str, torch.Tensor], roles: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The roles' rows as one batch under the role name "stacked", left-padded to one prompt width.
-
-    Extra left padding is masked and positions restart after it, so each row's hidden states are
-    those of its own forward; one call for both frozen roles halves the number of passes.
-    """
-    width = max(batch[f"{role}_input_ids"].shape[1] for role in roles)
-
-    def padded(key: str) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(batch[f"{role}_{key}"],
-                                                  (width - batch[f"{role}_{key}"].shape[1], 0))
-                          for role in roles])
-
-    return {"stacked_input_ids": padded("input_ids"), "stacked_attention_mask": padded("attention_mask"),
-            "response_mask": batch["response_mask"]}
-
-
-def teacher_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                   roles: tuple[str, ...]) -> list[torch.Tensor]:
-    """`response_hidden` of several roles from one forward call; one (B, T, H) tensor per role."""
-    if len(roles) == 1:
-        return [response_hidden(model, batch, roles[0])]
-    hidden = response_hidden(model, stack_roles(batch, roles), "stacked")
-    return list(hidden.chunk(len(roles)))
-
-
 class DAILTrainer(Trainer):
     """Trainer for the DAIL losses; overrides `compute_loss` only (plus logging of its terms)."""
 
@@ -250,10 +224,9 @@ class DAILTrainer(Trainer):
             self._record("nll", loss)
             return loss
         base = self.accelerator.unwrap_model(model)
-        roles = ("privileged", "negative") if self.args.uses_negative else ("privileged",)
         with torch.no_grad(), _adapter_disabled(base):
-            teachers = [h[keep] for h in teacher_hidden(base, inputs, roles)]  # each (N, H)
-        privileged, negative = teachers[0], (teachers[1] if len(teachers) > 1 else None)
+            privileged = response_hidden(base, inputs, "privileged")[keep]  # (N, H)
+            negative = response_hidden(base, inputs, "negative")[keep] if self.args.uses_negative else None
         teacher_head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
         combined, positive_sum, negative_sum = chunked_contrastive_kl_terms(
             student, privileged, negative, head, gamma=self.args.gamma, direction=self.args.kl_direction,

@@ -270,7 +270,7 @@ def make_generic(rng: random.Random) -> Spec:
     """A random statement with a random reference: labels and expression shapes of all kinds."""
     n_items = rng.randint(2, 5)
     labels = rng.sample(LABELS, n_items)
-    items = tuple((label, random_expr(rng)) for label in labels)
+    items = tuple((label, random_expr(rng, max_terms=3)) for label in labels)
     objects = [_random_object(rng) for _ in range(rng.randint(1, 3))]
     statement = (f"Let {_and_list(objects)}. {rng.choice(('Compute', 'Find'))} "
                  f"{_and_list(list(labels))} modulo 10.")
