@@ -51,10 +51,14 @@ KNOWN_TYPES = ("vecsum", "dot", "axpy", "expr")
 NOVEL_TYPES = ("matmul", "poly")
 ALL_TYPES = KNOWN_TYPES + NOVEL_TYPES
 
-# Labels the world may use: a letter, optionally followed by one or two small digits.
+# Label tokens: a letter, optionally followed by one or two small digits (all in the tokenizer).
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _SUFFIXES = ("", "1", "2", "3", "4", "11", "12", "13", "21", "22", "23", "31", "32", "33")
-LABELS = tuple(letter + suffix for letter in _LETTERS for suffix in _SUFFIXES)
+ALL_LABELS = tuple(letter + suffix for letter in _LETTERS for suffix in _SUFFIXES)
+# Labels that problems use: a small set, so that each is frequent enough in pretraining for a
+# tiny model to learn to copy it (with all 728, no label was ever copied from a reference).
+LABELS = tuple(letter + suffix for letter in "abcdfgpqrsuy"
+               for suffix in ("", "1", "2", "3", "4", "11", "12", "21", "22"))
 
 # --------------------------------------------------------------------------- expressions
 

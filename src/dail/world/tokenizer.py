@@ -60,7 +60,7 @@ def corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
         yield spec.didactic()
         yield spec.detailed()
     for _ in range(20):  # every label, in both positions (line start and after a space)
-        yield "\n".join(f"{label} = 1, {label}" for label in gen.LABELS)
+        yield "\n".join(f"{label} = 1, {label}" for label in gen.ALL_LABELS)
     for _ in range(20):  # chat-template words and blank lines
         yield "user\nassistant\nsystem\n\nx\n\n\nx\n\n\n\n"
     yield " ".join(gen.WORDS)
