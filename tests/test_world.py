@@ -23,7 +23,13 @@ from dail.world import (
     problems,
 )
 from dail.world import generator as gen
-from dail.world.validity import _detailed_from_didactic, forced_line_error, pass_rates
+from dail.world.validity import (
+    _detailed_from_didactic,
+    forced_line_error,
+    pass_rates,
+    token_category,
+    token_errors,
+)
 
 # --------------------------------------------------------------------------- generator
 
@@ -196,6 +202,10 @@ def test_tokenizer_round_trip_and_compact_prompts(base) -> None:
             assert extra <= 12
     for label in ("c11", "w2", "y4", "Q"):
         assert len(tokenizer.encode(f"{label} = 7", add_special_tokens=False)) == 3
+        # The same token wherever the label stands, so copying it needs no translation.
+        [token] = tokenizer.encode(label, add_special_tokens=False)
+        for context in (f"Find {label} and", f"x\n{label} = 7", f"({label}, 2)"):
+            assert token in tokenizer.encode(context, add_special_tokens=False), context
 
 
 def test_validity_metrics_on_a_tiny_sample(base) -> None:
@@ -223,3 +233,29 @@ def test_core_loader_keeps_the_saved_pre_tokenizer() -> None:
     text = "c11 = 2*1+9*7 = 5\nSolve the problem step by step and put your final answer in \\boxed{}."
     assert tokenizer(text).input_ids == saved(text).input_ids
     assert len(tokenizer.encode("c11 = 7", add_special_tokens=False)) == 3
+
+
+def test_token_categories_of_a_detailed_trace() -> None:
+    trace = "c11 = 3*2+5*4\n3 * 2 = 6\n5 * 4 = 0\n6 + 0 = 6\nc11 = 3*2+5*4 = 6\n\\boxed{6}"
+    seen: dict[str, list[str]] = {}
+    text = ""
+    for piece in re.findall(r"(?s)[A-Za-z]+[0-9]*|\\boxed|.", trace):
+        seen.setdefault(token_category(text.split("\n")[-1], piece), []).append(piece)
+        text += piece
+    assert seen["label"] == ["c11", "c11"]
+    assert "".join(seen["item value"]).strip() == "6"
+    assert "".join(seen["step result"]).replace(" ", "") == "606"
+    assert "".join(seen["answer"]) == "\\boxed{6}"
+    assert seen["expression"].count("*") == 4  # the opening line and the closing line's copy
+    assert "".join(seen["step operand"]).replace(" ", "").replace("\n", "").startswith("3*2=")
+
+
+def test_token_errors_count_every_response_token(base) -> None:
+    model, tokenizer = base
+    probs = generate("matmul", 2, split="test", seed=0)
+    table = token_errors(model, tokenizer, probs, "privileged")
+    expected = sum(len(tokenizer.encode(_detailed_from_didactic(p.solution), add_special_tokens=False)) + 1
+                   for p in probs)
+    assert sum(row["tokens"] for row in table.values()) == expected
+    assert table["label"]["tokens"] == 2 * 4 * 2  # opening and closing line of 4 items, 2 problems
+    assert all(0.0 <= row["error_rate"] <= 1.0 for row in table.values())

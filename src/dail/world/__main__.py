@@ -1,4 +1,4 @@
-"""`python -m dail.world pretrain|validity|export`: the world's command line."""
+"""`python -m dail.world pretrain|validity|diagnose|export`: the world's command line."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--seed", type=int, default=0)
     val.add_argument("--out", default=None, help="also write the numbers to this JSON file")
 
+    dia = sub.add_parser("diagnose", help="teacher-forced token errors by kind of token")
+    dia.add_argument("--model", default=None, help="model directory (default: committed base)")
+    dia.add_argument("--n-problems", type=int, default=8)
+    dia.add_argument("--seed", type=int, default=0)
+
     exp = sub.add_parser("export", help="write problems as JSONL for `dail generate/train/eval`")
     exp.add_argument("path")
     exp.add_argument("--split", choices=("train", "test"), default="train")
@@ -54,6 +59,17 @@ def main(argv: list[str] | None = None) -> int:
 
             write_text_atomic(args.out, text + "\n")
         print(text)
+    elif args.command == "diagnose":
+        from dail.world import base_model_dir
+        from dail.world.validity import CATEGORIES, diagnose, load
+
+        model, tokenizer = load(args.model or str(base_model_dir()))
+        table = diagnose(model, tokenizer, n_problems=args.n_problems, seed=args.seed)
+        print("next-token error rate (teacher-forced detailed trace)")
+        print(f"{'type/role':<22}" + "".join(f"{c:>14}" for c in CATEGORIES))
+        for name, row in table.items():
+            cells = [f"{row[c]['error_rate']:>14.3f}" if c in row else f"{'-':>14}" for c in CATEGORIES]
+            print(f"{name:<22}" + "".join(cells))
     elif args.command == "export":
         from dail.world import export_problems
 

@@ -1,7 +1,7 @@
 """A small byte-level BPE tokenizer for the world, with a ChatML chat template.
 
-Pre-tokenization keeps every digit, operator and label (`c11`, `w2`) a single piece, with an
-optional leading space; BPE trained on world text to convergence makes each piece one token.
+Pre-tokenization keeps every digit, operator and label (`c11`, `w2`) a single piece (digits and
+operators with an optional leading space); BPE trained on world text to convergence makes each piece one token.
 The fixed instruction sentences of the three roles' prompts are added as whole tokens, so a
 prompt costs a few tokens beyond the problem and the reference. Byte-level encoding makes any
 text round-trip exactly.
@@ -33,9 +33,20 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-# One piece: a word or label (letters then digits), one digit, one other symbol, or whitespace;
-# each may carry one leading space.
-_PIECE = r" ?[A-Za-z]+[0-9]*| ?[0-9]| ?[^\sA-Za-z0-9]|\n+| +|\s+"
+# One piece: a word or label (letters then digits), one digit, one other symbol, or whitespace.
+# Digits and symbols may carry one leading space; words and labels never do, so a label is the
+# same token at a line start, in a list and in a sentence (a model copies it from one to the
+# other without first learning that ` c11` and `c11` are the same). The vocabulary was learned
+# with words that took their leading space (`_TRAIN_PIECE`); those merged tokens go unused.
+_PIECE = r"[A-Za-z]+[0-9]*| ?[0-9]| ?[^\sA-Za-z0-9]|\n+| +|\s+"
+_TRAIN_PIECE = r" ?[A-Za-z]+[0-9]*| ?[0-9]| ?[^\sA-Za-z0-9]|\n+| +|\s+"
+
+
+def _pre_tokenizer(piece: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(piece), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
 
 
 def template_phrases() -> list[str]:
@@ -69,15 +80,13 @@ def corpus(n: int = 3000, seed: int = 0) -> Iterator[str]:
 def build_tokenizer(vocab_size: int = 4000) -> PreTrainedTokenizerFast:
     """Train the BPE on world text and wrap it for `transformers`."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_PIECE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = _pre_tokenizer(_TRAIN_PIECE)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=list(SPECIAL_TOKENS))
     tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.pre_tokenizer = _pre_tokenizer(_PIECE)
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in template_phrases()])
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=IM_END, pad_token=BOS_LIKE, unk_token=None,

@@ -144,6 +144,64 @@ def _result_positions(text: str, style: str) -> list[tuple[str, str]]:
     return out
 
 
+# --------------------------------------------------------------------------- diagnosis
+
+CATEGORIES = ("label", "expression", "step operand", "step result", "item value", "answer")
+
+
+def token_category(line_so_far: str, token: str) -> str:
+    """What a response token of a detailed trace is, from the text of its line before it.
+
+    `label` opens an item line (`c11`), `expression` is the rest of an item's opening line (or of
+    its closing line up to the second `=`), `step operand`/`step result` belong to a primitive
+    line (`3 * 2 = 6`), `item value` ends the closing line, `answer` is the boxed list and EOS.
+    """
+    if line_so_far.startswith("\\") or token.startswith("\\") or token.startswith("<|"):
+        return "answer"
+    if not line_so_far:
+        return "label" if token[:1].isalpha() else "step operand"
+    if line_so_far[:1].isalpha():
+        return "item value" if line_so_far.count("=") == 2 else "expression"
+    return "step result" if line_so_far.rstrip().endswith("=") else "step operand"
+
+
+@torch.no_grad()
+def token_errors(model: Any, tokenizer: Any, problems: Sequence[Problem], role: str) -> dict[str, Any]:
+    """Teacher-forced next-token error rate of the detailed trace, by token category.
+
+    The response is the detailed trace after `role`'s prompt; a token is an error when the
+    model's most likely next token differs. It shows which skill a model lacks (copying labels,
+    expressions, computing primitives) long before whole solutions come out right.
+    """
+    errors = dict.fromkeys(CATEGORIES, 0)
+    totals = dict.fromkeys(CATEGORIES, 0)
+    builder = PromptBuilder()
+    for problem in problems:
+        prompt = tokenizer.encode(builder.render(problem, tokenizer)[role], add_special_tokens=False)
+        response = tokenizer.encode(detailed_of(problem), add_special_tokens=False) + [tokenizer.eos_token_id]
+        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        predicted = logits.argmax(-1).tolist()
+        text = ""
+        for want, got in zip(response, predicted, strict=True):
+            token = tokenizer.decode([want])
+            category = token_category(text.split("\n")[-1], token)
+            totals[category] += 1
+            errors[category] += int(got != want)
+            text += token
+    return {c: {"error_rate": errors[c] / totals[c], "tokens": totals[c]} for c in CATEGORIES if totals[c]}
+
+
+def diagnose(model: Any, tokenizer: Any, *, n_problems: int = 8, seed: int = 0) -> dict[str, Any]:
+    """`token_errors` for the student on known types and the privileged student on all types."""
+    out: dict[str, Any] = {}
+    for kind in gen.ALL_TYPES:
+        probs = gen.generate(kind, n_problems, split="test", seed=seed)
+        roles = ("student", "privileged") if kind in gen.KNOWN_TYPES else ("privileged",)
+        for role in roles:
+            out[f"{kind}/{role}"] = token_errors(model, tokenizer, probs, role)
+    return out
+
+
 def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int = 64,
              seed: int = 0) -> dict[str, Any]:
     """All validity numbers on test problems (see the module docstring)."""
