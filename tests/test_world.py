@@ -200,7 +200,7 @@ def test_tokenizer_round_trip_and_compact_prompts(base) -> None:
             extra = (len(tokenizer.encode(prompts["student"], add_special_tokens=False))
                      - len(tokenizer.encode(p.problem, add_special_tokens=False)))
             assert extra <= 12
-    for label in ("c11", "w2", "y4", "Q"):
+    for label in ("r1", "c11", "w2", "y4", "Q"):
         assert len(tokenizer.encode(f"{label} = 7", add_special_tokens=False)) == 3
         # The same token wherever the label stands, so copying it needs no translation.
         [token] = tokenizer.encode(label, add_special_tokens=False)

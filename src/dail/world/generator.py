@@ -11,16 +11,16 @@ Two styles of writing a solution:
   combine), then one primitive operation per line with every intermediate result written out,
   then the labelled value::
 
-      c11 = 3*2+5*4
+      r1 = 3*2+5*4
       3 * 2 = 6
       5 * 4 = 0
       6 + 0 = 6
-      c11 = 3*2+5*4 = 6
+      r1 = 3*2+5*4 = 6
 
 * DIDACTIC (the expert's style): one sentence naming the method, then one fused line per
   labelled value that skips every intermediate result::
 
-      c11 = 3*2+5*4 = 6
+      r1 = 3*2+5*4 = 6
 
 The detailed style is the didactic one with the work put back: each fused line is written
 first without its value, then the primitive steps, then the fused line again with the value.
@@ -55,10 +55,10 @@ ALL_TYPES = KNOWN_TYPES + NOVEL_TYPES
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _SUFFIXES = ("", "1", "2", "3", "4", "11", "12", "13", "21", "22", "23", "31", "32", "33")
 ALL_LABELS = tuple(letter + suffix for letter in _LETTERS for suffix in _SUFFIXES)
-# Labels that problems use: a small set, so that each is frequent enough in pretraining for a
-# tiny model to learn to copy it (with all 728, no label was ever copied from a reference).
-LABELS = tuple(letter + suffix for letter in "abcdfgpqrsuy"
-               for suffix in ("", "1", "2", "3", "4", "11", "12", "21", "22"))
+# Labels of the requested values: every problem names them r1, r2, ... in order, so a label is
+# never something to look up. (Drawn from many labels, labels were the one kind of token a tiny
+# model never learned to copy from a reference, though it copied the expressions after them.)
+LABELS = ("r1", "r2", "r3", "r4")
 
 # --------------------------------------------------------------------------- expressions
 
@@ -210,7 +210,7 @@ def make_axpy(rng: random.Random) -> Spec:
 
 
 def make_expr(rng: random.Random) -> Spec:
-    labels = rng.sample(LABELS, rng.randint(3, 4))
+    labels = LABELS[:rng.randint(3, 4)]
     items = tuple((label, random_expr(rng)) for label in labels)
     statement = "Evaluate modulo 10: " + _and_list([f"{lab} = {fused(e)}" for lab, e in items]) + "."
     return Spec("expr", statement, "Evaluate each expression, products before sums.", items)
@@ -219,10 +219,12 @@ def make_expr(rng: random.Random) -> Spec:
 def make_matmul(rng: random.Random) -> Spec:
     a = [_digits(rng, 2) for _ in range(2)]
     b = [_digits(rng, 2) for _ in range(2)]
-    items = tuple((f"c{i + 1}{j + 1}", tuple(("+", (a[i][k], b[k][j])) for k in range(2)))
-                  for i in range(2) for j in range(2))
+    entries = [(i, j) for i in range(2) for j in range(2)]
+    items = tuple((LABELS[n], tuple(("+", (a[i][k], b[k][j])) for k in range(2)))
+                  for n, (i, j) in enumerate(entries))
     statement = (f"Let A = [{_vec(a[0])}, {_vec(a[1])}] and B = [{_vec(b[0])}, {_vec(b[1])}]. "
-                 "Compute the matrix product C = A B modulo 10.")
+                 "Compute the matrix product C = A B modulo 10, its entries in row order as "
+                 "r1, r2, r3 and r4.")
     return Spec("matmul", statement,
                 "Entry ij of C is row i of A times column j of B.", items)
 
@@ -230,9 +232,9 @@ def make_matmul(rng: random.Random) -> Spec:
 def make_poly(rng: random.Random) -> Spec:
     c2, c1, c0 = rng.randint(1, 9), rng.randrange(MOD), rng.randrange(MOD)
     points = rng.sample(range(MOD), 4)
-    items = tuple((f"y{k + 1}", (("+", (c2, x, x)), ("+", (c1, x)), ("+", (c0,))))
+    items = tuple((LABELS[k], (("+", (c2, x, x)), ("+", (c1, x)), ("+", (c0,))))
                   for k, x in enumerate(points))
-    asks = _and_list([f"y{k + 1} = p({x})" for k, x in enumerate(points)])
+    asks = _and_list([f"{LABELS[k]} = p({x})" for k, x in enumerate(points)])
     statement = f"Let p(x) = {c2}x^2 + {c1}x + {c0}. Compute {asks} modulo 10."
     return Spec("poly", statement, "Evaluate p at each point, computing x^2 as x*x.", items)
 
@@ -272,8 +274,7 @@ def _sentence(rng: random.Random, lo: int, hi: int) -> str:
 
 def make_generic(rng: random.Random) -> Spec:
     """A random statement with a random reference: labels and expression shapes of all kinds."""
-    n_items = rng.randint(2, 5)
-    labels = rng.sample(LABELS, n_items)
+    labels = LABELS[:rng.randint(2, 4)]
     items = tuple((label, random_expr(rng, max_terms=3)) for label in labels)
     objects = [_random_object(rng) for _ in range(rng.randint(1, 3))]
     statement = (f"Let {_and_list(objects)}. {rng.choice(('Compute', 'Find'))} "

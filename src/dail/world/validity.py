@@ -81,7 +81,7 @@ def forced_line_error(model: Any, tokenizer: Any, problems: Sequence[Problem], *
     """Teacher-force a solution after the student prompt and score each line's result token.
 
     Args:
-        style: "didactic" forces the expert's fused lines (`c11 = 2*1+9*7 =`); "detailed"
+        style: "didactic" forces the expert's fused lines (`r1 = 2*1+9*7 =`); "detailed"
             forces the model's own primitive lines (`2 * 1 =`).
 
     Returns:
@@ -152,7 +152,7 @@ CATEGORIES = ("label", "expression", "step operand", "step result", "item value"
 def token_category(line_so_far: str, token: str) -> str:
     """What a response token of a detailed trace is, from the text of its line before it.
 
-    `label` opens an item line (`c11`), `expression` is the rest of an item's opening line (or of
+    `label` opens an item line (`r1`), `expression` is the rest of an item's opening line (or of
     its closing line up to the second `=`), `step operand`/`step result` belong to a primitive
     line (`3 * 2 = 6`), `item value` ends the closing line, `answer` is the boxed list and EOS.
     """

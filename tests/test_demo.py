@@ -1,0 +1,37 @@
+"""`dail demo` end to end at miniature scale, on the committed world model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dail.demo import ALL_METHODS, DemoSettings, run
+
+TINY = DemoSettings(n_train=4, n_test=2, n_known=2, n_train_eval=2, samples=2, eval_n=4, known_n=2,
+                    max_new_tokens=48, epochs=1.0, batch_size=16, budgets=(24, 48))
+
+
+@pytest.mark.slow
+def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
+    results = run(str(tmp_path / "demo"), settings=TINY)
+    out = tmp_path / "demo"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"].keys() == results["methods"].keys()
+    assert {"validity", "methods"} <= saved.keys()
+    assert "known_student_pass@1" in saved["validity"]
+    # Every method is either evaluated or reported as not trained, with the reason.
+    assert set(saved["methods"]) | set(saved["skipped"]) == set(ALL_METHODS)
+    for name, m in saved["methods"].items():
+        assert [k for k in m if k.startswith("pass@") and k != "pass@k_ci"] == ["pass@1", "pass@2", "pass@4"], name
+        assert m["pass@1"] <= m["pass@2"] <= m["pass@4"]
+        assert "pass@1" in m["train_pass@k"] and 0.0 <= m["retention"] <= 1.0
+        assert m["mean_tokens"] is None or 0 < m["mean_tokens"] <= TINY.max_new_tokens
+    report = (out / "report.md").read_text()
+    assert "Validity of the world" in report and "| base |" in report
+    assert (out / "pass_at_k.png").stat().st_size > 0
+    assert (out / "accuracy_vs_budget.png").stat().st_size > 0
+    # A second run reuses every cached stage and reproduces the results.
+    again = run(str(out), settings=TINY)
+    assert {k: v["pass@1"] for k, v in again["methods"].items()} == {
+        k: v["pass@1"] for k, v in saved["methods"].items()}
