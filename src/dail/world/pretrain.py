@@ -61,8 +61,8 @@ _MIX = {
     ("axpy", "student"): 6, ("expr", "student"): 10,
     ("vecsum", "privileged"): 2, ("dot", "privileged"): 3, ("axpy", "privileged"): 3,
     ("expr", "privileged"): 3, ("generic", "privileged"): 38,
-    # Many single-operation items behind random labels: copying each next label and expression
-    # from the reference is most of the response, the skill reference-following rests on.
+    # Single-operation items: copying each expression from the reference is most of the
+    # response, the skill reference-following rests on.
     ("drill", "privileged"): 12,
     ("generic", "negative"): 2, ("dot", "negative"): 1, ("expr", "negative"): 2,
 }
