@@ -152,17 +152,14 @@ def lr_at(step: int, progress: float, cfg: PretrainConfig) -> float:
 
 def run(cfg: PretrainConfig) -> Path:
     """Train (resuming from `cfg.work` if a checkpoint is there) and save to `cfg.out`."""
-    from dail.world.tokenizer import build_tokenizer
+    from dail.world.tokenizer import build_tokenizer, load_tokenizer
 
     torch.set_num_threads(cfg.threads)
     work = Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
     tok_dir = Path(cfg.init) if cfg.init else work / "tokenizer"
     if tok_dir.exists():
-        from transformers import PreTrainedTokenizerFast
-
-        # The saved tokenizer.json as is (AutoTokenizer may swap its pre-tokenizer).
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
     else:
         tokenizer = build_tokenizer()
         tokenizer.save_pretrained(tok_dir)

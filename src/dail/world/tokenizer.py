@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -94,3 +95,12 @@ def build_tokenizer(vocab_size: int = 4000) -> PreTrainedTokenizerFast:
     wrapped.chat_template = CHAT_TEMPLATE
     logger.info("tokenizer: %d tokens", len(wrapped))
     return wrapped
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """The world tokenizer saved in `directory`, exactly as saved.
+
+    transformers 5's AutoTokenizer maps model_type qwen2 to Qwen2Tokenizer, which replaces this
+    tokenizer's pre-tokenizer (digits and labels split apart); tokenizer.json is loaded as is.
+    """
+    return PreTrainedTokenizerFast.from_pretrained(directory)

@@ -181,13 +181,13 @@ def token_errors(model: Any, tokenizer: Any, problems: Sequence[Problem], role: 
         response = tokenizer.encode(detailed_of(problem), add_special_tokens=False) + [tokenizer.eos_token_id]
         logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
         predicted = logits.argmax(-1).tolist()
-        text = ""
+        line = ""  # the current line of the response before this token
         for want, got in zip(response, predicted, strict=True):
             token = tokenizer.decode([want])
-            category = token_category(text.split("\n")[-1], token)
+            category = token_category(line, token)
             totals[category] += 1
             errors[category] += int(got != want)
-            text += token
+            line = (line + token).rsplit("\n", 1)[-1]
     return {c: {"error_rate": errors[c] / totals[c], "tokens": totals[c]} for c in CATEGORIES if totals[c]}
 
 
@@ -234,10 +234,10 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
 
 def load(model_dir: str) -> tuple[Any, Any]:
     """The model (float32, eval mode) and tokenizer saved in `model_dir`."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
-    # AutoTokenizer in transformers 5 maps model_type qwen2 to Qwen2Tokenizer, which replaces
-    # this tokenizer's pre-tokenizer (digits split apart); load the saved tokenizer.json as is.
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    from dail.world.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
