@@ -8,8 +8,8 @@ import pytest
 
 from dail.demo import ALL_METHODS, DemoSettings, run
 
-TINY = DemoSettings(n_train=4, n_test=2, n_known=2, n_train_eval=2, samples=2, eval_n=4, known_n=2,
-                    max_new_tokens=48, epochs=1.0, batch_size=16, budgets=(24, 48))
+TINY = DemoSettings(n_train=4, n_test=2, n_known=2, n_train_eval=2, samples=2, eval_n=4, train_eval_n=2,
+                    known_n=2, max_new_tokens=48, epochs=1.0, batch_size=16, budgets=(24, 48))
 
 
 @pytest.mark.slow
@@ -25,10 +25,12 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
     for name, m in saved["methods"].items():
         assert [k for k in m if k.startswith("pass@") and k != "pass@k_ci"] == ["pass@1", "pass@2", "pass@4"], name
         assert m["pass@1"] <= m["pass@2"] <= m["pass@4"]
-        assert "pass@1" in m["train_pass@k"] and 0.0 <= m["retention"] <= 1.0
+        assert list(m["train_pass@k"]) == ["pass@1", "pass@2"], name  # train_eval_n samples
+        assert 0.0 <= m["retention"] <= 1.0
         assert m["mean_tokens"] is None or 0 < m["mean_tokens"] <= TINY.max_new_tokens
     report = (out / "report.md").read_text()
     assert "Validity of the world" in report and "| base |" in report
+    assert "| method | train pass@1 | test pass@1 | train pass@2 | test pass@2 |" in report
     assert (out / "pass_at_k.png").stat().st_size > 0
     assert (out / "accuracy_vs_budget.png").stat().st_size > 0
     # A second run reuses every cached stage and reproduces the results.

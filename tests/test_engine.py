@@ -10,7 +10,7 @@ import pytest
 from dail.data import Problem
 from dail.engine import EngineStats, draft_rollout, expected_tokens
 from dail.models import eos_token_ids
-from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
+from dail.rollout import RolloutSettings, mixed_rollout, reference_rollout, sequence_seed
 from tests.conftest import role_contexts
 
 PROBLEMS = [
@@ -35,7 +35,7 @@ def run(tiny, contexts, settings, *, rows=7, seed=0, engine="reference", stats=N
     args = (model, [student[i] for i in idx], [privileged[i] for i in idx], seeds, s)
     if engine == "draft":
         return draft_rollout(*args, pad_id=tokenizer.pad_token_id, stats=stats)
-    return mixed_rollout(*args, pad_id=tokenizer.pad_token_id)
+    return reference_rollout(*args, pad_id=tokenizer.pad_token_id)
 
 
 def settings_for(tiny, **kw):
@@ -58,6 +58,21 @@ def test_draft_engine_equals_token_by_token(tiny, contexts, tau, retries):
         assert [as_tuple(t) for t in traces] == [as_tuple(t) for t in reference], schedule
         for trace, ref in zip(traces, reference, strict=True):
             assert trace.proposal_probs == pytest.approx(ref.proposal_probs, abs=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["reference", "draft"])
+def test_tau_one_samples_the_privileged_context_alone_with_the_same_tokens(tiny, contexts, engine):
+    model, tokenizer = tiny
+    student, privileged = contexts
+    settings = settings_for(tiny, tau=1.0, max_new_tokens=16, engine=engine)
+    for seed in range(2):
+        full = run(tiny, contexts, settings, seed=seed, engine=engine)
+        seeds = [sequence_seed(seed, str(i)) for i in range(7)]
+        fast = mixed_rollout(model, [student[i % 3] for i in range(7)], [privileged[i % 3] for i in range(7)],
+                             seeds, settings, pad_id=tokenizer.pad_token_id)
+        assert [(t.token_ids, t.finished) for t in fast] == [(t.token_ids, t.finished) for t in full]
+        assert all(set(t.sources) == {"P"} and not t.proposal_ids for t in fast)
+        assert any(t.proposal_ids for t in full)  # the full loop did run the student
 
 
 @pytest.mark.slow

@@ -41,23 +41,27 @@ class DemoSettings:
 
     Scaled down from the paper so that `make demo` fits half an hour on a 2-core CPU (all
     settings are written into the report): training problems (the paper uses 417), rollout
-    samples per problem (32; one trace per problem is kept either way), evaluation samples per
-    problem (the paper's n is 128; 64 here, so pass@k goes to k = 64) and the token budget
-    (world traces are short). tau 0.8, gamma 0.1, 5 epochs and LoRA are the paper's.
+    samples per problem (32; one trace per problem is kept either way, and 4 samples already
+    give a correct trace for nearly every problem), evaluation samples per problem (the paper's
+    n is 128; 64 on test problems, so pass@k goes to k = 64; 16 on training problems) and the
+    token budget (world traces are short). The learning rate is raised for the 2M-parameter
+    model: at the paper's 2e-4 no adapter changed the model's behaviour on novel problems in
+    5 epochs. tau 0.8, gamma 0.1, 5 epochs and LoRA r = 32 are the paper's.
     """
 
     n_train: int = 200
     n_test: int = 32
     n_known: int = 16
     n_train_eval: int = 16
-    samples: int = 8
+    samples: int = 4
     eval_n: int = 64
+    train_eval_n: int = 16
     known_n: int = 4
     max_new_tokens: int = 320
     tau: float = 0.8
     gamma: float = 0.1
     epochs: float = 5.0
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3
     lora_r: int = 32
     batch_size: int = 64
     train_batch_size: int = 1
@@ -68,8 +72,8 @@ class DemoSettings:
     budgets: tuple[int, ...] = (64, 128, 192, 256, 320)
 
 
-QUICK = DemoSettings(n_train=6, n_test=6, n_known=4, n_train_eval=4, samples=4, eval_n=4, known_n=2,
-                     max_new_tokens=96, epochs=1.0, validity_problems=1, validity_samples=64,
+QUICK = DemoSettings(n_train=6, n_test=6, n_known=4, n_train_eval=4, samples=4, eval_n=4, train_eval_n=4,
+                     known_n=2, max_new_tokens=96, epochs=1.0, validity_problems=1, validity_samples=64,
                      batch_size=32, budgets=(32, 64, 96))
 
 # Data source -> (tau, use the STaR hint prompt as the "privileged" context).
@@ -299,7 +303,7 @@ def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict
         path = Path(cfg.out) / "summary.json"
         return json.loads(path.read_text()) if path.exists() else evaluate.run(cfg)
 
-    test, known, train = one("test", s.eval_n), one("known", s.known_n), one("train_eval", s.eval_n)
+    test, known, train = one("test", s.eval_n), one("known", s.known_n), one("train_eval", s.train_eval_n)
     passk = {k: v for k, v in test.items() if k.startswith("pass@") and k != "pass@k_ci"}
     return {**passk, "pass@k_ci": test.get("pass@k_ci"), "mean_tokens": test["mean_tokens"],
             "accuracy_under_budget": test["accuracy_under_budget"], "retention": known["pass@1"],
@@ -358,14 +362,15 @@ def report(results: dict[str, Any]) -> str:
             cells.append(f"{m[k]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         tokens = f"{m['mean_tokens']:.1f}" if m["mean_tokens"] is not None else "n/a"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {m['retention']:.3f} |")
+    # Training problems get fewer samples than test ones: compare at the largest k both have.
+    top = [k for k in ks if k in next(iter(results["methods"].values()))["train_pass@k"]][-1]
     lines += ["", "Brackets: 95% bootstrap interval over problems.", "",
-              "## Training problems versus test (the inverse generalization gap)", "",
-              "| method | train pass@1 | test pass@1 | train " + ks[-1] + " | test " + ks[-1] + " |",
-              "|---|---|---|---|---|"]
+              f"## Training problems ({s['n_train_eval']} x {s['train_eval_n']} samples) versus test "
+              "(the inverse generalization gap)", "",
+              f"| method | train pass@1 | test pass@1 | train {top} | test {top} |", "|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         t = m["train_pass@k"]
-        lines.append(f"| {name} | {t.get('pass@1', 0):.3f} | {m['pass@1']:.3f} | "
-                     f"{t.get(ks[-1], 0):.3f} | {m[ks[-1]]:.3f} |")
+        lines.append(f"| {name} | {t['pass@1']:.3f} | {m['pass@1']:.3f} | {t[top]:.3f} | {m[top]:.3f} |")
     lines += ["", "## Accuracy under a token budget (test)", ""]
     budgets = list(next(iter(results["methods"].values()))["accuracy_under_budget"])
     lines += ["| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]

@@ -234,6 +234,12 @@ def mixed_rollout(
     """
     if not (len(student_prompts) == len(privileged_prompts) == len(seeds)):
         raise ValueError("student_prompts, privileged_prompts and seeds must have equal lengths")
+    if settings.tau >= 1:
+        # Nothing is ever accepted, so every token is the fallback draw: sample the privileged
+        # context alone with the fallback's random numbers (same tokens, half the forward work).
+        # The student's unused proposals are not recorded.
+        return sample_responses(model, privileged_prompts, seeds, settings, pad_id=pad_id,
+                                draw=-1, source=PRIVILEGED)
     if settings.engine == "draft":
         from dail.engine import draft_rollout
 
@@ -326,11 +332,14 @@ def sample_responses(
     settings: RolloutSettings,
     *,
     pad_id: int,
+    draw: int = 0,
+    source: str = STUDENT,
 ) -> list[Trace]:
-    """Plain sampling from one context per row (evaluation, STaR): every token is the student's.
+    """Plain sampling from one context per row (evaluation, direct sampling).
 
-    Uses the same per-sequence generators as `mixed_rollout`, so results do not depend on
-    batching. `settings.tau` and `settings.retries` are ignored.
+    Uses the same per-sequence random numbers as `mixed_rollout`, so results do not depend on
+    batching: `draw` 0 is the first student proposal's column (tau 0 there gives these samples),
+    -1 the privileged fallback's (tau 1). `settings.tau` and `settings.retries` are ignored.
     """
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must have equal lengths")
@@ -342,12 +351,11 @@ def sample_responses(
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(settings.max_new_tokens):
         dist = sampling_distribution(decoder.logits, settings)
-        # The same draw as a proposal of `mixed_rollout`: tau = 0 there reproduces these samples.
-        chosen = sample_inverse_cdf(dist, uniforms_at[:, step, 0])
+        chosen = sample_inverse_cdf(dist, uniforms_at[:, step, draw])
         tokens = chosen.tolist()
         for i in torch.nonzero(~done).flatten().tolist():
             traces[i].token_ids.append(tokens[i])
-            traces[i].sources.append(STUDENT)
+            traces[i].sources.append(source)
         done = _mark_finished(traces, chosen, eos, done)
         if bool(done.all()):
             break
