@@ -37,3 +37,15 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
     again = run(str(out), settings=TINY)
     assert {k: v["pass@1"] for k, v in again["methods"].items()} == {
         k: v["pass@1"] for k, v in saved["methods"].items()}
+
+
+def test_report_names_the_command_that_gives_its_settings():
+    from dataclasses import asdict, replace
+
+    from dail.demo import QUICK, command_of
+
+    assert command_of(asdict(DemoSettings())) == "dail demo"
+    assert command_of(asdict(QUICK)) == "dail demo --quick"
+    assert command_of(asdict(replace(DemoSettings(), kl_direction="forward"))) == "dail demo --kl-direction forward"
+    # A setting without a flag is named through the Python API, never silently dropped.
+    assert "'n_test': 8" in command_of(asdict(replace(DemoSettings(), n_test=8)))

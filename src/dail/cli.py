@@ -7,6 +7,7 @@ Values come from `--config YAML` first, then from flags. Heavy modules are impor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Any
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole comparison on the embedded default")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
+    d.add_argument("--kl-direction", choices=("reverse", "forward"), default=None,
+                   help="KL direction of the contrastive runs (default: reverse, the paper's)")
+    d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method")
 
     pl = sub.add_parser("plot", help="pass@k and token-budget plots of several eval summaries")
     pl.add_argument("summaries", nargs="+", help="summary.json files (or eval output folders)")
@@ -210,7 +214,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dail import demo
 
-    demo.run(out=args.out, quick=args.quick)
+    changes = {k: v for k, v in (("kl_direction", args.kl_direction), ("learning_rate", args.learning_rate))
+               if v is not None}
+    settings = dataclasses.replace(demo.QUICK if args.quick else demo.DemoSettings(), **changes)
+    demo.run(out=args.out, quick=args.quick, settings=settings)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

@@ -62,6 +62,7 @@ class DemoSettings:
     gamma: float = 0.1
     epochs: float = 5.0
     learning_rate: float = 1e-3
+    kl_direction: str = "reverse"  # of the contrastive loss; "forward" is the variant
     lora_r: int = 32
     batch_size: int = 64
     train_batch_size: int = 1
@@ -280,6 +281,8 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
                 "lora_alpha": s.lora_r, "per_device_train_batch_size": s.train_batch_size,
                 "gradient_accumulation_steps": s.grad_accum, "seed": s.seed, "save_steps": 10_000,
                 "max_length": 2048, "logging_steps": 10, "dataloader_pin_memory": False}
+    if loss == "dail":  # only the contrastive runs depend on it (the others stay cached)
+        training["kl_direction"] = s.kl_direction
     cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss, gamma=s.gamma,
                       model=_model(model_dir), training=training)
     key = {"cfg": _cfg_key(cfg), "traces": _file_fingerprint(traces), "model": _model_fingerprint(model_dir)}
@@ -335,12 +338,23 @@ def _ks(results: dict[str, Any]) -> list[str]:
     return pass_at_k_keys(next(iter(results["methods"].values())))
 
 
+def command_of(settings: dict[str, Any]) -> str:
+    """The `dail demo` command line that gives these settings (Python API beyond its flags)."""
+    quick = settings["n_train"] < 50
+    default = json.loads(json.dumps(asdict(QUICK if quick else DemoSettings())))  # tuples as lists
+    flags = {"kl_direction": "--kl-direction", "learning_rate": "--learning-rate"}
+    changed = {k: v for k, v in json.loads(json.dumps(settings)).items() if default.get(k) != v}
+    if set(changed) - set(flags):
+        return f"dail.demo.run(settings=DemoSettings(**{changed}))"
+    return " ".join(["dail demo", *(["--quick"] if quick else []),
+                     *(f"{flags[k]} {v}" for k, v in changed.items())])
+
+
 def report(results: dict[str, Any]) -> str:
     """Markdown report: validity first, then the comparison tables."""
     v, s = results["validity"], results["settings"]
     lines = ["# DAIL in the didactic world", "",
-             f"Command: `dail demo{' --quick' if s['n_train'] < 50 else ''}` "
-             f"({results.get('minutes', '?')} minutes on this machine). "
+             f"Command: `{command_of(s)}` ({results.get('minutes', '?')} minutes on this machine). "
              f"Model: `{results['model']}`.", "", "## Validity of the world (base model)", ""]
     known = v.get("known_student_pass@1", {})
     lines += ["| known type | student pass@1 |", "|---|---|"]
