@@ -9,6 +9,7 @@ import re
 from itertools import combinations
 
 import pytest
+import torch
 
 from dail.data import load_problems
 from dail.prompts import PromptBuilder
@@ -25,6 +26,7 @@ from dail.world import (
 from dail.world import generator as gen
 from dail.world.validity import (
     _detailed_from_didactic,
+    detailed_of,
     forced_line_error,
     pass_rates,
     token_category,
@@ -259,3 +261,12 @@ def test_token_errors_count_every_response_token(base) -> None:
     assert sum(row["tokens"] for row in table.values()) == expected
     assert table["label"]["tokens"] == 2 * 4 * 2  # opening and closing line of 4 items, 2 problems
     assert all(0.0 <= row["error_rate"] <= 1.0 for row in table.values())
+    # The per-category NLLs add up to the cross-entropy of the whole responses.
+    builder, total = PromptBuilder(), 0.0
+    for p in probs:
+        prompt = tokenizer.encode(builder.render(p, tokenizer)["privileged"], add_special_tokens=False)
+        response = tokenizer.encode(detailed_of(p), add_special_tokens=False) + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        total += torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum").item()
+    assert sum(row["nll"] * row["tokens"] for row in table.values()) == pytest.approx(total, rel=1e-4)

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole comparison on the embedded default")
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
+    d.add_argument("--model", default=None,
+                   help="world base model directory (default: the committed one; see `dail world pretrain`)")
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
     d.add_argument("--kl-direction", choices=("reverse", "forward"), default=None,
                    help="KL direction of the contrastive runs (default: reverse, the paper's)")
@@ -217,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     changes = {k: v for k, v in (("kl_direction", args.kl_direction), ("learning_rate", args.learning_rate))
                if v is not None}
     settings = dataclasses.replace(demo.QUICK if args.quick else demo.DemoSettings(), **changes)
-    demo.run(out=args.out, quick=args.quick, settings=settings)
+    demo.run(out=args.out, quick=args.quick, settings=settings, model_dir=args.model)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

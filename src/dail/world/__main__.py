@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     dia.add_argument("--model", default=None, help="model directory (default: committed base)")
     dia.add_argument("--n-problems", type=int, default=8)
     dia.add_argument("--seed", type=int, default=0)
+    dia.add_argument("--split", choices=("train", "test"), default="test")
+    dia.add_argument("--adapter", default=None, help="a trained LoRA adapter to apply (e.g. from `dail demo`)")
 
     exp = sub.add_parser("export", help="write problems as JSONL for `dail generate/train/eval`")
     exp.add_argument("path")
@@ -64,12 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         from dail.world.validity import CATEGORIES, diagnose, load
 
         model, tokenizer = load(args.model or str(base_model_dir()))
-        table = diagnose(model, tokenizer, n_problems=args.n_problems, seed=args.seed)
-        print("next-token error rate (teacher-forced detailed trace)")
-        print(f"{'type/role':<22}" + "".join(f"{c:>14}" for c in CATEGORIES))
-        for name, row in table.items():
-            cells = [f"{row[c]['error_rate']:>14.3f}" if c in row else f"{'-':>14}" for c in CATEGORIES]
-            print(f"{name:<22}" + "".join(cells))
+        if args.adapter:
+            from dail.evaluate import apply_adapter
+
+            model = apply_adapter(model, args.adapter)
+        table = diagnose(model, tokenizer, n_problems=args.n_problems, seed=args.seed, split=args.split)
+        for metric, title in (("error_rate", "next-token error rate"), ("nll", "mean next-token NLL")):
+            print(f"{title} (teacher-forced detailed trace, {args.split} problems)")
+            print(f"{'type/role':<22}" + "".join(f"{c:>14}" for c in CATEGORIES))
+            for name, row in table.items():
+                cells = [f"{row[c][metric]:>14.3f}" if c in row else f"{'-':>14}" for c in CATEGORIES]
+                print(f"{name:<22}" + "".join(cells))
     elif args.command == "export":
         from dail.world import export_problems
 
