@@ -49,3 +49,14 @@ def test_report_names_the_command_that_gives_its_settings():
     assert command_of(asdict(replace(DemoSettings(), kl_direction="forward"))) == "dail demo --kl-direction forward"
     # A setting without a flag is named through the Python API, never silently dropped.
     assert "'n_test': 8" in command_of(asdict(replace(DemoSettings(), n_test=8)))
+
+
+def test_training_problems_evaluated_mix_the_types_like_the_test_set():
+    import json as _json
+
+    from dail.demo import by_type
+
+    lines = [_json.dumps({"id": f"{t}-{i}", "type": t}) for t in ("matmul", "poly") for i in range(5)]
+    picked = [_json.loads(line)["id"] for line in by_type(lines, 4)]
+    assert picked == ["matmul-0", "poly-0", "matmul-1", "poly-1"]
+    assert len(by_type(lines, 20)) == 10  # never more than there are

@@ -235,11 +235,21 @@ def write_problems(folder: Path, s: DemoSettings) -> dict[str, str]:
     for path, kind, split, n in files.values():
         if not path.exists():
             world.export_problems(path, split=split, kind=kind, n=n, seed=s.seed)
-    train_eval = folder / f"train-eval-{s.n_train}-{s.n_train_eval}-{s.seed}.jsonl"
+    train_eval = folder / f"train-eval-{s.n_train}-{s.n_train_eval}-{s.seed}-by-type.jsonl"
     if not train_eval.exists():
-        lines = files["train"][0].read_text().splitlines()[: s.n_train_eval]
-        write_text_atomic(train_eval, "".join(line + "\n" for line in lines))
+        lines = files["train"][0].read_text().splitlines()
+        write_text_atomic(train_eval, "".join(line + "\n" for line in by_type(lines, s.n_train_eval)))
     return {name: str(path) for name, (path, *_) in files.items()} | {"train_eval": str(train_eval)}
+
+
+def by_type(lines: list[str], n: int) -> list[str]:
+    """The first `n` problems taken in turn from each type, so that the training problems
+    evaluated mix the types as the test problems do (the file lists one type after another)."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        groups.setdefault(json.loads(line)["type"], []).append(line)
+    turns = [group[i] for i in range(max(map(len, groups.values()))) for group in groups.values() if i < len(group)]
+    return turns[:n]
 
 
 def _model(model_dir: Path) -> ModelConfig:
