@@ -28,9 +28,13 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
         assert list(m["train_pass@k"]) == ["pass@1", "pass@2"], name  # train_eval_n samples
         assert 0.0 <= m["retention"] <= 1.0
         assert m["mean_tokens"] is None or 0 < m["mean_tokens"] <= TINY.max_new_tokens
+        # Per type: both novel types, and they average to the overall figure (equal counts).
+        assert set(m["by_type"]) == {"matmul", "poly"}, name
+        assert sum(t["pass@1"] for t in m["by_type"].values()) / 2 == pytest.approx(m["pass@1"])
     report = (out / "report.md").read_text()
     assert "Validity of the world" in report and "| base |" in report
     assert "| method | train pass@1 | test pass@1 | train pass@2 | test pass@2 |" in report
+    assert "| method | matmul pass@1 | matmul pass@4 | poly pass@1 | poly pass@4 |" in report
     assert (out / "pass_at_k.png").stat().st_size > 0
     assert (out / "accuracy_vs_budget.png").stat().st_size > 0
     # A second run reuses every cached stage and reproduces the results.

@@ -307,20 +307,40 @@ def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict
     """Test pass@k, token efficiency, retention on known types and training-set pass@k."""
     from dail import evaluate
 
-    def one(split: str, n: int) -> dict[str, Any]:
+    def one(split: str, n: int) -> tuple[dict[str, Any], Path]:
         cfg = EvalConfig(data=data[split], adapter=adapter, n=n, grader="world", budgets=list(s.budgets),
                          model=_model(model_dir), sampling=_sampling(s))
         key = {"cfg": _cfg_key(cfg), "adapter": _file_fingerprint(adapter and f"{adapter}/adapter_model.safetensors"),
                "model": _model_fingerprint(model_dir)}
         cfg = replace(cfg, out=str(_stage_dir(root, f"eval-{split}", key)))
         path = Path(cfg.out) / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else evaluate.run(cfg)
+        return (json.loads(path.read_text()) if path.exists() else evaluate.run(cfg)), Path(cfg.out)
 
-    test, known, train = one("test", s.eval_n), one("known", s.known_n), one("train_eval", s.train_eval_n)
+    (test, test_dir), (known, _), (train, _) = (
+        one("test", s.eval_n), one("known", s.known_n), one("train_eval", s.train_eval_n))
     passk = {k: v for k, v in test.items() if k.startswith("pass@") and k != "pass@k_ci"}
-    return {**passk, "pass@k_ci": test.get("pass@k_ci"), "mean_tokens": test["mean_tokens"],
+    return {**passk, "pass@k_ci": test.get("pass@k_ci"), "by_type": pass_at_k_by_type(test_dir, data["test"]),
+            "mean_tokens": test["mean_tokens"],
             "accuracy_under_budget": test["accuracy_under_budget"], "retention": known["pass@1"],
             "train_pass@k": {k: v for k, v in train.items() if k.startswith("pass@") and k != "pass@k_ci"}}
+
+
+def pass_at_k_by_type(eval_dir: Path, problems_file: str) -> dict[str, dict[str, float]]:
+    """pass@1 and pass@n of each problem type, from an evaluation's graded samples."""
+    from dail.data import iter_jsonl
+    from dail.metrics import pass_at_k_table
+
+    kind = {row["id"]: row["type"] for _, row in iter_jsonl(problems_file)}
+    counts: dict[str, dict[str, list[int]]] = {}
+    for _, row in iter_jsonl(str(eval_dir / "samples.jsonl")):
+        n_c = counts.setdefault(kind[row["id"]], {}).setdefault(row["id"], [0, 0])
+        n_c[0] += 1
+        n_c[1] += int(bool(row["correct"]))
+    out = {}
+    for name, per_problem in counts.items():
+        pairs = [tuple(v) for v in per_problem.values()]
+        out[name] = pass_at_k_table(pairs, ks=[1, min(n for n, _ in pairs)])
+    return out
 
 
 def _cfg_key(cfg: Any) -> dict[str, Any]:
@@ -386,8 +406,15 @@ def report(results: dict[str, Any]) -> str:
             cells.append(f"{m[k]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         tokens = f"{m['mean_tokens']:.1f}" if m["mean_tokens"] is not None else "n/a"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {m['retention']:.3f} |")
+    first = next(iter(results["methods"].values()))
+    if first.get("by_type"):
+        cols = [(t, k) for t, row in first["by_type"].items() for k in row]
+        lines += ["", "By type:", "", "| method | " + " | ".join(f"{t} {k}" for t, k in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        for name, m in results["methods"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{m['by_type'][t][k]:.3f}" for t, k in cols) + " |")
     # Training problems get fewer samples than test ones: compare at the largest k both have.
-    top = [k for k in ks if k in next(iter(results["methods"].values()))["train_pass@k"]][-1]
+    top = [k for k in ks if k in first["train_pass@k"]][-1]
     lines += ["", "Brackets: 95% bootstrap interval over problems.", "",
               f"## Training problems ({s['n_train_eval']} x {s['train_eval_n']} samples) versus test "
               "(the inverse generalization gap)", "",
