@@ -137,7 +137,7 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
 
     methods: dict[str, Any] = {}
     for name, adapter in adapters.items():
-        methods[name] = evaluate_method(root, model_dir, adapter, data, settings)
+        methods[name] = evaluate_method(root, model_dir, adapter, data, settings) | {"adapter": adapter}
         source = METHODS.get(name, (None, None))[0]
         if source is not None:
             methods[name]["rollout"] = rollouts[source]
@@ -291,10 +291,12 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
                 "lora_alpha": s.lora_r, "per_device_train_batch_size": s.train_batch_size,
                 "gradient_accumulation_steps": s.grad_accum, "seed": s.seed, "save_steps": 10_000,
                 "max_length": 2048, "logging_steps": 10, "dataloader_pin_memory": False}
-    if loss == "dail":  # only the contrastive runs depend on it (the others stay cached)
+    # gamma and the KL direction matter to the contrastive runs only; the others keep their cache.
+    extra = {"gamma": s.gamma} if loss == "dail" else {}
+    if loss == "dail":
         training["kl_direction"] = s.kl_direction
-    cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss, gamma=s.gamma,
-                      model=_model(model_dir), training=training)
+    cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss,
+                      model=_model(model_dir), training=training, **extra)
     key = {"cfg": _cfg_key(cfg), "traces": _file_fingerprint(traces), "model": _model_fingerprint(model_dir)}
     cfg = replace(cfg, out=str(_stage_dir(root, f"train-{loss}", key)))
     if not (Path(cfg.out) / "train_summary.json").exists():
