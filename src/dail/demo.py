@@ -408,17 +408,17 @@ def report(results: dict[str, Any]) -> str:
             cells.append(f"{m[k]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         tokens = f"{m['mean_tokens']:.1f}" if m["mean_tokens"] is not None else "n/a"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {m['retention']:.3f} |")
+    lines += ["", "Brackets: 95% bootstrap interval over problems."]
     first = next(iter(results["methods"].values()))
     if first.get("by_type"):
         cols = [(t, k) for t, row in first["by_type"].items() for k in row]
-        lines += ["", "By type:", "", "| method | " + " | ".join(f"{t} {k}" for t, k in cols) + " |",
+        lines += ["", "By problem type:", "", "| method | " + " | ".join(f"{t} {k}" for t, k in cols) + " |",
                   "|---" * (len(cols) + 1) + "|"]
         for name, m in results["methods"].items():
             lines.append(f"| {name} | " + " | ".join(f"{m['by_type'][t][k]:.3f}" for t, k in cols) + " |")
     # Training problems get fewer samples than test ones: compare at the largest k both have.
     top = [k for k in ks if k in first["train_pass@k"]][-1]
-    lines += ["", "Brackets: 95% bootstrap interval over problems.", "",
-              f"## Training problems ({s['n_train_eval']} x {s['train_eval_n']} samples) versus test "
+    lines += ["", f"## Training problems ({s['n_train_eval']} x {s['train_eval_n']} samples) versus test "
               "(the inverse generalization gap)", "",
               f"| method | train pass@1 | test pass@1 | train {top} | test {top} |", "|---|---|---|---|---|"]
     for name, m in results["methods"].items():
