@@ -175,8 +175,9 @@ def test_eval_killed_from_outside_then_rerun_gives_identical_outputs(tiny_model_
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_model_dir, problems5, tmp_path):
     out = tmp_path / "gen"
+    # Enough work after the first part that the signal lands while the run is still going.
     proc = _start(["generate", "--model", tiny_model_dir, "--data", problems5, "--out", out,
-                   "--samples", 4, "--max-new-tokens", 24, "--batch-size", 1])
+                   "--samples", 24, "--max-new-tokens", 48, "--batch-size", 1])
     if not _wait_for_part(proc, out / "parts"):
         proc.kill()
         pytest.skip("the run finished before it could be interrupted")
