@@ -291,9 +291,9 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
                 "lora_alpha": s.lora_r, "per_device_train_batch_size": s.train_batch_size,
                 "gradient_accumulation_steps": s.grad_accum, "seed": s.seed, "save_steps": 10_000,
                 "max_length": 2048, "logging_steps": 10, "dataloader_pin_memory": False}
-    # gamma and the KL direction matter to the contrastive runs only; the others keep their cache.
-    extra = {"gamma": s.gamma} if loss == "dail" else {}
-    if loss == "dail":
+    extra = {}
+    if loss == "dail":  # the other runs ignore gamma and the KL direction, and keep their cache
+        extra["gamma"] = s.gamma
         training["kl_direction"] = s.kl_direction
     cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss,
                       model=_model(model_dir), training=training, **extra)
@@ -308,6 +308,7 @@ def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict
                     s: DemoSettings) -> dict[str, Any]:
     """Test pass@k, token efficiency, retention on known types and training-set pass@k."""
     from dail import evaluate
+    from dail.report import pass_at_k_keys
 
     def one(split: str, n: int) -> tuple[dict[str, Any], Path]:
         cfg = EvalConfig(data=data[split], adapter=adapter, n=n, grader="world", budgets=list(s.budgets),
@@ -320,28 +321,26 @@ def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict
 
     (test, test_dir), (known, _), (train, _) = (
         one("test", s.eval_n), one("known", s.known_n), one("train_eval", s.train_eval_n))
-    passk = {k: v for k, v in test.items() if k.startswith("pass@") and k != "pass@k_ci"}
-    return {**passk, "pass@k_ci": test.get("pass@k_ci"), "by_type": pass_at_k_by_type(test_dir, data["test"]),
-            "mean_tokens": test["mean_tokens"],
+    return {**{k: test[k] for k in pass_at_k_keys(test)}, "pass@k_ci": test.get("pass@k_ci"),
+            "by_type": pass_at_k_by_type(test_dir, data["test"]), "mean_tokens": test["mean_tokens"],
             "accuracy_under_budget": test["accuracy_under_budget"], "retention": known["pass@1"],
-            "train_pass@k": {k: v for k, v in train.items() if k.startswith("pass@") and k != "pass@k_ci"}}
+            "train_pass@k": {k: train[k] for k in pass_at_k_keys(train)}}
 
 
 def pass_at_k_by_type(eval_dir: Path, problems_file: str) -> dict[str, dict[str, float]]:
     """pass@1 and pass@n of each problem type, from an evaluation's graded samples."""
     from dail.data import iter_jsonl
-    from dail.metrics import pass_at_k_table
+    from dail.report import pass_at_k_keys, summarize
 
     kind = {row["id"]: row["type"] for _, row in iter_jsonl(problems_file)}
-    counts: dict[str, dict[str, list[int]]] = {}
-    for _, row in iter_jsonl(str(eval_dir / "samples.jsonl")):
-        n_c = counts.setdefault(kind[row["id"]], {}).setdefault(row["id"], [0, 0])
-        n_c[0] += 1
-        n_c[1] += int(bool(row["correct"]))
+    samples: dict[str, list[dict[str, Any]]] = {}
+    for _, row in iter_jsonl(eval_dir / "samples.jsonl"):
+        samples.setdefault(kind[row["id"]], []).append(row)
     out = {}
-    for name, per_problem in counts.items():
-        pairs = [tuple(v) for v in per_problem.values()]
-        out[name] = pass_at_k_table(pairs, ks=[1, min(n for n, _ in pairs)])
+    for name, rows in samples.items():
+        summary = summarize(rows)
+        first, *_, last = pass_at_k_keys(summary)
+        out[name] = {first: summary[first], last: summary[last]}
     return out
 
 

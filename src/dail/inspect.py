@@ -62,8 +62,8 @@ def alignment_table(tokenizer: Any, prompt_ids: dict[str, list[int]], trace: dic
     header = "| t | token | source | p_priv(proposal) | " + " | ".join(
         f"{r} pos (pred from)" for r in roles) + " |"
     rows = [header, "|" + "---|" * (4 + len(roles))]
+    probs = trace["proposal_probs"]  # empty at tau 1: the student's pass is skipped
     for j, token in enumerate(trace["token_ids"][:max_rows]):
-        probs = trace["proposal_probs"]  # empty at tau 1: the student's pass is skipped
         cells = [str(j), repr(tokenizer.decode([token])), trace["sources"][j],
                  f"{probs[j]:.3f}" if j < len(probs) else "-"]
         cells += [f"{len(prompt_ids[r]) + j} ({len(prompt_ids[r]) + j - 1})" for r in roles]
