@@ -1,7 +1,9 @@
 """`make bench` / `python -m bench [--quick]`: ratios measured in one run, printed and saved.
 
 Every figure is a ratio of two measurements taken in the same process, back to back, so that
-background load on the machine cancels out as far as possible. Writes bench/results.json.
+background load on the machine cancels out as far as possible: rollout speeds are medians over
+three rounds that time every engine in turn ("spread" is the largest max/min ratio of one
+engine's rounds), step times medians over several steps. Writes bench/results.json.
 
 - rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
   `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
@@ -10,6 +12,8 @@ background load on the machine cancels out as far as possible. Writes bench/resu
   batched forward per role per token (`two_pass_rollout` below; the same traces). The draft-and-
   verify engine is measured against both and reported beside them.
 - train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch.
+  Its `floor` is (NLL step + the two teachers' forwards alone) / NLL step: what the ratio would
+  be if the contrastive loss itself cost no more than the NLL.
 - loss_memory: peak RSS growth of the contrastive loss + backward, chunked / unchunked, each in
   a fresh subprocess (VmHWM minus VmRSS before the measured call).
 """
@@ -135,7 +139,10 @@ def time_generate(model, student, budget: int) -> float:
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - tic)
 
 
-def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[float]) -> list[dict[str, Any]]:
+def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[float],
+                  repeats: int) -> list[dict[str, Any]]:
+    """Each figure is the median over `repeats` rounds; a round times every engine once, in turn,
+    so that a burst of background load hits all of them alike."""
     from dail.rollout import RolloutSettings
 
     rows = []
@@ -145,19 +152,27 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
         time_generate(model, student[:1], 4)  # warm-up
         for tau in taus:
             settings = RolloutSettings(tau=tau, temperature=0.6, top_p=0.95, max_new_tokens=budget)
-            sampling = time_generate(model, student, budget)
-            default, (_, traces) = time_rollout(model, student, privileged, settings, settings.engine)
-            two_pass, (_, two_traces) = time_rollout(model, student, privileged, settings, "two_pass")
-            draft, (stats, draft_traces) = time_rollout(model, student, privileged, settings, "draft")
-            same = sum(a.token_ids == b.token_ids == c.token_ids
-                       for a, b, c in zip(traces, two_traces, draft_traces, strict=True)) / batch
-            rows.append({"model": name, "batch": batch, "tau": tau, "budget": budget,
+            # The default engine is timed on its own only when it is not the draft engine.
+            engines = ["two_pass", "draft"] + ([settings.engine] if settings.engine != "draft" else [])
+            speeds: dict[str, list[float]] = {"sampling": [], **{e: [] for e in engines}}
+            traces: dict[str, Any] = {}
+            for _ in range(repeats):
+                speeds["sampling"].append(time_generate(model, student, budget))
+                for engine in engines:
+                    tok_s, traces[engine] = time_rollout(model, student, privileged, settings, engine)
+                    speeds[engine].append(tok_s)
+            tok_s = {engine: statistics.median(values) for engine, values in speeds.items()}
+            default, sampling, two_pass = tok_s[settings.engine], tok_s["sampling"], tok_s["two_pass"]
+            stats = traces["draft"][0]
+            per_row = zip(*(traces[engine][1] for engine in engines), strict=True)
+            same = sum(all(t.token_ids == row[0].token_ids for t in row) for row in per_row) / batch
+            rows.append({"model": name, "batch": batch, "tau": tau, "budget": budget, "repeats": repeats,
                          "default_engine": settings.engine, "sampling_tok_s": round(sampling, 1),
                          "default_tok_s": round(default, 1), "two_pass_tok_s": round(two_pass, 1),
-                         "draft_tok_s": round(draft, 1),
+                         "draft_tok_s": round(tok_s["draft"], 1),
                          "vs_sampling": round(default / sampling, 3), "vs_reference": round(default / two_pass, 3),
-                         "draft_vs_reference": round(draft / two_pass, 3),
-                         "draft_vs_default": round(draft / default, 3),
+                         "draft_vs_reference": round(tok_s["draft"] / two_pass, 3),
+                         "spread": round(max(max(v) / min(v) for v in speeds.values()), 2),
                          "acceptance": round(stats.acceptance_rate, 3),
                          "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same})
             logger.info("%s", rows[-1])
@@ -170,7 +185,7 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
 def bench_train_step(repeats: int) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
 
-    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer
+    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_hidden
 
     model = get_peft_model(random_qwen2(256, 4, 8192), LoraConfig(r=32, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
@@ -180,19 +195,26 @@ def bench_train_step(repeats: int) -> dict[str, Any]:
                                 "negative": torch.randint(3, 8192, (48,), generator=g).tolist()},
                  "response_ids": torch.randint(3, 8192, (256,), generator=g).tolist()} for _ in range(2)]
     batch = DAILCollator(pad_id=0, roles=("student", "privileged", "negative"))(examples)
-    times: dict[str, list[float]] = {"dail": [], "nll": []}
+    times: dict[str, list[float]] = {"dail": [], "nll": [], "teachers": []}
     trainers = {loss: DAILTrainer(model=model, args=DAILConfig(output_dir="/tmp/dail-bench", loss=loss,
                                                                use_cpu=True, gradient_checkpointing=False))
-                for loss in times}
+                for loss in ("dail", "nll")}
     for _ in range(repeats + 1):  # the first round warms up
         for loss, trainer in trainers.items():
             model.zero_grad()
             tic = time.perf_counter()
             trainer.compute_loss(model, batch).backward()
             times[loss].append(time.perf_counter() - tic)
-    dail, nll = statistics.median(times["dail"][1:]), statistics.median(times["nll"][1:])
-    return {"ratio": round(dail / nll, 3), "dail_s": round(dail, 3), "nll_s": round(nll, 3),
-            "model": "random Qwen2 hidden 256, 4 layers, vocab 8192, LoRA r=32", "batch": "2 x 256 response tokens"}
+        tic = time.perf_counter()  # the two teachers' forwards alone: what no loss can avoid
+        with torch.no_grad(), model.disable_adapter():
+            for role in ("privileged", "negative"):
+                response_hidden(model, batch, role)
+        times["teachers"].append(time.perf_counter() - tic)
+    dail, nll, teachers = (statistics.median(times[k][1:]) for k in ("dail", "nll", "teachers"))
+    return {"ratio": round(dail / nll, 3), "floor": round((nll + teachers) / nll, 3),
+            "dail_s": round(dail, 3), "nll_s": round(nll, 3), "teacher_forwards_s": round(teachers, 3),
+            "model": "random Qwen2 hidden 256, 4 layers, vocab 8192, LoRA r=32",
+            "batch": "2 x 256 response tokens; prompts: student 32, privileged 160, negative 48 tokens"}
 
 
 # --------------------------------------------------------------------------- loss memory
@@ -268,11 +290,13 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     demo, demo_name = demo_model()
     budget = 32 if quick else 64
-    rows = bench_rollout(demo, f"{demo_name} {params(demo)}", [1, 8] if quick else [1, 8, 64], budget, [0.8, 0.0])
+    repeats = 3
+    rows = bench_rollout(demo, f"{demo_name} {params(demo)}", [1, 8] if quick else [1, 8, 64], budget,
+                         [0.8, 0.0], repeats)
     del demo
     large = random_qwen2(768, 12, 32000)
     rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],
-                          16 if quick else 32, [0.8] if quick else [0.8, 0.0])
+                          16 if quick else 32, [0.8] if quick else [0.8, 0.0], repeats)
     del large
     train = bench_train_step(2 if quick else 4)
     memory = bench_loss_memory(512 if quick else 2048)
@@ -290,12 +314,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'model':<44} {'B':>3} {'tau':>4} {'vs_sampling':>11} {'vs_reference':>12} "
-          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'same':>5}")
+          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'same':>5} {'spread':>6}")
     for r in rows:
         print(f"{r['model'][:44]:<44} {r['batch']:>3} {r['tau']:>4} {r['vs_sampling']:>11} {r['vs_reference']:>12} "
               f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} "
-              f"{r['identical_traces']:>5}")
-    print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s)")
+              f"{r['identical_traces']:>5} {r['spread']:>6}")
+    print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s); "
+          f"floor (NLL step + the teachers' forwards) / NLL step: {train['floor']}")
     print(f"loss_memory (chunked / plain peak): {memory['ratio']}  ({memory['chunked_mib']} MiB / "
           f"{memory['plain_mib']} MiB at {memory['tokens']} tokens; |dloss| {memory['loss_abs_diff']:.2e})")
     if quick:

@@ -128,9 +128,14 @@ def nll(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
 # chunk by chunk over positions: each chunk's logits, log-softmaxes and both KL terms live only
 # while the chunk is processed, and the chunk's gradient (with respect to the student's hidden
 # states and the head's trainable parameters, e.g. a LoRA adapter on lm_head) is computed right
-# there, in the forward pass, so nothing has to be recomputed or kept for backward.
+# there, in the forward pass, so nothing has to be recomputed or kept for backward. The gradient
+# with respect to the chunk's logits is written in closed form (as fused distillation kernels do)
+# rather than traced through the softmaxes, which saves several vocabulary-wide passes per chunk;
+# autograd only runs through the head.
 
-ChunkLoss = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+# (student logits (c, V), start, end) -> (loss summed over the chunk, (2,) extra sums to report,
+# d loss / d logits (c, V)); all three without autograd history.
+ChunkLoss = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -151,10 +156,12 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             end = min(start + chunk_size, hidden.shape[0])
             with torch.enable_grad():
                 h = hidden[start:end].detach().requires_grad_(grad_hidden is not None)
-                value, extra = loss_fn(head(h), start, end)  # logits (chunk, V) live only here
-                inputs = ([h] if grad_hidden is not None else []) + wanted
-                grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs and value.requires_grad \
-                    else [None] * len(inputs)
+                logits = head(h)  # (chunk, V): lives only here
+            value, extra, grad_logits = loss_fn(logits.detach(), start, end)
+            inputs = ([h] if grad_hidden is not None else []) + wanted
+            grads = torch.autograd.grad(logits, inputs, grad_outputs=grad_logits.to(logits.dtype),
+                                        allow_unused=True) if inputs and logits.requires_grad \
+                else [None] * len(inputs)
             if grad_hidden is not None:
                 if grads[0] is not None:
                     grad_hidden[start:end] = grads[0]
@@ -162,8 +169,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             for acc, g in zip(grad_params, grads, strict=True):
                 if g is not None:
                     acc.add_(g)
-            total = total + value.detach().float()
-            aux = extra.detach().float() if aux is None else aux + extra.detach().float()
+            total = total + value.float()
+            aux = extra.float() if aux is None else aux + extra.float()
         if aux is None:
             aux = hidden.new_zeros((2,), dtype=torch.float32)
         ctx.save_for_backward(*([grad_hidden] if grad_hidden is not None else []), *grad_params)
@@ -187,7 +194,8 @@ def chunked_head_loss(loss_fn: ChunkLoss, head: torch.nn.Module | Callable[[torc
     """Apply `head` and `loss_fn` to `hidden` (N, H) in chunks of rows, holding one chunk's logits.
 
     Args:
-        loss_fn: (logits (c, V), start, end) -> (scalar to differentiate, (2,) extra sums to report).
+        loss_fn: (logits (c, V), start, end) -> (chunk's loss, (2,) extra sums to report,
+            gradient of the chunk's loss with respect to the logits).
         head: The output projection; its trainable parameters (a LoRA adapter, or the whole
             matrix when it is trained) receive gradients.
         hidden: (N, H) final hidden states (after the last norm) of the positions to score.
@@ -200,6 +208,46 @@ def chunked_head_loss(loss_fn: ChunkLoss, head: torch.nn.Module | Callable[[torc
         raise ValueError("chunk_size must be >= 1")
     params = [p for p in head.parameters() if p.requires_grad] if isinstance(head, torch.nn.Module) else []
     return _ChunkedHeadLoss.apply(loss_fn, head, chunk_size, hidden, *params)
+
+
+@torch.no_grad()
+def contrastive_kl_with_grad(
+    student_logits: torch.Tensor,
+    privileged_logits: torch.Tensor,
+    negative_logits: torch.Tensor | None,
+    *,
+    gamma: float,
+    direction: Direction = "reverse",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed KL terms of (c, V) logits and the gradient of positive - gamma * negative.
+
+    With s, t the student's and a teacher's log-probabilities and p = exp(s):
+    reverse, f = sum p (s - t): df/dz = p * (d - f) where d = s - t (per position);
+    forward, f = sum exp(t) (t - s): df/dz = p - exp(t). The combination is linear in the two
+    terms, so its gradient is the same combination of theirs.
+
+    Returns:
+        (positive_sum, negative_sum, grad (c, V) float32); negative_sum is 0 without negatives.
+    """
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    p_s = log_s.exp()
+    teachers = [(1.0, privileged_logits)] + ([(-gamma, negative_logits)] if negative_logits is not None else [])
+    sums, grad = [], torch.zeros_like(log_s)
+    for weight, teacher in teachers:
+        log_t = F.log_softmax(teacher.float(), dim=-1)
+        if direction == "reverse":
+            diff = log_s - log_t
+            kl = (p_s * diff).sum(-1)
+            grad.add_(diff.sub_(kl[:, None]).mul_(p_s), alpha=weight)
+        elif direction == "forward":
+            p_t = log_t.exp()
+            kl = (p_t * (log_t - log_s)).sum(-1)
+            grad.add_(p_s - p_t, alpha=weight)
+        else:
+            raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
+        sums.append(kl.sum())
+    negative_sum = sums[1] if len(sums) > 1 else sums[0].new_zeros(())
+    return sums[0], negative_sum, grad
 
 
 def chunked_contrastive_kl_terms(
@@ -233,15 +281,13 @@ def chunked_contrastive_kl_terms(
     """
     teacher_head = head if teacher_head is None else teacher_head
 
-    def loss_fn(student_logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_fn(student_logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
             privileged = teacher_head(privileged_hidden[start:end])
             negative = teacher_head(negative_hidden[start:end]) if negative_hidden is not None else None
-        positive = token_kl(student_logits, privileged, direction=direction).sum()
-        if negative is None:
-            return positive, torch.stack([positive.detach(), positive.new_zeros(())])
-        neg = token_kl(student_logits, negative, direction=direction).sum()
-        return positive - gamma * neg, torch.stack([positive.detach(), neg.detach()])
+        positive, neg, grad = contrastive_kl_with_grad(student_logits, privileged, negative, gamma=gamma,
+                                                       direction=direction)
+        return positive - gamma * neg, torch.stack([positive, neg]), grad
 
     combined, extra = chunked_head_loss(loss_fn, head, student_hidden, chunk_size=chunk_size)
     return combined, extra[0], extra[1]
@@ -252,8 +298,13 @@ def chunked_nll_sum(hidden: torch.Tensor, targets: torch.Tensor,
                     chunk_size: int = 256) -> torch.Tensor:
     """Summed next-token cross-entropy of `targets` (N,) from hidden states (N, H), chunk-wise."""
 
-    def loss_fn(logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        value = F.cross_entropy(logits.float(), targets[start:end], reduction="sum")
-        return value, torch.stack([value.detach(), value.new_zeros(())])
+    @torch.no_grad()
+    def loss_fn(logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, ...]:
+        # d/dz of -log softmax(z)[y] is softmax(z) - onehot(y).
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        target = targets[start:end, None]
+        value = -log_p.gather(-1, target).sum()
+        grad = log_p.exp_().scatter_add_(-1, target, torch.full_like(target, -1, dtype=log_p.dtype))
+        return value, torch.stack([value, value.new_zeros(())]), grad
 
     return chunked_head_loss(loss_fn, head, hidden, chunk_size=chunk_size)[0]
