@@ -1,0 +1,35 @@
+"""The benchmark's building blocks run and measure what they claim, at toy size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+bench = pytest.importorskip("bench.__main__")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rollout_rows_compare_engines_on_the_same_traces():
+    model = bench.random_qwen2(32, 1, 64)
+    rows = bench.bench_rollout(model, "toy", [2], budget=6, taus=[0.8, 0.0], repeats=2)
+    assert [(r["batch"], r["tau"]) for r in rows] == [(2, 0.8), (2, 0.0)]
+    for row in rows:
+        assert row["identical_traces"] == 1.0  # the engines agree token for token
+        assert row["vs_reference"] == pytest.approx(row["default_tok_s"] / row["two_pass_tok_s"], rel=1e-2)
+        assert row["spread"] >= 1.0 and row["repeats"] == 2
+    assert rows[1]["acceptance"] == 1.0  # tau 0 accepts every proposal
+
+
+def test_loss_memory_child_reports_equal_losses_for_both_modes():
+    results = {}
+    for mode in ("chunked", "plain"):
+        out = subprocess.run([sys.executable, "-m", "bench", "--loss-memory-child", mode, "40", "300", "16", "8"],
+                             capture_output=True, text=True, check=True, cwd=ROOT)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["chunked"]["loss"] == pytest.approx(results["plain"]["loss"], rel=1e-5)
+    assert results["chunked"]["grad_norm"] == pytest.approx(results["plain"]["grad_norm"], rel=1e-5)
+    assert results["plain"]["peak_growth"] > 0
