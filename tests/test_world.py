@@ -117,6 +117,40 @@ def test_didactic_fuses_and_detailed_writes_every_step(kind: str) -> None:
     assert _detailed_from_didactic(didactic) == detailed
 
 
+def test_copied_items_are_the_expert_lines_alone() -> None:
+    spec = gen.spec_of("matmul", random.Random(3))
+    full, didactic = spec.detailed().split("\n"), spec.didactic().split("\n")
+    copied = spec.detailed({0, 2}).split("\n")
+    expert = didactic[1:-1]  # one fused line per item
+    # Item 0 is its expert line alone; item 1 is worked out as before; the rest follows.
+    assert copied[0] == expert[0]
+    start, end = full.index(expert[0]) + 1, full.index(expert[1]) + 1
+    assert copied[1:1 + end - start] == full[start:end]
+    assert expert[2] in copied and expert[2].rsplit(" = ", 1)[0] not in copied
+    assert copied[-1] == full[-1] == didactic[-1]
+
+
+def test_pretraining_copy_rate_changes_only_the_roles_that_see_the_solution(base) -> None:
+    from dail.world.pretrain import sample_example
+
+    _, tokenizer = base
+    builder = PromptBuilder()
+    step_line = re.compile(r"^\d [*+\-] \d = \d$", flags=re.M)
+    for copy_rate in (0.0, 1.0):
+        rng, seen = random.Random(0), set()
+        for _ in range(200):
+            p_ids, r_ids = sample_example(rng, 0.5, tokenizer, builder, copy_rate)
+            prompt, response = tokenizer.decode(p_ids), tokenizer.decode(r_ids[:-1])
+            if "Evaluate modulo 10:" in prompt:
+                continue  # drills: single operations, never copied
+            role = ("privileged" if "Expert solution" in prompt
+                    else "negative" if "final answer is" in prompt else "student")
+            seen.add(role)
+            worked_out = bool(step_line.search(response))
+            assert worked_out == (role == "student" or copy_rate == 0.0), (role, response)
+        assert seen == {"student", "privileged", "negative"}
+
+
 @pytest.mark.parametrize("kind", gen.ALL_TYPES)
 def test_no_leakage_between_train_and_test(kind: str) -> None:
     train = {p.problem for p in generate(kind, 300, split="train", seed=0)}

@@ -385,7 +385,8 @@ def report(results: dict[str, Any]) -> str:
     """Markdown report: validity first, then the comparison tables."""
     v, s = results["validity"], results["settings"]
     lines = ["# DAIL in the didactic world", "",
-             f"Command: `{command_of(s)}` ({results.get('minutes', '?')} minutes on this machine). "
+             f"Command: `{command_of(s)}` (this run: {results.get('minutes', '?')} minutes on this machine; "
+             "stages found in the output folder's cache were reused). "
              f"Model: `{results['model']}`.", "", "## Validity of the world (base model)", ""]
     known = v.get("known_student_pass@1", {})
     lines += ["| known type | student pass@1 |", "|---|---|"]

@@ -41,7 +41,7 @@ test splits use disjoint seed streams and are also filtered against each other b
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 from dail.data import Problem
@@ -155,13 +155,19 @@ class Spec:
         lines.append(f"\\boxed{{{self.answer}}}")
         return "\n".join(lines)
 
-    def detailed(self) -> str:
-        """The model's own style: the expression, one primitive per line, the fused line with its value."""
+    def detailed(self, copied: Collection[int] = ()) -> str:
+        """The model's own style: the expression, one primitive per line, the fused line with its value.
+
+        Items whose index is in `copied` are written as the expert's fused line alone, as a model
+        that sees the expert's solution may copy it instead of working it out (see
+        `PretrainConfig.copy_rate`).
+        """
         lines: list[str] = []
-        for label, e in self.items:
+        for i, (label, e) in enumerate(self.items):
             steps, value = detailed_steps(e)
-            lines.append(f"{label} = {fused(e)}")
-            lines += steps
+            if i not in copied:
+                lines.append(f"{label} = {fused(e)}")
+                lines += steps
             lines.append(f"{label} = {fused(e)} = {value}")
         lines.append(f"\\boxed{{{self.answer}}}")
         return "\n".join(lines)

@@ -7,6 +7,8 @@ The mixture (per sequence) teaches, always with the detailed trace as the respon
     generic task (random statements, random labels, random expression shapes): expand every
     fused reference line into primitive steps -- the skill that transfers to novel types;
   * a few negative-reference prompts, so the format is not foreign.
+With `copy_rate` > 0 the roles that see the expert's solution sometimes copy its fused lines
+instead of expanding them (a privileged-only style, as a model shown a solution drifts into).
 Loss is next-token cross-entropy on response tokens (and the closing EOS) only. Data are drawn
 from a generator seeded by (seed, step), so a resumed run sees exactly the batches it would have.
 """
@@ -53,6 +55,11 @@ class PretrainConfig:
     ckpt_every: int = 100
     threads: int = 2
     init: str = ""  # start from the weights of a saved model directory (fresh optimizer)
+    # Chance that a role seeing the expert's solution (privileged, negative) copies an item's
+    # fused line, value included, instead of working it out: a style of its own that direct
+    # sampling from it inherits, while a mixed rollout with tau <= 1 - copy_rate accepts the
+    # student's own continuation there. 0 = never (the committed model).
+    copy_rate: float = 0.0
 
 
 # (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.
@@ -83,16 +90,19 @@ def make_drill(rng: random.Random) -> gen.Spec:
     return gen.Spec("drill", statement, "Evaluate each expression.", tuple(items))
 
 
-def sample_example(rng: random.Random, progress: float, tokenizer: Any,
-                   builder: PromptBuilder) -> tuple[list[int], list[int]]:
+def sample_example(rng: random.Random, progress: float, tokenizer: Any, builder: PromptBuilder,
+                   copy_rate: float = 0.0) -> tuple[list[int], list[int]]:
     """One (prompt ids, response ids) pair; the response ends with EOS."""
     tasks = list(_MIX)
     weights = [w * (8.0 if (progress < _WARM and kind == "drill") else 1.0) for (kind, _), w in _MIX.items()]
     kind, role = rng.choices(tasks, weights)[0]
     spec = make_drill(rng) if kind == "drill" else gen.spec_of(kind, rng)
     prompt = builder.render(spec.to_problem("pretrain"), tokenizer)[role]
+    copied: set[int] = set()
+    if copy_rate > 0 and role != "student" and kind != "drill":  # no draws at 0: the same stream
+        copied = {i for i in range(len(spec.items)) if rng.random() < copy_rate}
     p_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    r_ids = tokenizer.encode(spec.detailed(), add_special_tokens=False) + [tokenizer.eos_token_id]
+    r_ids = tokenizer.encode(spec.detailed(copied), add_special_tokens=False) + [tokenizer.eos_token_id]
     return p_ids, r_ids
 
 
@@ -108,7 +118,7 @@ def make_batch(step: int, cfg: PretrainConfig, tokenizer: Any, builder: PromptBu
     """
     group, part = divmod(step, _BUCKETS)
     rng = random.Random(cfg.seed * 1_000_003 + group)
-    pool = [sample_example(rng, progress, tokenizer, builder)
+    pool = [sample_example(rng, progress, tokenizer, builder, cfg.copy_rate)
             for _ in range(cfg.batch_size * _BUCKETS)]
     pool.sort(key=lambda pr: len(pr[0]) + len(pr[1]))
     pairs = pool[part * cfg.batch_size:(part + 1) * cfg.batch_size]
