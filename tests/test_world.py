@@ -304,3 +304,12 @@ def test_token_errors_count_every_response_token(base) -> None:
             logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
         total += torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum").item()
     assert sum(row["nll"] * row["tokens"] for row in table.values()) == pytest.approx(total, rel=1e-4)
+
+
+def test_validity_refuses_too_few_samples_for_pass_at_64(capsys) -> None:
+    from dail.world.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validity", "--n-samples", "16"])
+    assert exit_info.value.code == 2
+    assert "--n-samples must be at least 64" in capsys.readouterr().err
