@@ -279,7 +279,6 @@ def draft_rollout(
     waiting = list(range(total))
     batch.admit(waiting[:capacity], student_prompts, privileged_prompts)
     waiting = waiting[capacity:]
-    holes = False  # whether discarded drafts left holes since the last compaction
 
     while batch.size:
         n = batch.size
@@ -306,15 +305,12 @@ def draft_rollout(
 
         # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read d_{k-2}.
         tic = time.perf_counter()
-        if k == 1:  # both roles read their pending token: no padding, no holes
-            logits = batch.forward(batch.pending[:, None], torch.ones((2 * n, 1), dtype=torch.bool, device=device))
-        else:
-            privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
-            student_ids = F.pad(fed[:, None], (k - 1, 0), value=pad_id)
-            student_valid = torch.zeros((n, k), dtype=torch.bool, device=device)
-            student_valid[:, -1] = True
-            logits = batch.forward(torch.cat([student_ids, privileged_ids]),
-                                   torch.cat([student_valid, torch.ones_like(student_valid)]))
+        privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
+        student_ids = F.pad(fed[:, None], (k - 1, 0), value=pad_id)
+        student_valid = torch.zeros((n, k), dtype=torch.bool, device=device)
+        student_valid[:, -1] = True
+        logits = batch.forward(torch.cat([student_ids, privileged_ids]),
+                               torch.cat([student_valid, torch.ones_like(student_valid)]))
         student_logits.append(logits[:n, -1])
         drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
         verify_seconds = time.perf_counter() - tic
@@ -370,17 +366,15 @@ def draft_rollout(
         draft.observe(k, int(torch.minimum(rejected_at, judged).sum()), int(judged.sum()),
                       draft_seconds, verify_seconds)
 
-        # 5. Roll the caches back: slots of discarded drafts become holes (none when k = 1).
+        # 5. Roll the caches back: slots of discarded drafts become holes.
         # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at.
-        if k > 1:
-            discard = idx[None, :] > rejected_at[:, None]  # (n, k)
-            width = batch.mask.shape[1]
-            student_slots = torch.cat([torch.arange(width - 2 * k + 1, width - k, device=device),
-                                       torch.tensor([width - 1], device=device)])
-            privileged_slots = torch.arange(width - k, width, device=device)
-            batch.mask[:n, student_slots] *= (~discard).long()
-            batch.mask[n:, privileged_slots] *= (~discard).long()
-            holes = True
+        discard = idx[None, :] > rejected_at[:, None]  # (n, k)
+        width = batch.mask.shape[1]
+        student_slots = torch.cat([torch.arange(width - 2 * k + 1, width - k, device=device),
+                                   torch.tensor([width - 1], device=device)])
+        privileged_slots = torch.arange(width - k, width, device=device)
+        batch.mask[:n, student_slots] *= (~discard).long()
+        batch.mask[n:, privileged_slots] *= (~discard).long()
         next_token = chosen.gather(-1, torch.clamp(rejected_at, max=k - 1)[:, None]).squeeze(-1)
         batch.pending = torch.cat([next_token, next_token])
 
@@ -394,14 +388,12 @@ def draft_rollout(
                 break
             batch.compact(~finished)
             stats.compactions += 1
-            holes = False
             if waiting and batch.size < capacity:
                 joining, waiting = waiting[:capacity - batch.size], waiting[capacity - batch.size:]
                 batch.admit(joining, student_prompts, privileged_prompts)
-        elif holes and batch.hole_fraction > 0.5 and batch.mask.shape[1] > 64:
+        elif batch.hole_fraction > 0.5 and batch.mask.shape[1] > 64:
             batch.compact()
             stats.compactions += 1
-            holes = False
     stats.forwards += batch.forwards
     return traces
 
