@@ -159,8 +159,8 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
             for _ in range(repeats):
                 speeds["sampling"].append(time_generate(model, student, budget))
                 for engine in engines:
-                    tok_s, traces[engine] = time_rollout(model, student, privileged, settings, engine)
-                    speeds[engine].append(tok_s)
+                    speed, traces[engine] = time_rollout(model, student, privileged, settings, engine)
+                    speeds[engine].append(speed)
             tok_s = {engine: statistics.median(values) for engine, values in speeds.items()}
             default, sampling, two_pass = tok_s[settings.engine], tok_s["sampling"], tok_s["two_pass"]
             stats = traces["draft"][0]
