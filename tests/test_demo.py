@@ -31,8 +31,12 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
         # Per type: both novel types, and they average to the overall figure (equal counts).
         assert set(m["by_type"]) == {"matmul", "poly"}, name
         assert sum(t["pass@1"] for t in m["by_type"].values()) / 2 == pytest.approx(m["pass@1"])
+    for source, r in saved["rollouts"].items():
+        if r["traces_selected"]:
+            assert 0.0 <= r["copied_items"] <= 1.0 and r["student_nll"] > 0, source
     report = (out / "report.md").read_text()
     assert "Validity of the world" in report and "| base |" in report
+    assert "student NLL/token" in report
     assert "| method | train pass@1 | test pass@1 | train pass@2 | test pass@2 |" in report
     assert "| method | matmul pass@1 | matmul pass@4 | poly pass@1 | poly pass@4 |" in report
     assert (out / "pass_at_k.png").stat().st_size > 0
@@ -64,3 +68,36 @@ def test_training_problems_evaluated_mix_the_types_like_the_test_set():
     picked = [_json.loads(line)["id"] for line in by_type(lines, 4)]
     assert picked == ["matmul-0", "poly-0", "matmul-1", "poly-1"]
     assert len(by_type(lines, 20)) == 10  # never more than there are
+
+
+def test_trace_style_tells_copied_expert_lines_from_the_students_own_style(tmp_path):
+    import random
+
+    from dail.data import write_jsonl_atomic
+    from dail.demo import trace_style
+    from dail.prompts import PromptBuilder
+    from dail.world import base_model_dir
+    from dail.world import generator as gen
+    from dail.world.tokenizer import load_tokenizer
+
+    tokenizer, builder = load_tokenizer(str(base_model_dir())), PromptBuilder()
+    specs = [gen.spec_of("vecsum", random.Random(i)) for i in range(4)]
+
+    def records(copy_all: bool) -> list[dict]:
+        out = []
+        for i, spec in enumerate(specs):
+            text = spec.detailed(range(len(spec.items)) if copy_all else ())
+            prompt = builder.render(spec.to_problem(f"p{i}"), tokenizer)["student"]
+            out.append({"text": text, "token_ids": tokenizer.encode(text, add_special_tokens=False),
+                        "prompt_ids": {"student": tokenizer.encode(prompt, add_special_tokens=False)}})
+        return out
+
+    styles = {}
+    for name, copy_all in (("own", False), ("copied", True)):
+        write_jsonl_atomic(tmp_path / f"{name}.jsonl", records(copy_all))
+        styles[name] = trace_style(base_model_dir(), tmp_path / f"{name}.jsonl")
+    assert styles["own"]["copied_items"] == 0.0 and styles["copied"]["copied_items"] == 1.0
+    # A known type in the base model's own style is what it would write; copied lines are not.
+    assert styles["own"]["student_nll"] < 0.05 < styles["copied"]["student_nll"]
+    write_jsonl_atomic(tmp_path / "none.jsonl", [])
+    assert trace_style(base_model_dir(), tmp_path / "none.jsonl") == {"copied_items": None, "student_nll": None}

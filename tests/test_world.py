@@ -130,6 +130,19 @@ def test_copied_items_are_the_expert_lines_alone() -> None:
     assert copied[-1] == full[-1] == didactic[-1]
 
 
+@pytest.mark.parametrize("kind", [*KNOWN_TYPES, *NOVEL_TYPES, "generic"])
+def test_copied_items_counts_the_items_written_as_expert_lines(kind: str) -> None:
+    spec = gen.spec_of(kind, random.Random(11))
+    n = len(spec.items)
+    assert gen.copied_items(spec.detailed()) == (0, n)
+    assert gen.copied_items(spec.detailed(range(n))) == (n, n)
+    assert gen.copied_items(spec.detailed({n - 1})) == (1, n)
+    # An opening line for another label does not count as working this item out.
+    lines = spec.detailed().split("\n")
+    relabelled = "\n".join([lines[0].replace(spec.items[0][0], "zz", 1), *lines[1:]])
+    assert gen.copied_items(relabelled) == (1, n)
+
+
 def test_pretraining_copy_rate_changes_only_the_roles_that_see_the_solution(base) -> None:
     from dail.world.pretrain import sample_example
 
@@ -313,3 +326,30 @@ def test_validity_refuses_too_few_samples_for_pass_at_64(capsys) -> None:
         main(["validity", "--n-samples", "16"])
     assert exit_info.value.code == 2
     assert "--n-samples must be at least 64" in capsys.readouterr().err
+
+
+def test_validity_api_refuses_too_few_samples_before_any_work() -> None:
+    from dail.world.validity import validity
+
+    with pytest.raises(ValueError, match="at least 64"):
+        validity(None, None, n_samples=16)  # fails before touching the model
+
+
+@pytest.mark.slow
+def test_pretrain_resumes_and_records_each_change_of_budget_or_mixture(tmp_path) -> None:
+    from dail.world.pretrain import PretrainConfig, run
+
+    cfg = PretrainConfig(out=str(tmp_path / "model"), work=str(tmp_path / "work"), minutes=60.0,
+                         max_steps=2, batch_size=2, eval_every=10_000, init=str(base_model_dir()))
+    run(cfg)
+    first = json.loads((tmp_path / "model" / "pretrain_settings.json").read_text())
+    assert first["steps"] == 2 and [s["from_step"] for s in first["segments"]] == [0]
+    # The same command again finds the run finished; a larger budget and a new mixture continue it.
+    run(cfg)
+    assert json.loads((tmp_path / "model" / "pretrain_settings.json").read_text())["segments"] == first["segments"]
+    run(PretrainConfig(**{**vars(cfg), "max_steps": 3, "copy_rate": 0.1}))
+    last = json.loads((tmp_path / "model" / "pretrain_settings.json").read_text())
+    assert last["steps"] == 3 and last["tokens"] > first["tokens"]
+    assert [(s["from_step"], s["max_steps"], s["copy_rate"]) for s in last["segments"]] == [
+        (0, 2, 0.0), (2, 3, 0.1)]
+    assert last["init_from"]["config"]["seed"] == 0  # the committed model's own history is kept

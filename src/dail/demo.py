@@ -279,7 +279,39 @@ def make_traces(root: Path, model_dir: Path, train_file: str, source: str,
     cfg = replace(cfg, out=str(_stage_dir(root, f"traces-{source}", key)))
     summary_path = Path(cfg.out) / "generate_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else generate.run(cfg)
-    return str(Path(cfg.out) / "selected.jsonl"), summary
+    selected = Path(cfg.out) / "selected.jsonl"
+    style_path = Path(cfg.out) / "style.json"
+    if not style_path.exists():
+        write_json_atomic(style_path, trace_style(model_dir, selected))
+    return str(selected), summary | json.loads(style_path.read_text())
+
+
+def trace_style(model_dir: Path, selected: Path) -> dict[str, float | None]:
+    """How far a source's selected traces are from the base student's own style.
+
+    `copied_items`: share of items written as the expert's fused line alone (the privileged
+    role's style, which direct sampling inherits). `student_nll`: the base student's mean
+    negative log-likelihood per trace token given the student prompt (in-distribution traces
+    score low).
+    """
+    import torch
+
+    from dail.data import read_jsonl
+    from dail.world.validity import copied_share, load
+
+    records = read_jsonl(selected)
+    if not records:
+        return {"copied_items": None, "student_nll": None}
+    model, _ = load(str(model_dir))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in records:
+            prompt, response = r["prompt_ids"]["student"], r["token_ids"]
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+            total += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(response),
+                                                       reduction="sum").item()
+            count += len(response)
+    return {"copied_items": copied_share([r["text"] for r in records]), "student_nll": total / max(count, 1)}
 
 
 def train_method(root: Path, model_dir: Path, train_file: str, traces: str | None, loss: str,
@@ -431,13 +463,16 @@ def report(results: dict[str, Any]) -> str:
         acc = m["accuracy_under_budget"]
         lines.append(f"| {name} | " + " | ".join(f"{acc[b]:.3f}" if acc[b] is not None else "n/a"
                                                  for b in budgets) + " |")
-    lines += ["", "## Rollouts", "", "| data | tau | mean acceptance | trace accuracy | problems kept |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Rollouts", "", "Kept traces: items copied as the expert's fused line, and the base "
+              "student's mean NLL per token of them (its own style scores low).", "",
+              "| data | tau | mean acceptance | trace accuracy | problems kept | copied items | student NLL/token |",
+              "|---|---|---|---|---|---|---|"]
     for source, r in results.get("rollouts", {}).items():
         tau = SOURCES[source][0] if SOURCES[source][0] is not None else s["tau"]
-        accuracy = f"{r['trace_accuracy']:.3f}" if r.get("trace_accuracy") is not None else "n/a"
-        lines.append(f"| {source} | {tau} | {r['mean_acceptance_rate']:.3f} | {accuracy} | "
-                     f"{r['problems_selected']}/{r['problems']} |")
+        cells = [f"{r[k]:.3f}" if r.get(k) is not None else "n/a"
+                 for k in ("trace_accuracy", "copied_items", "student_nll")]
+        lines.append(f"| {source} | {tau} | {r['mean_acceptance_rate']:.3f} | {cells[0]} | "
+                     f"{r['problems_selected']}/{r['problems']} | {cells[1]} | {cells[2]} |")
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\nNot trained: **{name}** ({why}).")
     lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1), "```", ""]

@@ -41,6 +41,7 @@ test splits use disjoint seed streams and are also filtered against each other b
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
@@ -108,6 +109,29 @@ def detailed_steps(expr: Expr) -> tuple[list[str], int]:
             total = new
     assert total is not None
     return lines, total
+
+
+_CLOSING = re.compile(r"^(\S+) = (\S+) = \d$")
+_OPENING = re.compile(r"^(\S+) = (\S+)$")
+
+
+def copied_items(text: str) -> tuple[int, int]:
+    """(items written as the expert's fused line alone, items) in a detailed-style response.
+
+    An item is closed by `label = expression = value`; it was worked out if its opening line
+    `label = expression` came after the previous item's closing line, and copied otherwise.
+    """
+    copied = items = 0
+    opened: set[str] = set()
+    for line in text.split("\n"):
+        line = line.strip()
+        if m := _CLOSING.match(line):
+            items += 1
+            copied += f"{m[1]} = {m[2]}" not in opened
+            opened.clear()
+        elif _OPENING.match(line):
+            opened.add(line)
+    return copied, items
 
 
 def random_expr(rng: random.Random, *, max_terms: int = 4, max_factors: int = 3) -> Expr:

@@ -188,14 +188,20 @@ def run(cfg: PretrainConfig) -> Path:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
-    step, tokens, elapsed = 0, 0, 0.0
+    step, tokens, elapsed, segments = 0, 0, 0.0, []
     ckpt = work / "ckpt.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
+        segments = state.get("segments", [])
         logger.info("resumed at step %d (%d tokens, %.1f min)", step, tokens, elapsed / 60)
+    # A resumed run may change its budget or mixture; each change is recorded where it began.
+    settings_now = {"minutes": cfg.minutes, "max_steps": cfg.max_steps, "lr": cfg.lr,
+                    "copy_rate": cfg.copy_rate}
+    if not segments or {k: v for k, v in segments[-1].items() if k != "from_step"} != settings_now:
+        segments.append({"from_step": step, **settings_now})
     model.train()
     start = time.time() - elapsed
     ema = None
@@ -220,13 +226,13 @@ def run(cfg: PretrainConfig) -> Path:
             logger.info("step %d loss %.4f (ema %.4f) lr %.2e tokens %d min %.1f", step,
                         loss.item(), ema, lr, tokens, (time.time() - start) / 60)
         if step % cfg.ckpt_every == 0:
-            _checkpoint(ckpt, model, opt, step, tokens, time.time() - start)
+            _checkpoint(ckpt, model, opt, step, tokens, time.time() - start, segments)
         if step % cfg.eval_every == 0:
             model.eval()
             logger.info("eval at step %d: %s", step, json.dumps(quick_eval(model, tokenizer)))
             model.train()
     wall = time.time() - start
-    _checkpoint(ckpt, model, opt, step, tokens, wall)
+    _checkpoint(ckpt, model, opt, step, tokens, wall, segments)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -234,6 +240,7 @@ def run(cfg: PretrainConfig) -> Path:
     tokenizer.save_pretrained(out)
     settings = {"config": asdict(cfg), "steps": step, "tokens": tokens,
                 "wall_minutes": round(wall / 60, 1), "parameters": n_params,
+                "segments": segments,
                 "command": os.environ.get("DAIL_WORLD_COMMAND", ""),
                 "torch": torch.__version__}
     history = Path(cfg.init) / "pretrain_settings.json" if cfg.init else None
@@ -244,10 +251,11 @@ def run(cfg: PretrainConfig) -> Path:
     return out
 
 
-def _checkpoint(path: Path, model: Any, opt: Any, step: int, tokens: int, elapsed: float) -> None:
+def _checkpoint(path: Path, model: Any, opt: Any, step: int, tokens: int, elapsed: float,
+                segments: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                "tokens": tokens, "elapsed": elapsed}, tmp)
+                "tokens": tokens, "elapsed": elapsed, "segments": segments}, tmp)
     os.replace(tmp, path)
 
 

@@ -70,9 +70,20 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: Sequence[Problem], rol
 def pass_rates(model: Any, tokenizer: Any, problems: Sequence[Problem], role: str, *,
                n: int, ks: Sequence[int] = (1,)) -> dict[str, float]:
     """Mean unbiased pass@k over problems from `n` samples each."""
-    outs = sample(model, tokenizer, _prompts(problems, tokenizer, role), n=n)
+    return _rates(sample(model, tokenizer, _prompts(problems, tokenizer, role), n=n), problems, ks)
+
+
+def _rates(outs: list[list[str]], problems: Sequence[Problem], ks: Sequence[int]) -> dict[str, float]:
     counts = [sum(grade(o, p.answer or "") for o in os_) for os_, p in zip(outs, problems, strict=True)]
-    return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks}
+    return {f"pass@{k}": sum(pass_at_k(len(os_), c, k) for c, os_ in zip(counts, outs, strict=True))
+            / len(counts) for k in ks}
+
+
+def copied_share(texts: Sequence[str]) -> float:
+    """Share of items written as the expert's fused line alone (see `generator.copied_items`)."""
+    counts = [gen.copied_items(t) for t in texts]
+    items = sum(n for _, n in counts)
+    return sum(c for c, _ in counts) / items if items else 0.0
 
 
 @torch.no_grad()
@@ -212,7 +223,13 @@ def diagnose(model: Any, tokenizer: Any, *, n_problems: int = 8, seed: int = 0,
 
 def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int = 64,
              seed: int = 0) -> dict[str, Any]:
-    """All validity numbers on test problems (see the module docstring)."""
+    """All validity numbers on test problems (see the module docstring).
+
+    Raises:
+        ValueError: if `n_samples` < 64 (pass@64 is one of the numbers).
+    """
+    if n_samples < 64:
+        raise ValueError(f"n_samples must be at least 64 (validity reports pass@64), not {n_samples}")
     result: dict[str, Any] = {"settings": {"n_problems": n_problems, "n_samples": n_samples,
                                            "seed": seed, "temperature": TEMPERATURE,
                                            "top_p": TOP_P, "split": "test"}}
@@ -226,11 +243,14 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
     for kind in gen.NOVEL_TYPES:
         probs = gen.generate(kind, n_problems, split="test", seed=seed)
         student = pass_rates(model, tokenizer, probs, "student", n=n_samples, ks=(1, 64))
-        privileged = pass_rates(model, tokenizer, probs, "privileged", n=4)["pass@1"]
+        privileged_outs = sample(model, tokenizer, _prompts(probs, tokenizer, "privileged"), n=4)
+        privileged = _rates(privileged_outs, probs, (1,))["pass@1"]
         fused = forced_line_error(model, tokenizer, probs[:16], style="didactic")
         own = forced_line_error(model, tokenizer, probs[:16], style="detailed")
         novel[kind] = {"student_pass@1": student["pass@1"], "student_pass@64": student["pass@64"],
                        "privileged_pass@1": privileged,
+                       # The privileged role's own style: items it copies instead of working out.
+                       "privileged_copied_items": copied_share([o for os_ in privileged_outs for o in os_]),
                        "forced_didactic_error_rate": fused["error_rate"],
                        "forced_didactic_p_correct": fused["p_correct"],
                        "forced_detailed_error_rate": own["error_rate"],
