@@ -424,11 +424,13 @@ def report(results: dict[str, Any]) -> str:
     lines += ["| known type | student pass@1 |", "|---|---|"]
     lines += [f"| {k} | {x:.3f} |" for k, x in known.items()]
     lines += ["", "| novel type | student pass@1 | student pass@64 | privileged pass@1 | "
-              "forced didactic-line error | forced own-line error |", "|---|---|---|---|---|---|"]
+              "privileged copied items | forced didactic-line error | forced own-line error |",
+              "|---|---|---|---|---|---|---|"]
     for k, x in v.get("novel", {}).items():
+        copied = x.get("privileged_copied_items")  # absent from validity files of older models
         lines.append(f"| {k} | {x['student_pass@1']:.3f} | {x['student_pass@64']:.3f} | "
-                     f"{x['privileged_pass@1']:.3f} | {x['forced_didactic_error_rate']:.3f} | "
-                     f"{x['forced_detailed_error_rate']:.3f} |")
+                     f"{x['privileged_pass@1']:.3f} | {'n/a' if copied is None else f'{copied:.3f}'} | "
+                     f"{x['forced_didactic_error_rate']:.3f} | {x['forced_detailed_error_rate']:.3f} |")
     ks = _ks(results)
     lines += ["", f"## Held-out novel problems ({s['n_test']} problems x {s['eval_n']} samples)", "",
               "| method | " + " | ".join(ks) + " | mean tokens | retention (known pass@1) |",
