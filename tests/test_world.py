@@ -353,3 +353,25 @@ def test_pretrain_resumes_and_records_each_change_of_budget_or_mixture(tmp_path)
     assert [(s["from_step"], s["max_steps"], s["copy_rate"]) for s in last["segments"]] == [
         (0, 2, 0.0), (2, 3, 0.1)]
     assert last["init_from"]["config"]["seed"] == 0  # the committed model's own history is kept
+
+
+def test_many_labels_changes_only_the_generic_tasks_labels(base) -> None:
+    from dail.world.pretrain import sample_example
+
+    _, tokenizer = base
+    builder = PromptBuilder()
+    label_line = re.compile(r"^([A-Za-z]+[0-9]*) = \S+ = \d$", flags=re.M)
+    labels: dict[bool, set[str]] = {False: set(), True: set()}
+    for many in (False, True):
+        rng = random.Random(0)
+        for _ in range(300):
+            p_ids, r_ids = sample_example(rng, 0.5, tokenizer, builder, 0.0, many)
+            prompt = tokenizer.decode(p_ids)
+            if "Expert solution" in prompt and "Evaluate modulo 10:" not in prompt:
+                labels[many] |= set(label_line.findall(tokenizer.decode(r_ids[:-1])))
+    # Off: the few labels of the known types and r1..r4; on: many more, all single tokens.
+    assert set(gen.LABELS) <= labels[False] and len(labels[False]) < 20
+    assert len(labels[True] - labels[False]) > 50 and labels[True] <= set(gen.ALL_LABELS)
+    # Off, the data stream is the one every earlier run saw.
+    assert ([sample_example(random.Random(1), 0.5, tokenizer, builder) for _ in range(20)]
+            == [sample_example(random.Random(1), 0.5, tokenizer, builder, 0.0, False) for _ in range(20)])

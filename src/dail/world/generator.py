@@ -302,9 +302,9 @@ def _sentence(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(words).capitalize() + "."
 
 
-def make_generic(rng: random.Random) -> Spec:
+def make_generic(rng: random.Random, labels: tuple[str, ...] = LABELS) -> Spec:
     """A random statement with a random reference: labels and expression shapes of all kinds."""
-    labels = LABELS[:rng.randint(2, 4)]
+    labels = labels[:rng.randint(2, 4)]
     items = tuple((label, random_expr(rng, max_terms=3)) for label in labels)
     objects = [_random_object(rng) for _ in range(rng.randint(1, 3))]
     statement = (f"Let {_and_list(objects)}. {rng.choice(('Compute', 'Find'))} "

@@ -60,6 +60,11 @@ class PretrainConfig:
     # sampling from it inherits, while a mixed rollout with tau <= 1 - copy_rate accepts the
     # student's own continuation there. 0 = never (the committed model).
     copy_rate: float = 0.0
+    # Fraction of the budget, from the start, during which the generic task names its items
+    # with labels drawn from all label tokens instead of r1..r4. A label is then a unique
+    # anchor in the reference, and copying what follows it is the first form of copying a
+    # tiny model learns; copying whole expressions precisely builds on it. 0 = never.
+    many_labels: float = 0.0
 
 
 # (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.
@@ -91,12 +96,17 @@ def make_drill(rng: random.Random) -> gen.Spec:
 
 
 def sample_example(rng: random.Random, progress: float, tokenizer: Any, builder: PromptBuilder,
-                   copy_rate: float = 0.0) -> tuple[list[int], list[int]]:
+                   copy_rate: float = 0.0, many_labels: bool = False) -> tuple[list[int], list[int]]:
     """One (prompt ids, response ids) pair; the response ends with EOS."""
     tasks = list(_MIX)
     weights = [w * (8.0 if (progress < _WARM and kind == "drill") else 1.0) for (kind, _), w in _MIX.items()]
     kind, role = rng.choices(tasks, weights)[0]
-    spec = make_drill(rng) if kind == "drill" else gen.spec_of(kind, rng)
+    if kind == "drill":
+        spec = make_drill(rng)
+    elif kind == "generic" and many_labels:  # draws only when on: the default stream is unchanged
+        spec = gen.make_generic(rng, labels=tuple(rng.sample(gen.ALL_LABELS, 4)))
+    else:
+        spec = gen.spec_of(kind, rng)
     prompt = builder.render(spec.to_problem("pretrain"), tokenizer)[role]
     copied: set[int] = set()
     if copy_rate > 0 and role != "student" and kind != "drill":  # no draws at 0: the same stream
@@ -118,7 +128,7 @@ def make_batch(step: int, cfg: PretrainConfig, tokenizer: Any, builder: PromptBu
     """
     group, part = divmod(step, _BUCKETS)
     rng = random.Random(cfg.seed * 1_000_003 + group)
-    pool = [sample_example(rng, progress, tokenizer, builder, cfg.copy_rate)
+    pool = [sample_example(rng, progress, tokenizer, builder, cfg.copy_rate, progress < cfg.many_labels)
             for _ in range(cfg.batch_size * _BUCKETS)]
     pool.sort(key=lambda pr: len(pr[0]) + len(pr[1]))
     pairs = pool[part * cfg.batch_size:(part + 1) * cfg.batch_size]
@@ -199,7 +209,7 @@ def run(cfg: PretrainConfig) -> Path:
         logger.info("resumed at step %d (%d tokens, %.1f min)", step, tokens, elapsed / 60)
     # A resumed run may change its budget or mixture; each change is recorded where it began.
     settings_now = {"minutes": cfg.minutes, "max_steps": cfg.max_steps, "lr": cfg.lr,
-                    "copy_rate": cfg.copy_rate}
+                    "copy_rate": cfg.copy_rate, "many_labels": cfg.many_labels}
     if not segments or {k: v for k, v in segments[-1].items() if k != "from_step"} != settings_now:
         segments.append({"from_step": step, **settings_now})
     model.train()
