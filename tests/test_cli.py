@@ -203,3 +203,14 @@ def test_demo_checks_the_world_shows_the_gap():
     ok, why = gap_is_real(weak)
     assert not ok and "known-type student pass@1 0.05" in why
     assert gap_is_real({})[0] is False
+
+
+def test_demo_flags_reach_the_settings(monkeypatch):
+    from dail import demo
+
+    seen = {}
+    monkeypatch.setattr(demo, "run", lambda **kw: seen.update(kw))
+    assert main(["demo", "--seed", "1", "--kl-direction", "forward", "--out", "x"]) in (0, None)
+    assert seen["settings"] == demo.DemoSettings(seed=1, kl_direction="forward") and seen["out"] == "x"
+    main(["demo", "--quick"])
+    assert seen["settings"] == demo.QUICK and seen["quick"]

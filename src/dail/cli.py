@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--kl-direction", choices=("reverse", "forward"), default=None,
                    help="KL direction of the contrastive runs (default: reverse, the paper's)")
     d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method")
+    d.add_argument("--seed", type=int, default=None,
+                   help="a replicate of the whole comparison: new problems, rollouts and training (default 0)")
 
     pl = sub.add_parser("plot", help="pass@k and token-budget plots of several eval summaries")
     pl.add_argument("summaries", nargs="+", help="summary.json files (or eval output folders)")
@@ -216,8 +218,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dail import demo
 
-    changes = {k: v for k, v in (("kl_direction", args.kl_direction), ("learning_rate", args.learning_rate))
-               if v is not None}
+    changes = {k: v for k, v in (("kl_direction", args.kl_direction), ("learning_rate", args.learning_rate),
+                                 ("seed", args.seed)) if v is not None}
     settings = dataclasses.replace(demo.QUICK if args.quick else demo.DemoSettings(), **changes)
     demo.run(out=args.out, quick=args.quick, settings=settings, model_dir=args.model)
 
