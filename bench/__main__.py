@@ -7,7 +7,9 @@ engine's rounds), step times medians over several steps. Writes bench/results.js
 
 - rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
   `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
-  budget; no eos so every row runs the full budget).
+  budget; no eos so every row runs the full budget). The world model is given the demo's own
+  prompts (novel-type problems, the expert's solution in the privileged one); the random model,
+  which accepts nothing whatever it is shown, random tokens.
 - rollout_vs_reference: tokens/s of the default engine / the straightforward loop, one KV-cached,
   batched forward per role per token (`two_pass_rollout` below; the same traces). The draft-and-
   verify engine is measured against both and reported beside them.
@@ -70,8 +72,21 @@ def params(model: torch.nn.Module) -> str:
 # --------------------------------------------------------------------------- rollout
 
 
+def world_prompts(batch: int) -> tuple[list[list[int]], list[list[int]]]:
+    """The demo's own prompts: novel-type training problems, student and privileged (with the
+    expert's solution), as the world model's rollouts in the demo see them."""
+    from dail import world
+    from dail.prompts import PromptBuilder
+    from dail.world.tokenizer import load_tokenizer
+
+    tokenizer, builder = load_tokenizer(str(world.base_model_dir())), PromptBuilder()
+    rendered = [builder.render(p, tokenizer) for p in world.problems("novel", split="train", n=batch)]
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    return [encode(r["student"]) for r in rendered], [encode(r["privileged"]) for r in rendered]
+
+
 def prompts(batch: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
-    """Student prompts of 24 tokens and privileged prompts of 96 (problem + solution)."""
+    """Random student prompts of 24 tokens and privileged prompts of 96 (problem + solution)."""
     g = torch.Generator().manual_seed(seed)
     student, privileged = [], []
     for _ in range(batch):
@@ -140,7 +155,7 @@ def time_generate(model, student, budget: int) -> float:
 
 
 def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[float],
-                  repeats: int) -> list[dict[str, Any]]:
+                  repeats: int, make_prompts: Any = None) -> list[dict[str, Any]]:
     """Each figure is the median over `repeats` rounds; a round times every engine once, in turn,
     so that a burst of background load hits all of them alike."""
     from dail.rollout import RolloutSettings
@@ -148,7 +163,7 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
     rows = []
     vocab = model.config.vocab_size
     for batch in batches:
-        student, privileged = prompts(batch, vocab)
+        student, privileged = make_prompts(batch) if make_prompts else prompts(batch, vocab)
         time_generate(model, student[:1], 4)  # warm-up
         for tau in taus:
             settings = RolloutSettings(tau=tau, temperature=0.6, top_p=0.95, max_new_tokens=budget)
@@ -291,8 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     demo, demo_name = demo_model()
     budget = 32 if quick else 64
     repeats = 3
+    # The world model gets the demo's own prompts (its acceptance there is what drafting sees);
+    # a random model accepts nothing whatever its prompts.
     rows = bench_rollout(demo, f"{demo_name} {params(demo)}", [1, 8] if quick else [1, 8, 64], budget,
-                         [0.8, 0.0], repeats)
+                         [0.8, 0.0], repeats, world_prompts if demo_name == "world base model" else None)
     del demo
     large = random_qwen2(768, 12, 32000)
     rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],

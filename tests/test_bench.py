@@ -33,3 +33,18 @@ def test_loss_memory_child_reports_equal_losses_for_both_modes():
     assert results["chunked"]["loss"] == pytest.approx(results["plain"]["loss"], rel=1e-5)
     assert results["chunked"]["grad_norm"] == pytest.approx(results["plain"]["grad_norm"], rel=1e-5)
     assert results["plain"]["peak_growth"] > 0
+
+
+def test_world_model_rows_use_the_demos_prompts_and_accept_most_proposals():
+    model, name = bench.demo_model()
+    student, privileged = bench.world_prompts(2)
+    from dail.world import base_model_dir
+    from dail.world.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base_model_dir()))
+    for s, p in zip(student, privileged, strict=True):
+        assert "Expert solution" in tokenizer.decode(p) and "Expert solution" not in tokenizer.decode(s)
+    rows = bench.bench_rollout(model, name, [2], budget=64, taus=[0.8], repeats=1, make_prompts=bench.world_prompts)
+    # On its own task the privileged model agrees with the student on most tokens (about 0.6 on
+    # random prompts).
+    assert rows[0]["identical_traces"] == 1.0 and rows[0]["acceptance"] > 0.7
