@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,7 @@ def time_generate(model, student, budget: int) -> float:
 
 
 def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[float],
-                  repeats: int, make_prompts: Any = None) -> list[dict[str, Any]]:
+                  repeats: int, make_prompts: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
     """Each figure is the median over `repeats` rounds; a round times every engine once, in turn,
     so that a burst of background load hits all of them alike."""
     from dail.rollout import RolloutSettings

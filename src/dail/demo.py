@@ -297,7 +297,7 @@ def trace_style(model_dir: Path, selected: Path) -> dict[str, float | None]:
     import torch
 
     from dail.data import read_jsonl
-    from dail.world.validity import copied_share, load
+    from dail.world.validity import copied_share, load, response_logits
 
     records = read_jsonl(selected)
     if not records:
@@ -307,9 +307,8 @@ def trace_style(model_dir: Path, selected: Path) -> dict[str, float | None]:
     with torch.no_grad():
         for r in records:
             prompt, response = r["prompt_ids"]["student"], r["token_ids"]
-            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
-            total += torch.nn.functional.cross_entropy(logits.float(), torch.tensor(response),
-                                                       reduction="sum").item()
+            logits = response_logits(model, prompt, response).float()
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum").item()
             count += len(response)
     return {"copied_items": copied_share([r["text"] for r in records]), "student_nll": total / max(count, 1)}
 

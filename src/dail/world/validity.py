@@ -177,6 +177,11 @@ def token_category(line_so_far: str, token: str) -> str:
 
 
 @torch.no_grad()
+def response_logits(model: Any, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """Teacher-forced next-token logits, one row per response token (the row predicting it)."""
+    return model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+
+
 def token_errors(model: Any, tokenizer: Any, problems: Sequence[Problem], role: str) -> dict[str, Any]:
     """Teacher-forced next-token error rate of the detailed trace, by token category.
 
@@ -191,7 +196,7 @@ def token_errors(model: Any, tokenizer: Any, problems: Sequence[Problem], role: 
     for problem in problems:
         prompt = tokenizer.encode(builder.render(problem, tokenizer)[role], add_special_tokens=False)
         response = tokenizer.encode(detailed_of(problem), add_special_tokens=False) + [tokenizer.eos_token_id]
-        logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        logits = response_logits(model, prompt, response)
         predicted = logits.argmax(-1).tolist()
         token_nll = (-logits.float().log_softmax(-1)[torch.arange(len(response)), response]).tolist()
         line = ""  # the current line of the response before this token
