@@ -143,3 +143,24 @@ def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts):
     pooled = sum(rate) / 2
     assert abs(rate[0] - rate[1]) <= 4.5 * math.sqrt(max(pooled * (1 - pooled), 1e-4) * 2 / (4 * n))
     assert 0 < pooled < 1
+
+
+def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignment():
+    import torch
+
+    from dail.engine import _GrowingLayer
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    layer = _GrowingLayer(keys, values)
+    expected_k, expected_v = keys, values
+    for step in range(70):  # past the first capacity, so the buffer grows at least once
+        if step == 40:  # what compaction does: rows leave and the layer is given new tensors
+            layer.keys, layer.values = layer.keys[[0, 2]].clone(), layer.values[[0, 2]].clone()
+            expected_k, expected_v = expected_k[[0, 2]], expected_v[[0, 2]]
+        shape = (expected_k.shape[0], 2, 1 + step % 3, 4)
+        k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        got_k, got_v = layer.update(k, v)
+        expected_k, expected_v = torch.cat([expected_k, k], dim=2), torch.cat([expected_v, v], dim=2)
+        assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
+    assert layer.get_seq_length() == expected_k.shape[2] == 5 + sum(1 + s % 3 for s in range(70))

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
 
 from dail.rollout import (
     PRIVILEGED,
@@ -120,6 +121,38 @@ class _DraftLength:
         self.verify_cost[k] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
 
 
+class _GrowingLayer(DynamicLayer):
+    """A KV cache layer that appends into spare capacity instead of concatenating.
+
+    `DynamicLayer.update` copies the whole cache on every forward, which at large batch costs as
+    much as attention itself. Here `keys`/`values` are views of the first slots of a buffer that
+    doubles when full, so appending q slots copies q slots. Assigning new `keys`/`values` (as
+    `_Batch.admit` and `compact` do) is allowed: the next update sees they are no longer views of
+    the buffer and starts a new one.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        used, new = self.keys.shape[-2], key_states.shape[-2]
+        buffers = self._buffers
+        if (buffers is None or buffers[0].shape[-2] < used + new
+                or self.keys.data_ptr() != buffers[0].data_ptr() or self.keys.shape[0] != buffers[0].shape[0]):
+            capacity = max(64, 2 * (used + new))
+            buffers = tuple(old.new_empty((*old.shape[:2], capacity, old.shape[3])) for old in (self.keys, self.values))
+            buffers[0][:, :, :used] = self.keys
+            buffers[1][:, :, :used] = self.values
+            self._buffers = buffers
+        buffers[0][:, :, used:used + new] = key_states
+        buffers[1][:, :, used:used + new] = value_states
+        self.keys, self.values = buffers[0][:, :, :used + new], buffers[1][:, :, :used + new]
+        return self.keys, self.values
+
+
 class _Batch:
     """Active sequences: a joint KV cache over [students; privileged] with a hole-aware mask."""
 
@@ -194,6 +227,7 @@ class _Batch:
                                      for part in parts_kv])
             target.values = torch.cat([F.pad(part[layer][1], (0, 0, width - part[layer][1].shape[2], 0))
                                        for part in parts_kv])
+        s_cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in s_cache.layers]
         self.cache = s_cache
         self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in parts_mask])
         self.rows = self.rows + list(rows)
