@@ -13,9 +13,11 @@ engine's rounds), step times medians over several steps. Writes bench/results.js
 - rollout_vs_reference: tokens/s of the default engine / the straightforward loop, one KV-cached,
   batched forward per role per token (`two_pass_rollout` below; the same traces). The draft-and-
   verify engine is measured against both and reported beside them.
-- train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch.
-  Its `floor` is (NLL step + the two teachers' forwards alone) / NLL step: what the ratio would
-  be if the contrastive loss itself cost no more than the NLL.
+- train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch,
+  without gradient checkpointing and (`with_checkpointing`) with it, as the trainer runs on a
+  GPU. Its `floor` is (NLL step + the two teachers' forwards, logits included) / NLL step: what
+  the ratio would be if the contrastive loss itself cost no more than the NLL. Both are medians
+  of per-round ratios (a round times the two steps and the teachers back to back).
 - loss_memory: peak RSS growth of the contrastive loss + backward, chunked / unchunked, each in
   a fresh subprocess (VmHWM minus VmRSS before the measured call).
 """
@@ -199,9 +201,12 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
 
 
 def bench_train_step(repeats: int) -> dict[str, Any]:
+    """DAIL step / NLL step, without and with gradient checkpointing (the trainer's default on a
+    GPU, and the paper's setting); the floor is what the ratio would be if the contrastive loss
+    cost no more than the NLL: (NLL step + the two teachers' forwards with their logits) / NLL."""
     from peft import LoraConfig, get_peft_model
 
-    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_hidden
+    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_logits
 
     model = get_peft_model(random_qwen2(256, 4, 8192), LoraConfig(r=32, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
@@ -211,24 +216,35 @@ def bench_train_step(repeats: int) -> dict[str, Any]:
                                 "negative": torch.randint(3, 8192, (48,), generator=g).tolist()},
                  "response_ids": torch.randint(3, 8192, (256,), generator=g).tolist()} for _ in range(2)]
     batch = DAILCollator(pad_id=0, roles=("student", "privileged", "negative"))(examples)
-    times: dict[str, list[float]] = {"dail": [], "nll": [], "teachers": []}
-    trainers = {loss: DAILTrainer(model=model, args=DAILConfig(output_dir="/tmp/dail-bench", loss=loss,
-                                                               use_cpu=True, gradient_checkpointing=False))
-                for loss in ("dail", "nll")}
-    for _ in range(repeats + 1):  # the first round warms up
-        for loss, trainer in trainers.items():
-            model.zero_grad()
-            tic = time.perf_counter()
-            trainer.compute_loss(model, batch).backward()
-            times[loss].append(time.perf_counter() - tic)
-        tic = time.perf_counter()  # the two teachers' forwards alone: what no loss can avoid
-        with torch.no_grad(), model.disable_adapter():
-            for role in ("privileged", "negative"):
-                response_hidden(model, batch, role)
-        times["teachers"].append(time.perf_counter() - tic)
-    dail, nll, teachers = (statistics.median(times[k][1:]) for k in ("dail", "nll", "teachers"))
-    return {"ratio": round(dail / nll, 3), "floor": round((nll + teachers) / nll, 3),
-            "dail_s": round(dail, 3), "nll_s": round(nll, 3), "teacher_forwards_s": round(teachers, 3),
+    results: dict[str, Any] = {}
+    for checkpointing in (False, True):
+        if checkpointing:  # as the Trainer sets it up; it only acts in training mode
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train(checkpointing)
+        times: dict[str, list[float]] = {"dail": [], "nll": [], "teachers": []}
+        trainers = {loss: DAILTrainer(model=model, args=DAILConfig(output_dir="/tmp/dail-bench", loss=loss,
+                                                                   use_cpu=True))
+                    for loss in ("dail", "nll")}
+        for _ in range(repeats + 1):  # the first round warms up
+            for loss, trainer in trainers.items():
+                model.zero_grad()
+                tic = time.perf_counter()
+                trainer.compute_loss(model, batch).backward()
+                times[loss].append(time.perf_counter() - tic)
+            tic = time.perf_counter()  # the two teachers' forwards alone: what no loss can avoid
+            with torch.no_grad(), model.disable_adapter():
+                for role in ("privileged", "negative"):
+                    response_logits(model, batch, role)
+            times["teachers"].append(time.perf_counter() - tic)
+        # Ratios within a round, then their median: a slow stretch of the machine hits both.
+        rounds = list(zip(*(times[k][1:] for k in ("dail", "nll", "teachers")), strict=True))
+        dail, nll, teachers = (statistics.median(times[k][1:]) for k in ("dail", "nll", "teachers"))
+        key = "checkpointing" if checkpointing else "plain"
+        results[key] = {"ratio": round(statistics.median(d / n for d, n, _ in rounds), 3),
+                        "floor": round(statistics.median((n + t) / n for _, n, t in rounds), 3),
+                        "dail_s": round(dail, 3), "nll_s": round(nll, 3), "teacher_forwards_s": round(teachers, 3)}
+    model.gradient_checkpointing_disable()
+    return {**results["plain"], "with_checkpointing": results["checkpointing"],
             "model": "random Qwen2 hidden 256, 4 layers, vocab 8192, LoRA r=32",
             "batch": "2 x 256 response tokens; prompts: student 32, privileged 160, negative 48 tokens"}
 
@@ -316,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],
                           16 if quick else 32, [0.8] if quick else [0.8, 0.0], repeats)
     del large
-    train = bench_train_step(2 if quick else 4)
+    train = bench_train_step(4 if quick else 15)
     memory = bench_loss_memory(512 if quick else 2048)
     main_rows = [r for r in rows if r["tau"] == 0.8 and r["model"] == rows[0]["model"]]
     results = {
@@ -337,8 +353,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['model'][:44]:<44} {r['batch']:>3} {r['tau']:>4} {r['vs_sampling']:>11} {r['vs_reference']:>12} "
               f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} "
               f"{r['identical_traces']:>5} {r['spread']:>6}")
-    print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s); "
-          f"floor (NLL step + the teachers' forwards) / NLL step: {train['floor']}")
+    ckpt = train["with_checkpointing"]
+    print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s), "
+          f"floor {train['floor']}; with gradient checkpointing: {ckpt['ratio']}, floor {ckpt['floor']}  "
+          "(floor: (NLL step + the teachers' forwards) / NLL step)")
     print(f"loss_memory (chunked / plain peak): {memory['ratio']}  ({memory['chunked_mib']} MiB / "
           f"{memory['plain_mib']} MiB at {memory['tokens']} tokens; |dloss| {memory['loss_abs_diff']:.2e})")
     if quick:
