@@ -1,9 +1,9 @@
 """`make bench` / `python -m bench [--quick]`: ratios measured in one run, printed and saved.
 
 Every figure is a ratio of two measurements taken in the same process, back to back, so that
-background load on the machine cancels out as far as possible: rollout speeds are medians over
-three rounds that time every engine in turn ("spread" is the largest max/min ratio of one
-engine's rounds), step times medians over several steps. Writes bench/results.json.
+background load on the machine cancels out as far as possible: a round times every engine in
+turn, and a ratio is the median of the rounds' own ratios (three rounds at batch 64, seven at
+smaller batches; "spread" is the largest max/min ratio of one engine's rounds). Writes bench/results.json.
 
 - rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
   `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
@@ -157,10 +157,15 @@ def time_generate(model, student, budget: int) -> float:
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - tic)
 
 
+def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of the rounds' own ratios."""
+    return round(statistics.median(a / b for a, b in zip(numerators, denominators, strict=True)), 3)
+
+
 def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[float],
                   repeats: int, make_prompts: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
-    """Each figure is the median over `repeats` rounds; a round times every engine once, in turn,
-    so that a burst of background load hits all of them alike."""
+    """A round times every engine once, in turn, so that a burst of background load hits all of
+    them alike; `repeats` rounds at batches above 8, 2 * repeats + 1 below."""
     from dail.rollout import RolloutSettings
 
     rows = []
@@ -174,25 +179,30 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
             engines = ["two_pass", "draft"] + ([settings.engine] if settings.engine != "draft" else [])
             speeds: dict[str, list[float]] = {"sampling": [], **{e: [] for e in engines}}
             traces: dict[str, Any] = {}
-            for _ in range(repeats):
+            rounds = repeats if batch > 8 else 2 * repeats + 1  # small batches are quick and noisier
+            for _ in range(rounds):
                 speeds["sampling"].append(time_generate(model, student, budget))
                 for engine in engines:
                     speed, traces[engine] = time_rollout(model, student, privileged, settings, engine)
                     speeds[engine].append(speed)
             tok_s = {engine: statistics.median(values) for engine, values in speeds.items()}
+            ratio = lambda engine, reference, speeds=speeds: _median_ratio(speeds[engine], speeds[reference])  # noqa: E731
+
             default, sampling, two_pass = tok_s[settings.engine], tok_s["sampling"], tok_s["two_pass"]
             stats = traces["draft"][0]
             per_row = zip(*(traces[engine][1] for engine in engines), strict=True)
             same = sum(all(t.token_ids == row[0].token_ids for t in row) for row in per_row) / batch
-            rows.append({"model": name, "batch": batch, "tau": tau, "budget": budget, "repeats": repeats,
+            rows.append({"model": name, "batch": batch, "tau": tau, "budget": budget, "repeats": rounds,
                          "default_engine": settings.engine, "sampling_tok_s": round(sampling, 1),
                          "default_tok_s": round(default, 1), "two_pass_tok_s": round(two_pass, 1),
                          "draft_tok_s": round(tok_s["draft"], 1),
-                         "vs_sampling": round(default / sampling, 3), "vs_reference": round(default / two_pass, 3),
-                         "draft_vs_reference": round(tok_s["draft"] / two_pass, 3),
+                         "vs_sampling": ratio(settings.engine, "sampling"),
+                         "vs_reference": ratio(settings.engine, "two_pass"),
+                         "draft_vs_reference": ratio("draft", "two_pass"),
                          "spread": round(max(max(v) / min(v) for v in speeds.values()), 2),
                          "acceptance": round(stats.acceptance_rate, 3),
-                         "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same})
+                         "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same,
+                         "round_tok_s": {e: [round(v, 1) for v in values] for e, values in speeds.items()}})
             logger.info("%s", rows[-1])
     return rows
 
