@@ -16,9 +16,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from dail.world.pretrain import PretrainConfig
 
-    pre = sub.add_parser("pretrain", help="pretrain the base model from scratch (CPU)")
+    pre = sub.add_parser("pretrain", help="pretrain the base model from scratch (CPU)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(PretrainConfig):
-        pre.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        pre.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                         help=f.metadata.get("help"))
 
     val = sub.add_parser("validity", help="measure the gap on a saved model")
     val.add_argument("--model", default=None, help="model directory (default: committed base)")

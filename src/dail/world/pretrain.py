@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,38 +33,42 @@ from dail.world import generator as gen
 logger = logging.getLogger(__name__)
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A field with its command-line help (`dail world pretrain --help`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class PretrainConfig:
     """Settings of one pretraining run (recorded in pretrain_settings.json)."""
 
-    out: str = "src/dail/world/assets/base"
-    work: str = "/tmp/dail_world_pretrain"
-    seed: int = 0
-    minutes: float = 52.0  # wall-clock budget; the LR schedule follows max(steps, time) used
-    max_steps: int = 100_000
-    batch_size: int = 16
-    lr: float = 2.5e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    hidden: int = 192
-    layers: int = 4
-    heads: int = 6
-    kv_heads: int = 3
-    intermediate: int = 512
-    eval_every: int = 400
-    ckpt_every: int = 100
-    threads: int = 2
-    init: str = ""  # start from the weights of a saved model directory (fresh optimizer)
-    # Chance that a role seeing the expert's solution (privileged, negative) copies an item's
-    # fused line, value included, instead of working it out: a style of its own that direct
-    # sampling from it inherits, while a mixed rollout with tau <= 1 - copy_rate accepts the
-    # student's own continuation there. 0 = never (the committed model).
-    copy_rate: float = 0.0
-    # Fraction of the budget, from the start, during which the generic task names its items
-    # with labels drawn from all label tokens instead of r1..r4. A label is then a unique
-    # anchor in the reference, and copying what follows it is the first form of copying a
-    # tiny model learns; copying whole expressions precisely builds on it. 0 = never.
-    many_labels: float = 0.0
+    out: str = _opt("src/dail/world/assets/base", "where the final model and tokenizer are saved")
+    work: str = _opt("/tmp/dail_world_pretrain", "checkpoints and logs; rerunning with the same folder resumes")
+    seed: int = _opt(0, "seed of the initial weights and of the data stream")
+    minutes: float = _opt(52.0, "wall-clock budget; the LR schedule follows max(steps, time) used")
+    max_steps: int = _opt(100_000, "step budget (whichever of the two budgets runs out first ends the run)")
+    batch_size: int = _opt(16, "sequences per step")
+    lr: float = _opt(2.5e-3, "peak learning rate (linear warm-up, then cosine decay to a tenth of it)")
+    warmup: int = _opt(100, "warm-up steps")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    hidden: int = _opt(192, "hidden size of the Qwen2 model")
+    layers: int = _opt(4, "transformer layers")
+    heads: int = _opt(6, "attention heads")
+    kv_heads: int = _opt(3, "key/value heads")
+    intermediate: int = _opt(512, "MLP width")
+    eval_every: int = _opt(400, "steps between greedy checks on held-out problems")
+    ckpt_every: int = _opt(100, "steps between checkpoints")
+    threads: int = _opt(2, "CPU threads for torch")
+    init: str = _opt("", "start from the weights of a saved model directory (fresh optimizer)")
+    # A privileged-only style, as a model shown a solution drifts into: direct sampling from it
+    # inherits it, while a mixed rollout with tau <= 1 - copy_rate accepts the student's own
+    # continuation there.
+    copy_rate: float = _opt(0.0, "chance that a role seeing the expert's solution copies an item's fused line, "
+                                 "value included, instead of working it out (0 = never, the committed model)")
+    # A label is then a unique anchor in the reference, and copying what follows it is the first
+    # form of copying a tiny model learns; copying whole expressions precisely builds on it.
+    many_labels: float = _opt(0.0, "fraction of the budget, from the start, in which the generic task draws "
+                                   "its item labels from all label tokens instead of r1..r4 (0 = never)")
 
 
 # (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.
