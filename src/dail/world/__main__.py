@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
-    if args.command == "validity" and args.n_samples < 64:
-        parser.error(f"--n-samples must be at least 64 (validity reports pass@64), not {args.n_samples}")
+    if args.command == "validity":
+        from dail.world.validity import MIN_SAMPLES
+
+        if args.n_samples < MIN_SAMPLES:  # before the model is loaded
+            parser.error(f"--n-samples must be at least {MIN_SAMPLES} (validity reports pass@64), "
+                         f"not {args.n_samples}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "pretrain":
         from dail.world.pretrain import run

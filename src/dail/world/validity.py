@@ -226,6 +226,9 @@ def diagnose(model: Any, tokenizer: Any, *, n_problems: int = 8, seed: int = 0,
     return out
 
 
+MIN_SAMPLES = 64  # validity reports pass@64
+
+
 def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int = 64,
              seed: int = 0) -> dict[str, Any]:
     """All validity numbers on test problems (see the module docstring).
@@ -233,8 +236,8 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
     Raises:
         ValueError: if `n_samples` < 64 (pass@64 is one of the numbers).
     """
-    if n_samples < 64:
-        raise ValueError(f"n_samples must be at least 64 (validity reports pass@64), not {n_samples}")
+    if n_samples < MIN_SAMPLES:
+        raise ValueError(f"n_samples must be at least {MIN_SAMPLES} (validity reports pass@64), not {n_samples}")
     result: dict[str, Any] = {"settings": {"n_problems": n_problems, "n_samples": n_samples,
                                            "seed": seed, "temperature": TEMPERATURE,
                                            "top_p": TOP_P, "split": "test"}}
