@@ -421,14 +421,16 @@ def draft_rollout(
                       draft_seconds, verify_seconds)
 
         # 5. Roll the caches back: slots of discarded drafts become holes.
-        # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at.
-        discard = idx[None, :] > rejected_at[:, None]  # (n, k)
-        width = batch.mask.shape[1]
-        student_slots = torch.cat([torch.arange(width - 2 * k + 1, width - k, device=device),
-                                   torch.tensor([width - 1], device=device)])
-        privileged_slots = torch.arange(width - k, width, device=device)
-        batch.mask[:n, student_slots] *= (~discard).long()
-        batch.mask[n:, privileged_slots] *= (~discard).long()
+        # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at; a
+        # one-token round (the usual one) read only the pending token and discards nothing.
+        if k > 1:
+            discard = idx[None, :] > rejected_at[:, None]  # (n, k)
+            width = batch.mask.shape[1]
+            student_slots = torch.cat([torch.arange(width - 2 * k + 1, width - k, device=device),
+                                       torch.tensor([width - 1], device=device)])
+            privileged_slots = torch.arange(width - k, width, device=device)
+            batch.mask[:n, student_slots] *= (~discard).long()
+            batch.mask[n:, privileged_slots] *= (~discard).long()
         next_token = chosen.gather(-1, torch.clamp(rejected_at, max=k - 1)[:, None]).squeeze(-1)
         batch.pending = torch.cat([next_token, next_token])
 
