@@ -17,11 +17,12 @@ draft at position t uses table[t][0], exactly what the token-by-token loop uses,
 produce the same traces for the same seeds (up to float noise between differently batched
 forwards), whatever the batch size, draft length or batch composition.
 
-Cache layout: one `DynamicCache` over 2n rows, rows [0, n) the students and [n, 2n) the
-privileged contexts of the n active sequences. Both roles always advance by the same number of
-slots; a slot a role did not use (the privileged rows during drafting, the student's padding in
-the verify call) or a discarded draft is a *hole*: its attention-mask entry is 0 and position ids
-count valid slots only, so holes change nothing. Holes are squeezed out (`_compact`) when they
+Cache layout: one `DynamicCache` over 2n rows (its layers append in place, `_GrowingLayer`),
+rows [0, n) the students and [n, 2n) the privileged contexts of the n active sequences. Both
+roles always advance by the same number of slots; a slot a role did not use (the privileged
+rows during drafting, the student's padding in the verify call) or a discarded draft is a
+*hole*: its attention-mask entry is 0 and position ids count valid slots only, so holes change
+nothing. Holes are squeezed out (`compact`) when they
 grow, and whenever sequences finish: finished rows leave the batch and waiting rows are
 prefilled and join it (continuous batching), so one long trace does not hold a batch of short
 ones.
@@ -126,7 +127,8 @@ class _GrowingLayer(DynamicLayer):
 
     `DynamicLayer.update` copies the whole cache on every forward, which at large batch costs as
     much as attention itself. Here `keys`/`values` are views of the first slots of a buffer that
-    doubles when full, so appending q slots copies q slots. Assigning new `keys`/`values` (as
+    grows by half when full, so appending q slots copies q slots (amortised), for at most half
+    the cache again in spare slots. Assigning new `keys`/`values` (as
     `_Batch.admit` and `compact` do) is allowed: the next update sees they are no longer views of
     the buffer and starts a new one.
     """
@@ -142,7 +144,7 @@ class _GrowingLayer(DynamicLayer):
         buffers = self._buffers
         if (buffers is None or buffers[0].shape[-2] < used + new
                 or self.keys.data_ptr() != buffers[0].data_ptr() or self.keys.shape[0] != buffers[0].shape[0]):
-            capacity = max(64, 2 * (used + new))
+            capacity = used + new + max(64, (used + new) // 2)
             buffers = tuple(old.new_empty((*old.shape[:2], capacity, old.shape[3])) for old in (self.keys, self.values))
             buffers[0][:, :, :used] = self.keys
             buffers[1][:, :, :used] = self.values
