@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     demo, demo_name = demo_model()
     budget = 32 if quick else 64
-    repeats = 3
+    repeats = 2 if quick else 3  # rounds at batch 64; smaller batches get 2 * repeats + 1
     # The world model gets the demo's own prompts (its acceptance there is what drafting sees);
     # a random model accepts nothing whatever its prompts.
     rows = bench_rollout(demo, f"{demo_name} {params(demo)}", [1, 8] if quick else [1, 8, 64], budget,
