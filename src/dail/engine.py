@@ -165,7 +165,7 @@ class _Batch:
         # With SDPA the model takes a ready 4D mask as is, which spares it building one from the
         # 2D mask every forward (a noticeable share of a small batch's round). Other attention
         # kernels (flash attention wants 2D masks) get the 2D mask.
-        self.mask_4d = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self.mask_4d = getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
         self.cache = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (2n, L)
         self.rows: list[int] = []  # input index of each active sequence
