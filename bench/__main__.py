@@ -2,8 +2,9 @@
 
 Every figure is a ratio of two measurements taken in the same process, back to back, so that
 background load on the machine cancels out as far as possible: a round times every engine in
-turn, and a ratio is the median of the rounds' own ratios (three rounds at batch 64, seven at
-smaller batches; "spread" is the largest max/min ratio of one engine's rounds). Writes bench/results.json.
+turn, and a ratio is the median of the rounds' own ratios (three rounds at batch 64 and seven
+below, two and five with --quick; "spread" is the largest max/min ratio of one engine's
+rounds). Writes bench/results.json.
 
 - rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
   `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
