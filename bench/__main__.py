@@ -187,8 +187,6 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
                     speed, traces[engine] = time_rollout(model, student, privileged, settings, engine)
                     speeds[engine].append(speed)
             tok_s = {engine: statistics.median(values) for engine, values in speeds.items()}
-            ratio = lambda engine, reference, speeds=speeds: _median_ratio(speeds[engine], speeds[reference])  # noqa: E731
-
             default, sampling, two_pass = tok_s[settings.engine], tok_s["sampling"], tok_s["two_pass"]
             stats = traces["draft"][0]
             per_row = zip(*(traces[engine][1] for engine in engines), strict=True)
@@ -197,9 +195,9 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
                          "default_engine": settings.engine, "sampling_tok_s": round(sampling, 1),
                          "default_tok_s": round(default, 1), "two_pass_tok_s": round(two_pass, 1),
                          "draft_tok_s": round(tok_s["draft"], 1),
-                         "vs_sampling": ratio(settings.engine, "sampling"),
-                         "vs_reference": ratio(settings.engine, "two_pass"),
-                         "draft_vs_reference": ratio("draft", "two_pass"),
+                         "vs_sampling": _median_ratio(speeds[settings.engine], speeds["sampling"]),
+                         "vs_reference": _median_ratio(speeds[settings.engine], speeds["two_pass"]),
+                         "draft_vs_reference": _median_ratio(speeds["draft"], speeds["two_pass"]),
                          "spread": round(max(max(v) / min(v) for v in speeds.values()), 2),
                          "acceptance": round(stats.acceptance_rate, 3),
                          "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same,

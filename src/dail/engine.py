@@ -22,10 +22,9 @@ rows [0, n) the students and [n, 2n) the privileged contexts of the n active seq
 roles always advance by the same number of slots; a slot a role did not use (the privileged
 rows during drafting, the student's padding in the verify call) or a discarded draft is a
 *hole*: its attention-mask entry is 0 and position ids count valid slots only, so holes change
-nothing. Holes are squeezed out (`compact`) when they
-grow, and whenever sequences finish: finished rows leave the batch and waiting rows are
-prefilled and join it (continuous batching), so one long trace does not hold a batch of short
-ones.
+nothing. Holes are squeezed out (`compact`) when they grow, and whenever sequences finish:
+finished rows leave the batch and waiting rows are prefilled and join it (continuous batching),
+so one long trace does not hold a batch of short ones.
 
 Why the draft length is usually 1 here: the draft model *is* the target model (same weights,
 other context) and both contexts already share one forward per token at k = 1. Drafting cannot
@@ -128,9 +127,9 @@ class _GrowingLayer(DynamicLayer):
     `DynamicLayer.update` copies the whole cache on every forward, which at large batch costs as
     much as attention itself. Here `keys`/`values` are views of the first slots of a buffer that
     grows by half when full, so appending q slots copies q slots (amortised), for at most half
-    the cache again in spare slots. Assigning new `keys`/`values` (as
-    `_Batch.admit` and `compact` do) is allowed: the next update sees they are no longer views of
-    the buffer and starts a new one.
+    the cache again in spare slots. Assigning new `keys`/`values` (as `_Batch.admit` and
+    `compact` do) is allowed: the next update sees they are no longer views of the buffer and
+    starts a new one.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
