@@ -21,6 +21,9 @@ rounds). Writes bench/results.json.
   of per-round ratios (a round times the two steps and the teachers back to back).
 - loss_memory: peak RSS growth of the contrastive loss + backward, chunked / unchunked, each in
   a fresh subprocess (VmHWM minus VmRSS before the measured call).
+- teacher_memory: peak RSS growth of one no-grad teacher forward as the trainer runs it
+  (`response_hidden`: the body's output taken by a hook) / the same forward asked for
+  `output_hidden_states=True`, which holds every layer's output; fresh subprocess each.
 """
 
 from __future__ import annotations
@@ -314,6 +317,41 @@ def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk
             "method": "peak RSS (VmHWM) minus RSS before the loss, fresh subprocess each"}
 
 
+def teacher_memory_child(mode: str, tokens: int, hidden: int, layers: int, vocab: int) -> None:
+    """Run in a subprocess: one no-grad teacher forward over `tokens`; prints peak RSS growth."""
+    from dail.trainer import response_hidden
+
+    model = random_qwen2(hidden, layers, vocab)
+    response = tokens // 2
+    ids = torch.randint(1, vocab, (1, tokens))
+    batch = {"privileged_input_ids": ids, "privileged_attention_mask": torch.ones_like(ids),
+             "response_mask": torch.ones(1, response, dtype=torch.long)}
+    before = _status_bytes("VmRSS")
+    with torch.no_grad():
+        if mode == "hook":
+            hidden = response_hidden(model, batch, "privileged")
+        else:
+            out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            hidden = out.hidden_states[-1][:, -(response + 1):-1]
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"peak_growth": peak - before, "sum": float(hidden.double().sum())}))
+
+
+def bench_teacher_memory(tokens: int, hidden: int = 512, layers: int = 12, vocab: int = 8192) -> dict[str, Any]:
+    results = {}
+    for mode in ("hook", "all_layers"):
+        out = subprocess.run([sys.executable, "-m", "bench", "--teacher-memory-child", mode,
+                              *map(str, (tokens, hidden, layers, vocab))],
+                             capture_output=True, text=True, check=True, cwd=HERE.parent)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    h, a = results["hook"], results["all_layers"]
+    return {"ratio": round(h["peak_growth"] / a["peak_growth"], 4),
+            "hook_mib": round(h["peak_growth"] / 2**20, 1), "all_layers_mib": round(a["peak_growth"] / 2**20, 1),
+            "same_hidden_states": abs(h["sum"] - a["sum"]) <= 1e-6 * max(1.0, abs(a["sum"])),
+            "tokens": tokens, "model": f"random Qwen2 hidden {hidden}, {layers} layers, vocab {vocab}",
+            "method": "peak RSS (VmHWM) minus RSS before the forward, fresh subprocess each"}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -321,10 +359,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer settings; finishes in a few minutes")
     parser.add_argument("--loss-memory-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--teacher-memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loss_memory_child:
         mode, *numbers = args.loss_memory_child
         loss_memory_child(mode, *map(int, numbers))
+        return
+    if args.teacher_memory_child:
+        mode, *numbers = args.teacher_memory_child
+        teacher_memory_child(mode, *map(int, numbers))
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_grad_enabled(True)
@@ -343,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     del large
     train = bench_train_step(4 if quick else 15)
     memory = bench_loss_memory(512 if quick else 2048)
+    teacher = bench_teacher_memory(1024 if quick else 2048)
     main_rows = [r for r in rows if r["tau"] == 0.8 and r["model"] == rows[0]["model"]]
     results = {
         "quick": quick,
@@ -354,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         "rollout_details": rows,
         "train_step": train,
         "loss_memory": memory,
+        "teacher_memory": teacher,
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'model':<44} {'B':>3} {'tau':>4} {'vs_sampling':>11} {'vs_reference':>12} "
@@ -368,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
           "(floor: (NLL step + the teachers' forwards) / NLL step)")
     print(f"loss_memory (chunked / plain peak): {memory['ratio']}  ({memory['chunked_mib']} MiB / "
           f"{memory['plain_mib']} MiB at {memory['tokens']} tokens; |dloss| {memory['loss_abs_diff']:.2e})")
+    print(f"teacher_memory (hook / all layers' outputs, peak): {teacher['ratio']}  ({teacher['hook_mib']} MiB / "
+          f"{teacher['all_layers_mib']} MiB at {teacher['tokens']} tokens; same states: {teacher['same_hidden_states']})")
     if quick:
         print("quick mode: budgets 32/16 tokens, batches 1 and 8 (demo) and 1 (100M), loss memory at 512 tokens")
 

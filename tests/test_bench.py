@@ -51,3 +51,9 @@ def test_world_model_rows_use_the_demos_prompts_and_accept_most_proposals():
     # On its own task the privileged model agrees with the student on most tokens (about 0.6 on
     # random prompts).
     assert rows[0]["identical_traces"] == 1.0 and rows[0]["acceptance"] > 0.7
+
+
+def test_teacher_memory_row_compares_the_same_hidden_states():
+    row = bench.bench_teacher_memory(64, hidden=64, layers=3, vocab=300)
+    assert row["same_hidden_states"] is True
+    assert row["hook_mib"] > 0 and row["all_layers_mib"] > 0

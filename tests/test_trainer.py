@@ -9,7 +9,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from dail.config import GenerateConfig, ModelConfig, SamplingConfig, TrainConfig
-from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_logits
+from dail.trainer import (
+    DAILCollator,
+    DAILConfig,
+    DAILTrainer,
+    _decoder,
+    response_hidden,
+    response_logits,
+)
 
 EXAMPLES = [
     {"prompt_ids": {"student": [5, 6, 7], "privileged": [5, 6, 7, 8, 9, 10], "negative": [5, 8]},
@@ -51,6 +58,37 @@ def test_response_logits_align_with_an_unpadded_forward(tiny):
                 full = model(input_ids=torch.tensor([prompt + response])).logits[0]
                 expected = full[len(prompt) - 1: len(prompt) - 1 + len(response)]
                 assert torch.allclose(got[i, :len(response)], expected, atol=1e-4), role
+
+
+class _Wrapper(torch.nn.Module):
+    """Stands in for DDP/FSDP/DeepSpeed: the model under `.module`, forward passed through."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kw):
+        return self.module(**kw)
+
+
+def test_response_hidden_takes_the_bodys_output_through_wrappers(tiny):
+    """The final-normed hidden states, found by a hook on the body through PEFT and `.module`."""
+    model, _ = tiny
+    batch = DAILCollator(pad_id=0, roles=ROLES)(EXAMPLES)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    width = batch["response_mask"].shape[1]
+    with torch.no_grad():
+        for wrapped in (model, peft, _Wrapper(peft)):
+            assert _decoder(wrapped) is model.model
+            for role in ROLES:
+                ids, mask = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                full = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             output_hidden_states=True).hidden_states[-1]
+                got = response_hidden(wrapped, batch, role)
+                assert got.shape == (len(EXAMPLES), width, full.shape[-1])
+                torch.testing.assert_close(got, full[:, -(width + 1):-1], atol=1e-5, rtol=1e-5)
+    peft.unload()
 
 
 def make_trainer(tiny_model_dir, tmp_path, **kw):

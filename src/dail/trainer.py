@@ -149,20 +149,44 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return base.get_output_embeddings()
 
 
+def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The body of a causal LM (the module whose output is the final-normed hidden state),
+    through DDP/FSDP/DeepSpeed (`.module`) and PEFT wrappers; None if it cannot be found."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    return decoder if decoder is not None and decoder is not inner else None
+
+
 def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role: str) -> torch.Tensor:
     """Final hidden states (after the last norm) that predict the response tokens: (B, T, H).
 
     The same columns as `response_logits`, without the output projection (applied chunk-wise by
     the loss). LoRA layers in the body are active unless the caller disabled the adapter. The
     call goes through `model` itself, so a DDP/FSDP wrapper sees the forward it must see before
-    the backward; only the last position's logits are computed.
+    the backward; only the last position's logits are computed. The body's output is taken by a
+    forward hook: `output_hidden_states=True` would keep every layer's output alive until the
+    forward returns, which in a no-grad teacher forward is memory nothing else needs.
     """
     ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
     width = batch["response_mask"].shape[1]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1][:, -(width + 1):-1, :]  # the last entry is after the final norm
+    inputs = dict(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                  logits_to_keep=1)
+    decoder = _decoder(model)
+    if decoder is None:
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # after the final norm
+    else:
+        captured: list[torch.Tensor] = []
+        hook = decoder.register_forward_hook(
+            lambda _module, _args, output: captured.append(output[0]))
+        try:
+            model(**inputs)
+        finally:
+            hook.remove()
+        hidden = captured[-1]
+    return hidden[:, -(width + 1):-1, :]
 
 
 class DAILTrainer(Trainer):
