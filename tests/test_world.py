@@ -337,13 +337,18 @@ def test_validity_api_refuses_too_few_samples_before_any_work() -> None:
 
 @pytest.mark.slow
 def test_pretrain_resumes_and_records_each_change_of_budget_or_mixture(tmp_path) -> None:
+    from dail.world.__main__ import main as world_main
     from dail.world.pretrain import PretrainConfig, run
 
     cfg = PretrainConfig(out=str(tmp_path / "model"), work=str(tmp_path / "work"), minutes=60.0,
                          max_steps=2, batch_size=2, eval_every=10_000, init=str(base_model_dir()))
-    run(cfg)
+    argv = ["pretrain", "--out", cfg.out, "--work", cfg.work, "--minutes", "60", "--max-steps", "2",
+            "--batch-size", "2", "--eval-every", "10000", "--init", cfg.init]
+    assert world_main(argv) == 0
     first = json.loads((tmp_path / "model" / "pretrain_settings.json").read_text())
     assert first["steps"] == 2 and [s["from_step"] for s in first["segments"]] == [0]
+    assert first["command"] == "dail world " + " ".join(argv)  # the command line that made it
+    assert first["config"] == {**vars(cfg)}
     # The same command again finds the run finished; a larger budget and a new mixture continue it.
     run(cfg)
     assert json.loads((tmp_path / "model" / "pretrain_settings.json").read_text())["segments"] == first["segments"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from dataclasses import fields
 
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from dail.world.pretrain import run
 
         cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
-        print(run(cfg))
+        command = shlex.join(["dail", "world", *(sys.argv[1:] if argv is None else argv)])
+        print(run(cfg, command=command))
     elif args.command == "validity":
         from dail.world import base_model_dir
         from dail.world.validity import load, validity

@@ -174,8 +174,11 @@ def lr_at(step: int, progress: float, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def run(cfg: PretrainConfig) -> Path:
-    """Train (resuming from `cfg.work` if a checkpoint is there) and save to `cfg.out`."""
+def run(cfg: PretrainConfig, command: str = "") -> Path:
+    """Train (resuming from `cfg.work` if a checkpoint is there) and save to `cfg.out`.
+
+    `command` is recorded in pretrain_settings.json as the command line that made the model.
+    """
     from dail.world.tokenizer import build_tokenizer, load_tokenizer
 
     torch.set_num_threads(cfg.threads)
@@ -255,7 +258,7 @@ def run(cfg: PretrainConfig) -> Path:
     settings = {"config": asdict(cfg), "steps": step, "tokens": tokens,
                 "wall_minutes": round(wall / 60, 1), "parameters": n_params,
                 "segments": segments,
-                "command": os.environ.get("DAIL_WORLD_COMMAND", ""),
+                "command": command,
                 "torch": torch.__version__}
     history = Path(cfg.init) / "pretrain_settings.json" if cfg.init else None
     if history is not None and history.exists():
