@@ -18,14 +18,15 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# `make demo REBUILD=1` pretrains the world's base model from scratch (3 hours of wall time on
-# two cores, resumable) and runs the demo on it instead of the committed model; the demo checks
-# the new model's validity first (docs/world.md says what shorter runs reached).
+# `make demo REBUILD=1` pretrains the world's base model from scratch (4 hours of wall time on
+# two cores, resumable: run it again after an interruption) and runs the demo on it instead of
+# the committed model; the demo checks the new model's validity first (docs/world.md says what
+# shorter runs reached).
 WORLD_MODEL := runs/world-base
 demo: $(STAMP)
 ifdef REBUILD
 	test -f $(WORLD_MODEL)/config.json || $(BIN)/dail world pretrain --out $(WORLD_MODEL) \
-		--work runs/world-pretrain --minutes 180
+		--work runs/world-pretrain --many-labels 0.5 --minutes 240
 	$(BIN)/dail demo --model $(WORLD_MODEL) --out runs/demo-rebuilt
 else
 	$(BIN)/dail demo
