@@ -341,14 +341,23 @@ def test_pretrain_resumes_and_records_each_change_of_budget_or_mixture(tmp_path)
     from dail.world.pretrain import PretrainConfig, run
 
     cfg = PretrainConfig(out=str(tmp_path / "model"), work=str(tmp_path / "work"), minutes=60.0,
-                         max_steps=2, batch_size=2, eval_every=10_000, init=str(base_model_dir()))
+                         max_steps=2, batch_size=2, eval_every=10_000, ckpt_every=1, init=str(base_model_dir()))
     argv = ["pretrain", "--out", cfg.out, "--work", cfg.work, "--minutes", "60", "--max-steps", "2",
-            "--batch-size", "2", "--eval-every", "10000", "--init", cfg.init]
+            "--batch-size", "2", "--eval-every", "10000", "--ckpt-every", "1", "--init", cfg.init]
     assert world_main(argv) == 0
     first = json.loads((tmp_path / "model" / "pretrain_settings.json").read_text())
     assert first["steps"] == 2 and [s["from_step"] for s in first["segments"]] == [0]
     assert first["command"] == "dail world " + " ".join(argv)  # the command line that made it
     assert first["config"] == {**vars(cfg)}
+    # Each checkpoint leaves a loadable snapshot of the weights, here those of the final model.
+    from dail.world.validity import load
+
+    latest = tmp_path / "work" / "latest"
+    assert json.loads((latest / "snapshot.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["ckpt.pt", "latest"]
+    snapshot, final = load(str(latest))[0], load(cfg.out)[0]
+    for (name, a), b in zip(snapshot.state_dict().items(), final.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
     # The same command again finds the run finished; a larger budget and a new mixture continue it.
     run(cfg)
     assert json.loads((tmp_path / "model" / "pretrain_settings.json").read_text())["segments"] == first["segments"]

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +58,7 @@ class PretrainConfig:
     kv_heads: int = _opt(3, "key/value heads")
     intermediate: int = _opt(512, "MLP width")
     eval_every: int = _opt(400, "steps between greedy checks on held-out problems")
-    ckpt_every: int = _opt(100, "steps between checkpoints")
+    ckpt_every: int = _opt(100, "steps between checkpoints, each also saved as a loadable model in <work>/latest")
     threads: int = _opt(2, "CPU threads for torch")
     init: str = _opt("", "start from the weights of a saved model directory (fresh optimizer)")
     # A privileged-only style, as a model shown a solution drifts into: direct sampling from it
@@ -244,6 +245,7 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
                         loss.item(), ema, lr, tokens, (time.time() - start) / 60)
         if step % cfg.ckpt_every == 0:
             _checkpoint(ckpt, model, opt, step, tokens, time.time() - start, segments)
+            _snapshot(work / "latest", model, tokenizer, step, tokens)
         if step % cfg.eval_every == 0:
             model.eval()
             logger.info("eval at step %d: %s", step, json.dumps(quick_eval(model, tokenizer)))
@@ -266,6 +268,22 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
     (out / "pretrain_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     logger.info("saved %s after %d steps, %d tokens, %.1f min", out, step, tokens, wall / 60)
     return out
+
+
+def _snapshot(path: Path, model: Any, tokenizer: Any, step: int, tokens: int) -> None:
+    """The weights at a checkpoint as a loadable model (`dail world validity/diagnose --model
+    <work>/latest` while the run goes on); replaced whole, never left half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "snapshot.json").write_text(json.dumps({"step": step, "tokens": tokens}) + "\n")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _checkpoint(path: Path, model: Any, opt: Any, step: int, tokens: int, elapsed: float,
