@@ -273,10 +273,18 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
 def _snapshot(path: Path, model: Any, tokenizer: Any, step: int, tokens: int) -> None:
     """The weights at a checkpoint as a loadable model (`dail world validity/diagnose --model
     <work>/latest` while the run goes on); replaced whole, never left half-written."""
+    from transformers.utils import logging as hf_logging
+
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per checkpoint would crowd the training log
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     (tmp / "snapshot.json").write_text(json.dumps({"step": step, "tokens": tokens}) + "\n")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
