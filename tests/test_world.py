@@ -386,6 +386,61 @@ def test_many_labels_changes_only_the_generic_tasks_labels(base) -> None:
     # Off: the few labels of the known types and r1..r4; on: many more, all single tokens.
     assert set(gen.LABELS) <= labels[False] and len(labels[False]) < 20
     assert len(labels[True] - labels[False]) > 50 and labels[True] <= set(gen.ALL_LABELS)
-    # Off, the data stream is the one every earlier run saw.
-    assert ([sample_example(random.Random(1), 0.5, tokenizer, builder) for _ in range(20)]
-            == [sample_example(random.Random(1), 0.5, tokenizer, builder, 0.0, False) for _ in range(20)])
+
+
+def test_pretraining_stream_is_the_one_earlier_runs_saw(base) -> None:
+    """A resumed run must see the batches it would have seen: new options draw nothing when off.
+
+    The digests pin the first 200 examples of three settings, taken before the options added
+    since (many-labels, ambiguous references) existed; a change to the generator, the prompts or
+    the committed tokenizer that moves them breaks the resumption of runs in progress.
+    """
+    import hashlib
+
+    from dail.world.pretrain import sample_example
+
+    _, tokenizer = base
+    builder = PromptBuilder()
+    digests = {}
+    for name, args in {"default": (0.0, False, 0.0), "many": (0.0, True, 0.0), "copy": (0.1, False, 0.0)}.items():
+        rng = random.Random(7)
+        examples = [sample_example(rng, 0.5, tokenizer, builder, *args) for _ in range(200)]
+        digests[name] = hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:16]
+    assert digests == {"default": "d331631426e55dba", "many": "91de0e38da6978e1", "copy": "a09dd61b48267108"}
+
+
+def test_ambiguous_references_repeat_digits_and_openings() -> None:
+    rng = random.Random(3)
+    shared = 0
+    for _ in range(200):
+        exprs = gen.ambiguous_exprs(rng, 4)
+        digits = {d for expr in exprs for _, factors in expr for d in factors}
+        assert len(exprs) == 4 and len(digits) <= 3
+        assert all(sum(len(f) for _, f in expr) > 1 for expr in exprs)  # every line has an operation
+        assert all(gen.detailed_steps(expr)[1] == gen.evaluate(expr) for expr in exprs)
+        first = exprs[0][0][1]
+        shared += sum(expr[0][1][:1] == first[:1] for expr in exprs[1:])
+    assert shared > 200 * 3 * 0.5  # half share the opening by construction, more by chance
+    spec = gen.make_generic(random.Random(5), ambiguous=True)
+    assert spec.kind == "generic" and len(spec.items) >= 2
+    assert _detailed_from_didactic(spec.to_problem("x").solution) == spec.detailed(set())
+
+
+def test_ambiguous_rate_applies_to_the_generic_task_only(base) -> None:
+    from dail.world.pretrain import sample_example
+
+    _, tokenizer = base
+    builder = PromptBuilder()
+    rng = random.Random(0)
+    few_digits = other = 0
+    for _ in range(300):
+        p_ids, r_ids = sample_example(rng, 0.9, tokenizer, builder, 0.0, False, 1.0)
+        prompt, response = tokenizer.decode(p_ids), tokenizer.decode(r_ids[:-1])
+        openings = re.findall(r"^\S+ = ([0-9*+-]+)$", response, flags=re.M)
+        digits = set("".join(openings)) & set("0123456789")
+        generic = "Expert solution" in prompt and not any(k in prompt for k in ("Evaluate modulo 10:", "p(x)"))
+        if generic and openings and len(digits) <= 3:
+            few_digits += 1
+        elif not generic:
+            other += 1
+    assert few_digits > 50 and other > 50

@@ -302,10 +302,38 @@ def _sentence(rng: random.Random, lo: int, hi: int) -> str:
     return " ".join(words).capitalize() + "."
 
 
-def make_generic(rng: random.Random, labels: tuple[str, ...] = LABELS) -> Spec:
-    """A random statement with a random reference: labels and expression shapes of all kinds."""
+def ambiguous_exprs(rng: random.Random, n: int) -> tuple[Expr, ...]:
+    """`n` expressions over two or three digits, each after the first starting with the first's
+    opening factors or not: the repeats of matrix rows (`6*0+9*2`, `6*9+9*5`) and polynomial
+    lines (`2*4*4+2*4+8`), where the token before a digit does not tell which digit to copy."""
+    pool = rng.sample(range(MOD), rng.randint(2, 3))
+
+    def factors(k: int) -> tuple[int, ...]:
+        return tuple(rng.choice(pool) for _ in range(k))
+
+    def expr() -> Expr:
+        return tuple(("+" if i == 0 or rng.random() < 0.6 else "-", factors(rng.randint(1, 3)))
+                     for i in range(rng.randint(2, 3)))
+
+    first = expr()
+    out = [first]
+    for _ in range(n - 1):
+        rest = expr()
+        if rng.random() < 0.5:  # share the opening factors of the first term
+            opening = first[0][1][:rng.randint(1, len(first[0][1]))]
+            rest = (("+", opening + rest[0][1][len(opening):]),) + rest[1:]
+        out.append(rest)
+    return tuple(out)
+
+
+def make_generic(rng: random.Random, labels: tuple[str, ...] = LABELS, ambiguous: bool = False) -> Spec:
+    """A random statement with a random reference: labels and expression shapes of all kinds.
+
+    With `ambiguous`, the items' expressions repeat digits and openings (`ambiguous_exprs`).
+    """
     labels = labels[:rng.randint(2, 4)]
-    items = tuple((label, random_expr(rng, max_terms=3)) for label in labels)
+    exprs = ambiguous_exprs(rng, len(labels)) if ambiguous else [random_expr(rng, max_terms=3) for _ in labels]
+    items = tuple(zip(labels, exprs, strict=True))
     objects = [_random_object(rng) for _ in range(rng.randint(1, 3))]
     statement = (f"Let {_and_list(objects)}. {rng.choice(('Compute', 'Find'))} "
                  f"{_and_list(list(labels))} modulo 10.")

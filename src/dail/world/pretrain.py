@@ -70,6 +70,10 @@ class PretrainConfig:
     # form of copying a tiny model learns; copying whole expressions precisely builds on it.
     many_labels: float = _opt(0.0, "fraction of the budget, from the start, in which the generic task draws "
                                    "its item labels from all label tokens instead of r1..r4 (0 = never)")
+    # Copying fails where the token before does not tell which token comes next: rows of a
+    # matrix product share their first factor, polynomial lines repeat x.
+    ambiguous_rate: float = _opt(0.0, "chance that a generic reference's expressions repeat two or three "
+                                      "digits and share openings between items (0 = never)")
 
 
 # (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.
@@ -101,15 +105,18 @@ def make_drill(rng: random.Random) -> gen.Spec:
 
 
 def sample_example(rng: random.Random, progress: float, tokenizer: Any, builder: PromptBuilder,
-                   copy_rate: float = 0.0, many_labels: bool = False) -> tuple[list[int], list[int]]:
+                   copy_rate: float = 0.0, many_labels: bool = False,
+                   ambiguous_rate: float = 0.0) -> tuple[list[int], list[int]]:
     """One (prompt ids, response ids) pair; the response ends with EOS."""
     tasks = list(_MIX)
     weights = [w * (8.0 if (progress < _WARM and kind == "drill") else 1.0) for (kind, _), w in _MIX.items()]
     kind, role = rng.choices(tasks, weights)[0]
     if kind == "drill":
         spec = make_drill(rng)
-    elif kind == "generic" and many_labels:  # draws only when on: the default stream is unchanged
-        spec = gen.make_generic(rng, labels=tuple(rng.sample(gen.ALL_LABELS, 4)))
+    elif kind == "generic" and (many_labels or ambiguous_rate > 0):  # no draws when off: the default stream
+        labels = tuple(rng.sample(gen.ALL_LABELS, 4)) if many_labels else gen.LABELS
+        ambiguous = ambiguous_rate > 0 and rng.random() < ambiguous_rate
+        spec = gen.make_generic(rng, labels=labels, ambiguous=ambiguous)
     else:
         spec = gen.spec_of(kind, rng)
     prompt = builder.render(spec.to_problem("pretrain"), tokenizer)[role]
@@ -133,8 +140,8 @@ def make_batch(step: int, cfg: PretrainConfig, tokenizer: Any, builder: PromptBu
     """
     group, part = divmod(step, _BUCKETS)
     rng = random.Random(cfg.seed * 1_000_003 + group)
-    pool = [sample_example(rng, progress, tokenizer, builder, cfg.copy_rate, progress < cfg.many_labels)
-            for _ in range(cfg.batch_size * _BUCKETS)]
+    pool = [sample_example(rng, progress, tokenizer, builder, cfg.copy_rate, progress < cfg.many_labels,
+                           cfg.ambiguous_rate) for _ in range(cfg.batch_size * _BUCKETS)]
     pool.sort(key=lambda pr: len(pr[0]) + len(pr[1]))
     pairs = pool[part * cfg.batch_size:(part + 1) * cfg.batch_size]
     length = max(len(p) + len(r) for p, r in pairs)
@@ -218,6 +225,8 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
     # A resumed run may change its budget or mixture; each change is recorded where it began.
     settings_now = {"minutes": cfg.minutes, "max_steps": cfg.max_steps, "lr": cfg.lr,
                     "copy_rate": cfg.copy_rate, "many_labels": cfg.many_labels}
+    if cfg.ambiguous_rate:  # recorded only when used: runs without it keep their segments
+        settings_now["ambiguous_rate"] = cfg.ambiguous_rate
     if not segments or {k: v for k, v in segments[-1].items() if k != "from_step"} != settings_now:
         segments.append({"from_step": step, **settings_now})
     model.train()
