@@ -26,7 +26,7 @@ WORLD_MODEL := runs/world-base
 demo: $(STAMP)
 ifdef REBUILD
 	test -f $(WORLD_MODEL)/config.json || $(BIN)/dail world pretrain --out $(WORLD_MODEL) \
-		--work runs/world-pretrain --many-labels 0.5 --minutes 240
+		--work runs/world-pretrain --many-labels 0.5 --ambiguous-rate 0.3 --minutes 240
 	$(BIN)/dail demo --model $(WORLD_MODEL) --out runs/demo-rebuilt
 else
 	$(BIN)/dail demo
