@@ -303,9 +303,10 @@ def _sentence(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def ambiguous_exprs(rng: random.Random, n: int) -> tuple[Expr, ...]:
-    """`n` expressions over two or three digits, each after the first starting with the first's
-    opening factors or not: the repeats of matrix rows (`6*0+9*2`, `6*9+9*5`) and polynomial
-    lines (`2*4*4+2*4+8`), where the token before a digit does not tell which digit to copy."""
+    """`n` expressions over two or three digits; half of those after the first open with the
+    first's opening factors. These are the repeats of matrix rows (`6*0+9*2`, `6*9+9*5`) and
+    polynomial lines (`2*4*4+2*4+8`), where the token before a digit does not tell which digit
+    to copy."""
     pool = rng.sample(range(MOD), rng.randint(2, 3))
 
     def factors(k: int) -> tuple[int, ...]:
