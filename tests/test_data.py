@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from dail.data import DataError, last_boxed, load_problems, read_jsonl, write_jsonl_atomic
+from dail.data import (
+    DataError,
+    last_boxed,
+    load_problems,
+    read_jsonl,
+    save_dir_atomic,
+    write_jsonl_atomic,
+)
 
 
 def write_lines(path, lines):
@@ -84,6 +91,23 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         write_jsonl_atomic(path, broken())
     assert read_jsonl(path) == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_atomic_directory_save_replaces_whole_or_not_at_all(tmp_path):
+    final = tmp_path / "model"
+    save_dir_atomic(final, lambda d: (d.mkdir(), (d / "a").write_text("1"), (d / "b").write_text("1")))
+    save_dir_atomic(final, lambda d: (d.mkdir(), (d / "a").write_text("2")))
+    assert sorted(p.name for p in final.iterdir()) == ["a"] and (final / "a").read_text() == "2"
+
+    def broken(d):
+        d.mkdir()
+        (d / "a").write_text("3")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        save_dir_atomic(final, broken)
+    assert (final / "a").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
 def test_champ_loader():

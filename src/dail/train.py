@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dail.config import TrainConfig, to_dict
-from dail.data import DataError, iter_jsonl, load_problems, write_json_atomic
+from dail.data import DataError, iter_jsonl, load_problems, save_dir_atomic, write_json_atomic
 from dail.prompts import ROLES
 
 logger = logging.getLogger(__name__)
@@ -67,16 +67,16 @@ def run(cfg: TrainConfig) -> Path:
         trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
         if sharded:
-            _save_atomically(out / "adapter", lambda d: (shutil.copytree(staging, d),
+            save_dir_atomic(out / "adapter", lambda d: (shutil.copytree(staging, d),
                                                          (d / "training_args.bin").unlink(missing_ok=True),
                                                          tokenizer.save_pretrained(d)))
             shutil.rmtree(staging, ignore_errors=True)
         else:
-            _save_atomically(out / "adapter", lambda d: (model.save_pretrained(d),
+            save_dir_atomic(out / "adapter", lambda d: (model.save_pretrained(d),
                                                          tokenizer.save_pretrained(d)))
         if args.merge:
             merged = _merge_from_disk(cfg, out / "adapter") if sharded else model.merge_and_unload()
-            _save_atomically(out / "merged", lambda d: (merged.save_pretrained(d),
+            save_dir_atomic(out / "merged", lambda d: (merged.save_pretrained(d),
                                                           tokenizer.save_pretrained(d)))
         write_json_atomic(out / "train_summary.json", {
             "config": to_dict(cfg), "examples": len(examples), "loss": args.loss,
@@ -174,17 +174,6 @@ def _lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
         raise ValueError(f"none of the LoRA target modules {wanted} exist in this model; "
                          f"its linear layers are named {sorted(names)}")
     return present
-
-
-def _save_atomically(final: Path, save: Any) -> Path:
-    """Save into a temporary sibling directory, then swap it in: never a half-written adapter."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
 
 
 # --------------------------------------------------------------------------- examples

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dail.data import save_dir_atomic
 from dail.prompts import PromptBuilder
 from dail.world import generator as gen
 
@@ -284,23 +284,18 @@ def _snapshot(path: Path, model: Any, tokenizer: Any, step: int, tokens: int) ->
     <work>/latest` while the run goes on); replaced whole, never left half-written."""
     from transformers.utils import logging as hf_logging
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "snapshot.json").write_text(json.dumps({"step": step, "tokens": tokens}) + "\n")
+
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per checkpoint would crowd the training log
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_dir_atomic(path, save)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    (tmp / "snapshot.json").write_text(json.dumps({"step": step, "tokens": tokens}) + "\n")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _checkpoint(path: Path, model: Any, opt: Any, step: int, tokens: int, elapsed: float,
