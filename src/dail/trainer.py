@@ -135,28 +135,35 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], role
     The sequence is [prompt (left-padded to P) | response (right-padded to T)]; column P-1+j
     predicts response token j, so we keep the last T+1 columns and drop the final one.
     """
+    inputs, width = _role_inputs(batch, role)
+    return model(**inputs, logits_to_keep=width + 1).logits[:, :-1, :]
+
+
+def _role_inputs(batch: dict[str, torch.Tensor], role: str) -> tuple[dict[str, torch.Tensor | bool], int]:
+    """Forward arguments of `role`'s rows (positions count valid slots only) and the response width."""
     ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
-    width = batch["response_mask"].shape[1]
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                logits_to_keep=width + 1, use_cache=False)
-    return out.logits[:, :-1, :]
+    inputs = {"input_ids": ids, "attention_mask": attention, "position_ids": positions, "use_cache": False}
+    return inputs, batch["response_mask"].shape[1]
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The output projection of a causal LM (LoRA-wrapped if targeted), through a PEFT wrapper."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings()
+    """The output projection of a causal LM (LoRA-wrapped if targeted), through its wrappers."""
+    return _causal_lm(model).get_output_embeddings()
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/FSDP/DeepSpeed (`.module`) and PEFT wrappers."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The body of a causal LM (the module whose output is the final-normed hidden state),
-    through DDP/FSDP/DeepSpeed (`.module`) and PEFT wrappers; None if it cannot be found."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
-    return decoder if decoder is not None and decoder is not inner else None
+    """The body of a causal LM (the module whose output is the final-normed hidden state);
+    None if it cannot be found."""
+    lm = _causal_lm(model)
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    return decoder if decoder is not None and decoder is not lm else None
 
 
 def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role: str) -> torch.Tensor:
@@ -169,20 +176,16 @@ def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role
     forward hook: `output_hidden_states=True` would keep every layer's output alive until the
     forward returns, which in a no-grad teacher forward is memory nothing else needs.
     """
-    ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
-    width = batch["response_mask"].shape[1]
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    inputs = dict(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                  logits_to_keep=1)
+    inputs, width = _role_inputs(batch, role)
     decoder = _decoder(model)
-    if decoder is None:
-        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]  # after the final norm
+    if decoder is None:  # the last entry of hidden_states is after the final norm
+        hidden = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
     else:
         captured: list[torch.Tensor] = []
         hook = decoder.register_forward_hook(
             lambda _module, _args, output: captured.append(output[0]))
         try:
-            model(**inputs)
+            model(**inputs, logits_to_keep=1)
         finally:
             hook.remove()
         hidden = captured[-1]
