@@ -273,6 +273,13 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _run_child(flag: str, mode: str, *numbers: int) -> dict[str, Any]:
+    """Run `python -m bench <flag> <mode> <numbers>` in a fresh process; its last line as JSON."""
+    out = subprocess.run([sys.executable, "-m", "bench", flag, mode, *map(str, numbers)],
+                         capture_output=True, text=True, check=True, cwd=HERE.parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: int) -> None:
     """Run in a subprocess: one contrastive loss + backward; prints JSON with peak RSS growth."""
     from dail.loss import chunked_contrastive_kl_terms, contrastive_kl_terms
@@ -302,13 +309,7 @@ def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk
     from dail.trainer import DAILConfig
 
     chunk = chunk or DAILConfig.loss_chunk_size  # what the trainer uses by default
-    results = {}
-    for mode in ("chunked", "plain"):
-        out = subprocess.run([sys.executable, "-m", "bench", "--loss-memory-child", mode, str(tokens), str(vocab),
-                              str(hidden), str(chunk)], capture_output=True, text=True, check=True,
-                             cwd=HERE.parent)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    c, p = results["chunked"], results["plain"]
+    c, p = (_run_child("--loss-memory-child", mode, tokens, vocab, hidden, chunk) for mode in ("chunked", "plain"))
     return {"ratio": round(c["peak_growth"] / p["peak_growth"], 4),
             "chunked_mib": round(c["peak_growth"] / 2**20, 1), "plain_mib": round(p["peak_growth"] / 2**20, 1),
             "loss_abs_diff": abs(c["loss"] - p["loss"]),
@@ -338,13 +339,7 @@ def teacher_memory_child(mode: str, tokens: int, hidden: int, layers: int, vocab
 
 
 def bench_teacher_memory(tokens: int, hidden: int = 512, layers: int = 12, vocab: int = 8192) -> dict[str, Any]:
-    results = {}
-    for mode in ("hook", "all_layers"):
-        out = subprocess.run([sys.executable, "-m", "bench", "--teacher-memory-child", mode,
-                              *map(str, (tokens, hidden, layers, vocab))],
-                             capture_output=True, text=True, check=True, cwd=HERE.parent)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    h, a = results["hook"], results["all_layers"]
+    h, a = (_run_child("--teacher-memory-child", mode, tokens, hidden, layers, vocab) for mode in ("hook", "all_layers"))
     return {"ratio": round(h["peak_growth"] / a["peak_growth"], 4),
             "hook_mib": round(h["peak_growth"] / 2**20, 1), "all_layers_mib": round(a["peak_growth"] / 2**20, 1),
             "same_hidden_states": abs(h["sum"] - a["sum"]) <= 1e-6 * max(1.0, abs(a["sum"])),
@@ -361,14 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss-memory-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.loss_memory_child:
-        mode, *numbers = args.loss_memory_child
-        loss_memory_child(mode, *map(int, numbers))
-        return
-    if args.teacher_memory_child:
-        mode, *numbers = args.teacher_memory_child
-        teacher_memory_child(mode, *map(int, numbers))
-        return
+    for child, run_child in ((args.loss_memory_child, loss_memory_child),
+                             (args.teacher_memory_child, teacher_memory_child)):
+        if child:
+            mode, *numbers = child
+            run_child(mode, *map(int, numbers))
+            return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_grad_enabled(True)
     quick = args.quick
