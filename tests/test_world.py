@@ -444,3 +444,26 @@ def test_ambiguous_rate_applies_to_the_generic_task_only(base) -> None:
         elif not generic:
             other += 1
     assert few_digits > 50 and other > 50
+
+
+@pytest.mark.slow
+def test_a_step_budget_alone_gives_the_same_model_whatever_the_pace(tmp_path, monkeypatch) -> None:
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from dail.world.pretrain import PretrainConfig, run
+
+    tiny = dict(minutes=0.0, max_steps=3, batch_size=2, eval_every=10_000, ckpt_every=10_000,
+                hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    weights = []
+    for name in ("fast", "slow"):
+        if name == "slow":  # a clock that gains an hour per reading: a wall-clock budget would end at once
+            clock, hours = time.time, iter(range(1_000_000))
+            monkeypatch.setattr(time, "time", lambda: clock() + 3600.0 * next(hours))
+        out = run(PretrainConfig(out=str(tmp_path / name), work=str(tmp_path / f"{name}-work"), **tiny))
+        monkeypatch.undo()
+        assert json.loads((out / "pretrain_settings.json").read_text())["steps"] == 3
+        weights.append(AutoModelForCausalLM.from_pretrained(out).state_dict())
+    for name, a in weights[0].items():
+        assert torch.equal(a, weights[1][name]), name

@@ -10,7 +10,9 @@ The mixture (per sequence) teaches, always with the detailed trace as the respon
 With `copy_rate` > 0 the roles that see the expert's solution sometimes copy its fused lines
 instead of expanding them (a privileged-only style, as a model shown a solution drifts into).
 Loss is next-token cross-entropy on response tokens (and the closing EOS) only. Data are drawn
-from a generator seeded by (seed, step), so a resumed run sees exactly the batches it would have.
+from a generator seeded by (seed, step); the mixture and the learning rate also follow the share
+of the budget used. Under a step budget alone (`minutes` 0) that share depends on nothing but the
+step, so the run is the same on any machine and across any resume.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class PretrainConfig:
     out: str = _opt("src/dail/world/assets/base", "where the final model and tokenizer are saved")
     work: str = _opt("/tmp/dail_world_pretrain", "checkpoints and logs; rerunning with the same folder resumes")
     seed: int = _opt(0, "seed of the initial weights and of the data stream")
-    minutes: float = _opt(52.0, "wall-clock budget; the LR schedule follows max(steps, time) used")
+    minutes: float = _opt(52.0, "wall-clock budget; the LR schedule and curriculum follow max(steps, time) used "
+                                "(0 = none: a step budget alone gives the same model on any machine)")
     max_steps: int = _opt(100_000, "step budget (whichever of the two budgets runs out first ends the run)")
     batch_size: int = _opt(16, "sequences per step")
     lr: float = _opt(2.5e-3, "peak learning rate (linear warm-up, then cosine decay to a tenth of it)")
@@ -173,8 +176,8 @@ def build_model(cfg: PretrainConfig, vocab_size: int, tokenizer: Any) -> Any:
 def lr_at(step: int, progress: float, cfg: PretrainConfig) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to 10% of the peak.
 
-    `progress` is the fraction of the budget used: max(steps, wall time) -- a wall-clock
-    budget on a shared CPU is the binding one.
+    `progress` is the fraction of the budget used: of the steps, or of the wall time when
+    that has run further.
     """
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -233,7 +236,9 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
     start = time.time() - elapsed
     ema = None
     def progress() -> float:
-        return max(step / cfg.max_steps, (time.time() - start) / (cfg.minutes * 60))
+        # A wall-clock budget moves the schedule and the curriculum with the machine's speed.
+        used = step / cfg.max_steps
+        return max(used, (time.time() - start) / (cfg.minutes * 60)) if cfg.minutes > 0 else used
 
     while progress() < 1.0:
         frac = progress()
