@@ -17,8 +17,10 @@ rounds). Writes bench/results.json.
 - train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch,
   without gradient checkpointing and (`with_checkpointing`) with it, as the trainer runs on a
   GPU. Its `floor` is (NLL step + the two teachers' forwards, logits included) / NLL step: what
-  the ratio would be if the contrastive loss itself cost no more than the NLL. Both are medians
-  of per-round ratios (a round times the two steps and the teachers back to back).
+  the ratio would be if the contrastive loss itself cost no more than the NLL. `cached_ratio` is
+  the DAIL step with the teacher cache filled (`teacher_cache_gb`: any epoch after the first)
+  / the NLL step. All are medians of per-round ratios (a round times the steps and the
+  teachers back to back).
 - loss_memory: peak RSS growth of the contrastive loss + backward, chunked / unchunked, each in
   a fresh subprocess (VmHWM minus VmRSS before the measured call).
 - teacher_memory: peak RSS growth of one no-grad teacher forward as the trainer runs it
@@ -212,7 +214,8 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
 # --------------------------------------------------------------------------- training step
 
 
-def bench_train_step(repeats: int) -> dict[str, Any]:
+def bench_train_step(repeats: int, hidden: int = 256, layers: int = 4, vocab: int = 8192,
+                     response: int = 256) -> dict[str, Any]:
     """DAIL step / NLL step, without and with gradient checkpointing (the trainer's default on a
     GPU, and the paper's setting); the floor is what the ratio would be if the contrastive loss
     cost no more than the NLL: (NLL step + the two teachers' forwards with their logits) / NLL."""
@@ -220,24 +223,25 @@ def bench_train_step(repeats: int) -> dict[str, Any]:
 
     from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_logits
 
-    model = get_peft_model(random_qwen2(256, 4, 8192), LoraConfig(r=32, lora_alpha=32, target_modules=[
+    model = get_peft_model(random_qwen2(hidden, layers, vocab), LoraConfig(r=32, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
-    examples = [{"prompt_ids": {"student": torch.randint(3, 8192, (32,), generator=g).tolist(),
-                                "privileged": torch.randint(3, 8192, (160,), generator=g).tolist(),
-                                "negative": torch.randint(3, 8192, (48,), generator=g).tolist()},
-                 "response_ids": torch.randint(3, 8192, (256,), generator=g).tolist()} for _ in range(2)]
+    examples = [{"prompt_ids": {"student": torch.randint(3, vocab, (32,), generator=g).tolist(),
+                                "privileged": torch.randint(3, vocab, (160,), generator=g).tolist(),
+                                "negative": torch.randint(3, vocab, (48,), generator=g).tolist()},
+                 "response_ids": torch.randint(3, vocab, (response,), generator=g).tolist()} for _ in range(2)]
     batch = DAILCollator(pad_id=0, roles=("student", "privileged", "negative"))(examples)
     results: dict[str, Any] = {}
     for checkpointing in (False, True):
         if checkpointing:  # as the Trainer sets it up; it only acts in training mode
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train(checkpointing)
-        times: dict[str, list[float]] = {"dail": [], "nll": [], "teachers": []}
-        trainers = {loss: DAILTrainer(model=model, args=DAILConfig(output_dir="/tmp/dail-bench", loss=loss,
-                                                                   use_cpu=True))
-                    for loss in ("dail", "nll")}
-        for _ in range(repeats + 1):  # the first round warms up
+        times: dict[str, list[float]] = {"dail": [], "nll": [], "teachers": [], "cached": []}
+        trainers = {name: DAILTrainer(model=model, args=DAILConfig(
+                        output_dir="/tmp/dail-bench", loss=loss, use_cpu=True, teacher_cache_gb=cache_gb))
+                    for name, loss, cache_gb in (("dail", "dail", 0.0), ("nll", "nll", 0.0),
+                                                 ("cached", "dail", 1.0))}
+        for _ in range(repeats + 1):  # the first round warms up (and fills the teacher cache)
             for loss, trainer in trainers.items():
                 model.zero_grad()
                 tic = time.perf_counter()
@@ -249,16 +253,17 @@ def bench_train_step(repeats: int) -> dict[str, Any]:
                     response_logits(model, batch, role)
             times["teachers"].append(time.perf_counter() - tic)
         # Ratios within a round, then their median: a slow stretch of the machine hits both.
-        rounds = list(zip(*(times[k][1:] for k in ("dail", "nll", "teachers")), strict=True))
+        rounds = list(zip(*(times[k][1:] for k in ("dail", "nll", "teachers", "cached")), strict=True))
         dail, nll, teachers = (statistics.median(times[k][1:]) for k in ("dail", "nll", "teachers"))
         key = "checkpointing" if checkpointing else "plain"
-        results[key] = {"ratio": round(statistics.median(d / n for d, n, _ in rounds), 3),
-                        "floor": round(statistics.median((n + t) / n for _, n, t in rounds), 3),
+        results[key] = {"ratio": round(statistics.median(d / n for d, n, _, _ in rounds), 3),
+                        "floor": round(statistics.median((n + t) / n for _, n, t, _ in rounds), 3),
+                        "cached_ratio": round(statistics.median(c / n for _, n, _, c in rounds), 3),
                         "dail_s": round(dail, 3), "nll_s": round(nll, 3), "teacher_forwards_s": round(teachers, 3)}
     model.gradient_checkpointing_disable()
     return {**results["plain"], "with_checkpointing": results["checkpointing"],
-            "model": "random Qwen2 hidden 256, 4 layers, vocab 8192, LoRA r=32",
-            "batch": "2 x 256 response tokens; prompts: student 32, privileged 160, negative 48 tokens"}
+            "model": f"random Qwen2 hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r=32",
+            "batch": f"2 x {response} response tokens; prompts: student 32, privileged 160, negative 48 tokens"}
 
 
 # --------------------------------------------------------------------------- loss memory
@@ -353,6 +358,8 @@ def bench_teacher_memory(tokens: int, hidden: int = 512, layers: int = 12, vocab
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer settings; finishes in a few minutes")
+    parser.add_argument("--only", choices=["train_step"],
+                        help="print this row's JSON alone (bench/results.json is left as it is)")
     parser.add_argument("--loss-memory-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -365,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_grad_enabled(True)
     quick = args.quick
+    if args.only == "train_step":
+        print(json.dumps(bench_train_step(4 if quick else 15), indent=2))
+        return
     demo, demo_name = demo_model()
     budget = 32 if quick else 64
     repeats = 2 if quick else 3  # rounds at batch 64; smaller batches get 2 * repeats + 1
@@ -402,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['identical_traces']:>5} {r['spread']:>6}")
     ckpt = train["with_checkpointing"]
     print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s), "
-          f"floor {train['floor']}; with gradient checkpointing: {ckpt['ratio']}, floor {ckpt['floor']}  "
+          f"floor {train['floor']}, teacher cache filled {train['cached_ratio']}; with gradient checkpointing: "
+          f"{ckpt['ratio']}, floor {ckpt['floor']}, cached {ckpt['cached_ratio']}  "
           "(floor: (NLL step + the teachers' forwards) / NLL step)")
     print(f"loss_memory (chunked / plain peak): {memory['ratio']}  ({memory['chunked_mib']} MiB / "
           f"{memory['plain_mib']} MiB at {memory['tokens']} tokens; |dloss| {memory['loss_abs_diff']:.2e})")

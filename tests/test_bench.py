@@ -57,3 +57,11 @@ def test_teacher_memory_row_compares_the_same_hidden_states():
     row = bench.bench_teacher_memory(64, hidden=64, layers=3, vocab=300)
     assert row["same_hidden_states"] is True
     assert row["hook_mib"] > 0 and row["all_layers_mib"] > 0
+
+
+def test_train_step_row_times_plain_cached_and_checkpointed_steps():
+    row = bench.bench_train_step(1, hidden=64, layers=2, vocab=300, response=16)
+    for mode in (row, row["with_checkpointing"]):
+        assert {"ratio", "floor", "cached_ratio", "dail_s", "nll_s", "teacher_forwards_s"} <= mode.keys()
+        assert all(mode[k] > 0 for k in ("ratio", "floor", "cached_ratio"))
+    assert "hidden 64" in row["model"] and "2 x 16" in row["batch"]

@@ -92,14 +92,16 @@ def test_train_runs_data_parallel_on_two_processes(tiny_model_dir, problems5, tm
     assert main([str(a) for a in ["generate", "--model", tiny_model_dir, "--data", problems5,
                                   "--out", gen, *GEN]]) == 0
     config = tmp_path / "train.yaml"
+    # The teacher cache makes every step agree across processes on skipping the teachers.
     config.write_text(json.dumps({"training": {"max_steps": 2, "lora_r": 4, "save_steps": 1,
-                                               "gradient_accumulation_steps": 1}}))
+                                               "gradient_accumulation_steps": 1, "teacher_cache_gb": 0.01}}))
     out = tmp_path / "train"
     launch("train", "--model", tiny_model_dir, "--traces", gen / "traces.jsonl", "--out", out,
            "--config", config, "--loss", "dail")
     summary = json.loads((out / "train_summary.json").read_text())
     steps = [h for h in summary["log_history"] if "loss" in h]
     assert [h["step"] for h in steps] == [1, 2]
+    assert all("teacher_cache_hit_rate" in h and h["teacher_cache_mib"] > 0 for h in steps)
     # 10 traces, one per process per step: each step covers 2 examples, i.e. 0.2 epochs.
     assert steps[1]["epoch"] == pytest.approx(0.4)
     checkpoint = out / "checkpoints" / "checkpoint-2"

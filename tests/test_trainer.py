@@ -97,8 +97,8 @@ def make_trainer(tiny_model_dir, tmp_path, **kw):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
-    args = DAILConfig(output_dir=str(tmp_path / "ckpt"), save_strategy="no", num_train_epochs=1,
-                      learning_rate=1e-2, warmup_steps=0, **kw)
+    args = DAILConfig(**{"output_dir": str(tmp_path / "ckpt"), "save_strategy": "no", "num_train_epochs": 1,
+                         "learning_rate": 1e-2, "warmup_steps": 0, **kw})
     roles = ROLES if args.uses_negative else ROLES[:2] if args.uses_teacher else ROLES[:1]
     return DAILTrainer(model=model, args=args, train_dataset=EXAMPLES * 2,
                        data_collator=DAILCollator(pad_id=0, roles=roles))
@@ -229,3 +229,81 @@ def test_chunked_loss_equals_full_logit_loss_with_lora_on_lm_head(tiny_model_dir
     assert v1 == pytest.approx(v0, abs=1e-5)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- teacher cache
+
+
+def _lora_model_with_live_adapter(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():  # a non-zero adapter: the cache must hold the base model's states
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_teacher_cache_gives_the_same_loss_and_gradients_without_teacher_forwards(tiny_model_dir, tmp_path):
+    model = _lora_model_with_live_adapter(tiny_model_dir)
+    longer = {"prompt_ids": {"student": [5] * 9, "privileged": [6] * 12, "negative": [7] * 3},
+              "response_ids": [11, 12, 13, 14, 15, 16, 2]}
+    collate = DAILCollator(pad_id=0, roles=ROLES)
+    first, later = collate(EXAMPLES + [longer]), collate(EXAMPLES[::-1])  # other order and padding
+    trainers = {gb: DAILTrainer(model=model, args=DAILConfig(output_dir=str(tmp_path / str(gb)), gamma=0.3,
+                                                             loss_chunk_size=2, teacher_cache_gb=gb, use_cpu=True))
+                for gb in (0.0, 0.01)}
+    trainers[0.01].compute_loss(model, first)  # fills the cache
+    with torch.no_grad():  # the adapter trains on; the teachers must not follow it
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.02)
+    forwards = []
+    hook = _decoder(model).register_forward_hook(lambda *_: forwards.append(1))
+    results = []
+    for trainer in trainers.values():
+        forwards.clear()
+        model.zero_grad()
+        value = trainer.compute_loss(model, later)
+        value.backward()
+        results.append((float(value.detach()), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                 if p.requires_grad}, len(forwards)))
+    hook.remove()
+    (plain, plain_grads, plain_forwards), (cached, cached_grads, cached_forwards) = results
+    assert (plain_forwards, cached_forwards) == (3, 1)  # student, privileged, negative / student only
+    assert cached == pytest.approx(plain, abs=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(cached_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_cache_serves_the_second_epoch_and_logs_its_hit_rate(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, loss="dail", gradient_accumulation_steps=1,
+                           num_train_epochs=2, logging_steps=1, loss_chunk_size=2, teacher_cache_gb=0.01)
+    trainer.train_dataset = EXAMPLES  # two distinct rows, one per step
+    trainer.train()
+    rates = [h["teacher_cache_hit_rate"] for h in trainer.state.log_history if "teacher_cache_hit_rate" in h]
+    assert rates == [0.0, 0.0, 1.0, 1.0]
+    assert 0 < trainer.state.log_history[-2]["teacher_cache_mib"] < 0.01 * 1024
+
+
+def test_teacher_cache_keeps_rows_only_up_to_its_capacity():
+    from dail.teacher_cache import TeacherCache
+
+    batch = DAILCollator(pad_id=0, roles=ROLES)(EXAMPLES)
+    keys = TeacherCache.row_keys(batch, "privileged")
+    assert len(set(keys)) == 2 and keys != TeacherCache.row_keys(batch, "negative")
+    rows = [torch.zeros(4, 8), torch.zeros(2, 8)]  # 128 and 64 bytes
+    cache = TeacherCache(capacity_bytes=150)
+    cache.add(keys, rows)
+    assert cache.used_bytes == 128 and len(cache) == 1
+    assert cache.lookup(keys) is None and cache.lookup(keys[:1])[0].shape == (4, 8)
+
+
+def test_teacher_cache_needs_the_chunked_loss():
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        DAILConfig(output_dir="x", teacher_cache_gb=1.0, loss_chunk_size=0)
+    with pytest.raises(ValueError, match="teacher_cache_gb"):
+        DAILConfig(output_dir="x", teacher_cache_gb=-1.0)

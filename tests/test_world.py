@@ -446,6 +446,11 @@ def test_ambiguous_rate_applies_to_the_generic_task_only(base) -> None:
     assert few_digits > 50 and other > 50
 
 
+def _clock_gaining_an_hour_per_reading(clock):
+    readings = iter(range(1_000_000))
+    return lambda: clock() + 3600.0 * next(readings)
+
+
 @pytest.mark.slow
 def test_a_step_budget_alone_gives_the_same_model_whatever_the_pace(tmp_path, monkeypatch) -> None:
     import time
@@ -458,9 +463,8 @@ def test_a_step_budget_alone_gives_the_same_model_whatever_the_pace(tmp_path, mo
                 hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
     weights = []
     for name in ("fast", "slow"):
-        if name == "slow":  # a clock that gains an hour per reading: a wall-clock budget would end at once
-            clock, hours = time.time, iter(range(1_000_000))
-            monkeypatch.setattr(time, "time", lambda: clock() + 3600.0 * next(hours))
+        if name == "slow":  # under a wall-clock budget this run would end at its first reading
+            monkeypatch.setattr(time, "time", _clock_gaining_an_hour_per_reading(time.time))
         out = run(PretrainConfig(out=str(tmp_path / name), work=str(tmp_path / f"{name}-work"), **tiny))
         monkeypatch.undo()
         assert json.loads((out / "pretrain_settings.json").read_text())["steps"] == 3
