@@ -46,11 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "validity":
-        from dail.world.validity import MIN_SAMPLES
+        from dail.world.validity import too_few_samples
 
-        if args.n_samples < MIN_SAMPLES:  # before the model is loaded
-            parser.error(f"--n-samples must be at least {MIN_SAMPLES} (validity reports pass@64), "
-                         f"not {args.n_samples}")
+        if problem := too_few_samples(args.n_samples, "--n-samples"):  # before the model is loaded
+            parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "pretrain":
         from dail.world.pretrain import run

@@ -229,6 +229,13 @@ def diagnose(model: Any, tokenizer: Any, *, n_problems: int = 8, seed: int = 0,
 MIN_SAMPLES = 64  # validity reports pass@64
 
 
+def too_few_samples(n_samples: int, name: str = "n_samples") -> str | None:
+    """Why `n_samples` samples per problem cannot give the validity numbers, or None if they can."""
+    if n_samples >= MIN_SAMPLES:
+        return None
+    return f"{name} must be at least {MIN_SAMPLES} (validity reports pass@64), not {n_samples}"
+
+
 def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int = 64,
              seed: int = 0) -> dict[str, Any]:
     """All validity numbers on test problems (see the module docstring).
@@ -236,8 +243,8 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
     Raises:
         ValueError: if `n_samples` < 64 (pass@64 is one of the numbers).
     """
-    if n_samples < MIN_SAMPLES:
-        raise ValueError(f"n_samples must be at least {MIN_SAMPLES} (validity reports pass@64), not {n_samples}")
+    if problem := too_few_samples(n_samples):
+        raise ValueError(problem)
     result: dict[str, Any] = {"settings": {"n_problems": n_problems, "n_samples": n_samples,
                                            "seed": seed, "temperature": TEMPERATURE,
                                            "top_p": TOP_P, "split": "test"}}
