@@ -471,3 +471,21 @@ def test_a_step_budget_alone_gives_the_same_model_whatever_the_pace(tmp_path, mo
         weights.append(AutoModelForCausalLM.from_pretrained(out).state_dict())
     for name, a in weights[0].items():
         assert torch.equal(a, weights[1][name]), name
+
+
+def test_pretraining_shows_a_bar_over_its_budget_on_a_terminal(tmp_path, monkeypatch) -> None:
+    import io
+    import sys
+
+    from dail.world.pretrain import PretrainConfig, run
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    run(PretrainConfig(out=str(tmp_path / "model"), work=str(tmp_path / "work"), minutes=0.0, max_steps=2,
+                       batch_size=2, eval_every=10_000, ckpt_every=10_000, hidden=32, layers=1, heads=2,
+                       kv_heads=1, intermediate=64))
+    assert "pretraining: 100%" in screen.getvalue()

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dail.data import save_dir_atomic
 from dail.prompts import PromptBuilder
@@ -240,30 +242,28 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
         used = step / cfg.max_steps
         return max(used, (time.time() - start) / (cfg.minutes * 60)) if cfg.minutes > 0 else used
 
-    while progress() < 1.0:
-        frac = progress()
-        batch = make_batch(step, cfg, tokenizer, builder, frac)
-        lr = lr_at(step, frac, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        tokens += int(batch["attention_mask"].sum())
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 20 == 0:
-            logger.info("step %d loss %.4f (ema %.4f) lr %.2e tokens %d min %.1f", step,
-                        loss.item(), ema, lr, tokens, (time.time() - start) / 60)
-        if step % cfg.ckpt_every == 0:
-            _checkpoint(ckpt, model, opt, step, tokens, time.time() - start, segments)
-            _snapshot(work / "latest", model, tokenizer, step, tokens)
-        if step % cfg.eval_every == 0:
-            model.eval()
-            logger.info("eval at step %d: %s", step, json.dumps(quick_eval(model, tokenizer)))
-            model.train()
+    with logging_redirect_tqdm(), _budget_bar(progress()) as bar:
+        while progress() < 1.0:
+            frac = progress()
+            batch = make_batch(step, cfg, tokenizer, builder, frac)
+            lr = lr_at(step, frac, cfg)
+            loss = _optimizer_step(model, opt, batch, lr)
+            step += 1
+            tokens += int(batch["attention_mask"].sum())
+            ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+            if step % 20 == 0:
+                logger.info("step %d loss %.4f (ema %.4f) lr %.2e tokens %d min %.1f", step,
+                            loss, ema, lr, tokens, (time.time() - start) / 60)
+                bar.set_postfix_str(f"step {step}, loss {ema:.3f}", refresh=False)
+                bar.update(min(100.0, round(100 * progress(), 1)) - bar.n)
+            if step % cfg.ckpt_every == 0:
+                _checkpoint(ckpt, model, opt, step, tokens, time.time() - start, segments)
+                _snapshot(work / "latest", model, tokenizer, step, tokens)
+            if step % cfg.eval_every == 0:
+                model.eval()
+                logger.info("eval at step %d: %s", step, json.dumps(quick_eval(model, tokenizer)))
+                model.train()
+        bar.update(100 - bar.n)
     wall = time.time() - start
     _checkpoint(ckpt, model, opt, step, tokens, wall, segments)
     out = Path(cfg.out)
@@ -282,6 +282,25 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
     (out / "pretrain_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     logger.info("saved %s after %d steps, %d tokens, %.1f min", out, step, tokens, wall / 60)
     return out
+
+
+def _optimizer_step(model: Any, opt: Any, batch: dict[str, torch.Tensor], lr: float) -> float:
+    """One AdamW step at learning rate `lr` with the gradient norm clipped to 1; returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = model(**batch).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
+def _budget_bar(done: float) -> tqdm:
+    """A bar over the share of the budget used, in percent; off unless stderr is a terminal
+    (a run in the background logs a line every 20 steps instead)."""
+    return tqdm(total=100, initial=round(100 * done, 1), desc="pretraining", disable=None,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}, {postfix}")
 
 
 def _snapshot(path: Path, model: Any, tokenizer: Any, step: int, tokens: int) -> None:
