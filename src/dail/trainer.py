@@ -279,14 +279,17 @@ class DAILTrainer(Trainer):
     def _teacher_hidden(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                         keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Privileged and negative-reference hidden states at the kept response positions, from
-        the teacher cache when every role's rows are there on every process (a sharded model's
-        forward is collective, so all processes must skip it or none), else from forwards."""
+        the teacher cache when every role's rows are there (on every process if the model is
+        sharded: its forward is a collective, so all processes skip it or none), else from
+        forwards."""
         roles = ["privileged"] + (["negative"] if self.args.uses_negative else [])
         cache, cached = self._teacher_cache, {}
         if cache is not None:
             keys = {role: cache.row_keys(inputs, role) for role in roles}
             cached = {role: cache.lookup(keys[role]) for role in roles}
-            hit = self._on_every_process(all(rows is not None for rows in cached.values()))
+            hit = all(rows is not None for rows in cached.values())
+            if self.is_fsdp_enabled:  # (ZeRO-3, the other sharding, is refused with a teacher loss)
+                hit = self._on_every_process(hit)
             self._cache_lookups["hit" if hit else "miss"] += 1
             cached = cached if hit else {}
         states: dict[str, torch.Tensor] = {}
