@@ -293,6 +293,7 @@ class DAILTrainer(Trainer):
             self._cache_lookups["hit" if hit else "miss"] += 1
             cached = cached if hit else {}
         states: dict[str, torch.Tensor] = {}
+        fresh: list[tuple[bytes, torch.Tensor]] = []
         base = self.accelerator.unwrap_model(model)
         with _adapter_disabled(base):
             for role in roles:
@@ -301,9 +302,22 @@ class DAILTrainer(Trainer):
                     continue
                 hidden = response_hidden(base, inputs, role)
                 if cache is not None:
-                    cache.add(keys[role], [row[row_keep] for row, row_keep in zip(hidden, keep, strict=True)])
+                    rows = [row[row_keep].cpu() for row, row_keep in zip(hidden, keep, strict=True)]
+                    fresh += zip(keys[role], rows, strict=True)
                 states[role] = hidden[keep]
+        if cache is not None:
+            self._keep_everywhere(fresh)
         return states["privileged"], states.get("negative")
+
+    def _keep_everywhere(self, fresh: list[tuple[bytes, torch.Tensor]]) -> None:
+        """Add the rows computed here, and under several processes every other process's too:
+        the sampler deals rows out afresh each epoch, so a row comes back to another process."""
+        if self.accelerator.num_processes > 1:  # every process calls this every step
+            everyone: list[Any] = [None] * self.accelerator.num_processes
+            torch.distributed.all_gather_object(everyone, fresh)
+            fresh = [row for rows in everyone for row in rows]
+        for key, row in fresh:
+            self._teacher_cache.add([key], [row])
 
     def _on_every_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:
