@@ -49,5 +49,5 @@ class TeacherCache:
             size = row.numel() * row.element_size()
             if key in self._rows or self.used_bytes + size > self.capacity_bytes:
                 continue
-            self._rows[key] = row.detach().to("cpu", copy=True)
+            self._rows[key] = row.detach().cpu()
             self.used_bytes += size
