@@ -164,3 +164,23 @@ def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignmen
         expected_k, expected_v = torch.cat([expected_k, k], dim=2), torch.cat([expected_v, v], dim=2)
         assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
     assert layer.get_seq_length() == expected_k.shape[2] == 5 + sum(1 + s % 3 for s in range(70))
+
+
+def test_a_finished_row_makes_room_for_a_waiting_one_at_once(tiny, contexts):
+    """Continuous batching: with room for 2 rows, each waiting row starts the round after a row
+    finishes, so the rounds are those of filling two slots greedily, not of running pairs."""
+    settings = settings_for(tiny, tau=0.02, eos_ids=(), max_new_tokens=12)
+    probe = [t.token_ids for t in run(tiny, contexts, settings, rows=8)]
+    # A token many rows write once in a while: as the end token it ends rows at different lengths.
+    common = max({t for ids in probe for t in ids}, key=lambda t: sum(t in ids for ids in probe))
+    stats = EngineStats()
+    traces = run(tiny, contexts, dataclasses.replace(settings, eos_ids=(common,)), rows=8, engine="draft",
+                 draft_length=1, max_batch=2, stats=stats)
+    lengths = [len(t.token_ids) for t in traces]
+    assert len(set(lengths)) > 2, lengths  # rows of several lengths, or the test shows nothing
+    free_at = [0, 0]  # the round after which each slot is free
+    for length in lengths:  # rows join in input order, each into the slot freed first
+        slot = free_at.index(min(free_at))
+        free_at[slot] += length
+    in_pairs = sum(max(lengths[i:i + 2]) for i in range(0, len(lengths), 2))
+    assert stats.rounds == max(free_at) < in_pairs
