@@ -59,6 +59,7 @@ def test_teacher_memory_row_compares_the_same_hidden_states():
     assert row["hook_mib"] > 0 and row["all_layers_mib"] > 0
 
 
+@pytest.mark.slow
 def test_train_step_row_times_plain_cached_and_checkpointed_steps():
     row = bench.bench_train_step(1, hidden=64, layers=2, vocab=300, response=16)
     for mode in (row, row["with_checkpointing"]):

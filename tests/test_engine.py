@@ -166,6 +166,7 @@ def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignmen
     assert layer.get_seq_length() == expected_k.shape[2] == 5 + sum(1 + s % 3 for s in range(70))
 
 
+@pytest.mark.slow
 def test_a_finished_row_makes_room_for_a_waiting_one_at_once(tiny, contexts):
     """Continuous batching: with room for 2 rows, each waiting row starts the round after a row
     finishes, so the rounds are those of filling two slots greedily, not of running pairs."""
