@@ -214,3 +214,15 @@ def test_demo_flags_reach_the_settings(monkeypatch):
     assert seen["settings"] == demo.DemoSettings(seed=1, kl_direction="forward") and seen["out"] == "x"
     main(["demo", "--quick"])
     assert seen["settings"] == demo.QUICK and seen["quick"]
+
+
+def test_train_flags_land_in_the_training_arguments_over_the_config(tmp_path):
+    from dail.cli import build_parser, stage_config
+    from dail.config import TrainConfig
+
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump({"training": {"teacher_cache_gb": 1.0, "lora_r": 4, "learning_rate": 0.1}}))
+    args = build_parser().parse_args(["train", "--model", "m", "--traces", "t.jsonl", "--out", "o", "--config",
+                                      str(cfg_file), "--teacher-cache-gb", "2.5", "--epochs", "3"])
+    cfg = stage_config(TrainConfig, args, ("data", "traces", "out", "loss", "gamma"))
+    assert cfg.training == {"teacher_cache_gb": 2.5, "lora_r": 4, "learning_rate": 0.1, "num_train_epochs": 3.0}

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int)
     t.add_argument("--kl-direction", choices=["reverse", "forward"])
     t.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
+    t.add_argument("--teacher-cache-gb", type=float,
+                   help="host memory per process for the teachers' hidden states, reused after the first epoch")
 
     e = sub.add_parser("eval", help="n samples per problem, graded; pass@k and token efficiency")
     _common(e)
@@ -138,7 +140,7 @@ _MODEL_KEYS = ("model", "dtype", "device", "trust_remote_code")
 _PROMPT_KEYS = ("student_template", "privileged_template", "negative_template", "waypoints",
                 "thinking", "max_prompt_tokens")
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size")
-_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "kl_direction", "merge")
+_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "kl_direction", "merge", "teacher_cache_gb")
 
 
 def flags_to_dict(args: argparse.Namespace, top_keys: tuple[str, ...]) -> dict[str, Any]:
