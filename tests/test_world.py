@@ -494,3 +494,15 @@ def test_pretraining_shows_a_bar_over_its_budget_on_a_terminal(tmp_path, monkeyp
                        batch_size=2, eval_every=10_000, ckpt_every=10_000, hidden=32, layers=1, heads=2,
                        kv_heads=1, intermediate=64))
     assert "pretraining: 100%" in screen.getvalue()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--minutes", "-1"], "minutes must be >= 0"), (["--max-steps", "0"], "max_steps >= 1"),
+    (["--many-labels", "1.5"], "many_labels is a share"), (["--copy-rate", "-0.1"], "copy_rate is a share")])
+def test_pretrain_refuses_impossible_budgets_and_shares(flags, message, tmp_path, capsys) -> None:
+    from dail.world.__main__ import main as world_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        world_main(["pretrain", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "out").exists()

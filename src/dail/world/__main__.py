@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pretrain":
         from dail.world.pretrain import run
 
-        cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+        try:
+            cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+        except ValueError as error:
+            parser.error(str(error))
         command = shlex.join(["dail", "world", *(sys.argv[1:] if argv is None else argv)])
         print(run(cfg, command=command))
     elif args.command == "validity":

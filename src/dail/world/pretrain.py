@@ -80,6 +80,14 @@ class PretrainConfig:
     ambiguous_rate: float = _opt(0.0, "chance that a generic reference's expressions repeat two or three "
                                       "digits and share openings between items (0 = never)")
 
+    def __post_init__(self) -> None:
+        if self.minutes < 0 or self.max_steps < 1:
+            raise ValueError(f"minutes must be >= 0 (0 = no wall-clock budget) and max_steps >= 1, "
+                             f"not {self.minutes} and {self.max_steps}")
+        for name in ("copy_rate", "many_labels", "ambiguous_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a share between 0 and 1, not {getattr(self, name)}")
+
 
 # (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.
 _MIX = {
