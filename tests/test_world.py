@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
 import re
+import sys
 from itertools import combinations
 
 import pytest
@@ -29,6 +31,7 @@ from dail.world.validity import (
     detailed_of,
     forced_line_error,
     pass_rates,
+    sample,
     token_category,
     token_errors,
 )
@@ -478,18 +481,30 @@ def test_a_step_budget_alone_gives_the_same_model_whatever_the_pace(tmp_path, mo
         assert torch.equal(a, weights[1][name]), name
 
 
-def test_pretraining_shows_a_bar_over_its_budget_on_a_terminal(tmp_path, monkeypatch) -> None:
-    import io
-    import sys
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so progress bars draw on it."""
 
+    def isatty(self) -> bool:
+        return True
+
+
+def _terminal(monkeypatch) -> _Terminal:
+    screen = _Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    return screen
+
+
+def test_validity_sampling_shows_a_bar_on_a_terminal(base, monkeypatch) -> None:
+    model, tokenizer = base
+    screen = _terminal(monkeypatch)
+    sample(model, tokenizer, ["a", "b", "c"], n=1, max_new_tokens=2, batch_size=2)
+    assert "sampling:" in screen.getvalue() and "/2 [" in screen.getvalue()  # two batches of two
+
+
+def test_pretraining_shows_a_bar_over_its_budget_on_a_terminal(tmp_path, monkeypatch) -> None:
     from dail.world.pretrain import PretrainConfig, run
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()
-    monkeypatch.setattr(sys, "stderr", screen)
+    screen = _terminal(monkeypatch)
     run(PretrainConfig(out=str(tmp_path / "model"), work=str(tmp_path / "work"), minutes=0.0, max_steps=2,
                        batch_size=2, eval_every=10_000, ckpt_every=10_000, hidden=32, layers=1, heads=2,
                        kv_heads=1, intermediate=64))

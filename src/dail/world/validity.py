@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from dail.data import Problem
 from dail.prompts import PromptBuilder
@@ -45,7 +46,8 @@ def sample(model: Any, tokenizer: Any, prompts: Sequence[str], *, n: int = 1,
     flat = [p for p in prompts for _ in range(n)]
     texts: list[str] = []
     try:
-        for i in range(0, len(flat), batch_size):
+        # A bar on a terminal only: validity runs for minutes, its callers' logs stay clean.
+        for i in tqdm(range(0, len(flat), batch_size), desc="sampling", unit="batch", disable=None, leave=False):
             enc = tokenizer(flat[i:i + batch_size], return_tensors="pt", padding=True,
                             add_special_tokens=False)
             kwargs: dict[str, Any] = ({"do_sample": False} if greedy else
