@@ -393,8 +393,8 @@ def draft_rollout(
             proposal_prob[reject_rows, j] = prob
 
         # 4. Emit tokens up to and including the first rejection; stop at eos or the budget.
-        span = torch.clamp(rejected_at + 1, max=k)  # (n,) tokens decided this round
-        span = torch.minimum(span, budget - t0)
+        judged = torch.clamp(rejected_at + 1, max=k)  # (n,) tokens decided this round
+        span = torch.minimum(judged, budget - t0)
         idx = torch.arange(k, device=device)
         live = idx[None, :] < span[:, None]  # (n, k)
         is_eos = torch.isin(chosen, eos) & live
@@ -411,15 +411,14 @@ def draft_rollout(
         length[rows] = t0 + span
         finished = has_eos | (length[rows] >= budget)
 
-        judged = torch.clamp(rejected_at + 1, max=k)
+        verified, accepted_drafts = int(judged.sum()), int(rejected_at.sum())  # drafts before the rejection
         stats.rounds += 1
         stats.draft_length_sum += k
         stats.drafted += n * k
-        stats.verified += int(judged.sum())
-        stats.accepted += int(torch.minimum(rejected_at, judged).sum())
+        stats.verified += verified
+        stats.accepted += accepted_drafts
         stats.tokens += int(span.sum())
-        draft.observe(k, int(torch.minimum(rejected_at, judged).sum()), int(judged.sum()),
-                      draft_seconds, verify_seconds)
+        draft.observe(k, accepted_drafts, verified, draft_seconds, verify_seconds)
 
         # 5. Roll the caches back: slots of discarded drafts become holes.
         # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at; a
