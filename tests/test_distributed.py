@@ -86,18 +86,23 @@ def test_array_shards_merge_when_the_last_one_finishes(tiny_model_dir, problems5
     same_files(one, arr, ["traces.jsonl", "selected.jsonl"])
 
 
-@pytest.mark.slow
-def test_train_runs_data_parallel_on_two_processes(tiny_model_dir, problems5, tmp_path):
+def train_on_two_processes(tiny_model_dir, problems5, tmp_path, training: dict) -> dict:
+    """Generate 10 traces in this process, train on them with the dail loss under 2 processes;
+    returns the run's train_summary.json."""
     gen = tmp_path / "gen"
     assert main([str(a) for a in ["generate", "--model", tiny_model_dir, "--data", problems5,
                                   "--out", gen, *GEN]]) == 0
     config = tmp_path / "train.yaml"
-    config.write_text(json.dumps({"training": {"max_steps": 2, "lora_r": 4, "save_steps": 1,
-                                               "gradient_accumulation_steps": 1}}))
-    out = tmp_path / "train"
-    launch("train", "--model", tiny_model_dir, "--traces", gen / "traces.jsonl", "--out", out,
+    config.write_text(json.dumps({"training": {"lora_r": 4, "gradient_accumulation_steps": 1, **training}}))
+    launch("train", "--model", tiny_model_dir, "--traces", gen / "traces.jsonl", "--out", tmp_path / "train",
            "--config", config, "--loss", "dail")
-    summary = json.loads((out / "train_summary.json").read_text())
+    return json.loads((tmp_path / "train" / "train_summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_train_runs_data_parallel_on_two_processes(tiny_model_dir, problems5, tmp_path):
+    summary = train_on_two_processes(tiny_model_dir, problems5, tmp_path, {"max_steps": 2, "save_steps": 1})
+    out = tmp_path / "train"
     steps = [h for h in summary["log_history"] if "loss" in h]
     assert [h["step"] for h in steps] == [1, 2]
     # 10 traces, one per process per step: each step covers 2 examples, i.e. 0.2 epochs.
@@ -160,17 +165,10 @@ def test_zero3_refusal_reaches_the_cli_before_any_model_loads(tmp_path, capsys, 
 
 @pytest.mark.slow
 def test_teacher_cache_serves_later_epochs_under_two_processes(tiny_model_dir, problems5, tmp_path):
-    gen = tmp_path / "gen"
-    assert main([str(a) for a in ["generate", "--model", tiny_model_dir, "--data", problems5,
-                                  "--out", gen, *GEN]]) == 0
-    config = tmp_path / "train.yaml"
     # 10 traces, one per process per step: 5 steps an epoch, and steps 6-7 begin the second.
-    config.write_text(json.dumps({"training": {"max_steps": 7, "lora_r": 4, "save_strategy": "no",
-                                               "gradient_accumulation_steps": 1, "teacher_cache_gb": 0.01}}))
-    out = tmp_path / "train"
-    launch("train", "--model", tiny_model_dir, "--traces", gen / "traces.jsonl", "--out", out,
-           "--config", config, "--loss", "dail")
-    steps = [h for h in json.loads((out / "train_summary.json").read_text())["log_history"] if "loss" in h]
+    summary = train_on_two_processes(tiny_model_dir, problems5, tmp_path,
+                                     {"max_steps": 7, "save_strategy": "no", "teacher_cache_gb": 0.01})
+    steps = [h for h in summary["log_history"] if "loss" in h]
     rates = [h["teacher_cache_hit_rate"] for h in steps]
     # The sampler deals rows out afresh each epoch; every process holds every row computed anywhere.
     assert len(rates) == 7 and rates[0] == 0.0 and rates[5:] == [1.0, 1.0]
