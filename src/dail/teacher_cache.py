@@ -29,7 +29,7 @@ class TeacherCache:
 
     @staticmethod
     def row_keys(batch: dict[str, torch.Tensor], role: str) -> list[bytes]:
-        """One key per row: the role's unpadded tokens and the response tokens."""
+        """One key per row: its unpadded tokens in this role (the role's prompt, then the response)."""
         ids, attention = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"].bool()
         keys = []
         for row_ids, row_mask in zip(ids.cpu(), attention.cpu(), strict=True):
