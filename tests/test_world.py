@@ -399,9 +399,11 @@ def test_many_labels_changes_only_the_generic_tasks_labels(base) -> None:
 def test_pretraining_stream_is_the_one_earlier_runs_saw(base) -> None:
     """A resumed run must see the batches it would have seen: new options draw nothing when off.
 
-    The digests pin the first 200 examples of three settings, taken before the options added
-    since (many-labels, ambiguous references) existed; a change to the generator, the prompts or
-    the committed tokenizer that moves them breaks the resumption of runs in progress.
+    The digests pin the text of the first 200 examples of five settings; the first three are the
+    streams pinned (as token ids) before the newer options existed. A run encodes its data with
+    the tokenizer it saved when it started, so the digests are of text: they came out the same
+    decoded by the committed tokenizer and by a newer build whose ids differ. A change to the
+    generator or the prompts that moves them breaks the resumption of runs in progress.
     """
     import hashlib
 
@@ -409,12 +411,16 @@ def test_pretraining_stream_is_the_one_earlier_runs_saw(base) -> None:
 
     _, tokenizer = base
     builder = PromptBuilder()
+    settings = {"default": (0.0, False, 0.0), "many": (0.0, True, 0.0), "copy": (0.1, False, 0.0),
+                "ambiguous": (0.0, False, 0.3), "ambiguous-many": (0.0, True, 0.3)}
     digests = {}
-    for name, args in {"default": (0.0, False, 0.0), "many": (0.0, True, 0.0), "copy": (0.1, False, 0.0)}.items():
+    for name, args in settings.items():
         rng = random.Random(7)
-        examples = [sample_example(rng, 0.5, tokenizer, builder, *args) for _ in range(200)]
-        digests[name] = hashlib.sha256(json.dumps(examples).encode()).hexdigest()[:16]
-    assert digests == {"default": "d331631426e55dba", "many": "91de0e38da6978e1", "copy": "a09dd61b48267108"}
+        pairs = [sample_example(rng, 0.5, tokenizer, builder, *args) for _ in range(200)]
+        texts = [[tokenizer.decode(prompt), tokenizer.decode(response)] for prompt, response in pairs]
+        digests[name] = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+    assert digests == {"default": "57a156e60674bdd0", "many": "cf1af0b954a307f8", "copy": "fd3f813b55fdaeb8",
+                       "ambiguous": "09e2f72b34c24d5c", "ambiguous-many": "3ff76d4ed9b95ed9"}
 
 
 def test_ambiguous_references_repeat_digits_and_openings() -> None:
