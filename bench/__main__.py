@@ -242,11 +242,11 @@ def bench_train_step(repeats: int, hidden: int = 256, layers: int = 4, vocab: in
                     for name, loss, cache_gb in (("dail", "dail", 0.0), ("nll", "nll", 0.0),
                                                  ("cached", "dail", 1.0))}
         for _ in range(repeats + 1):  # the first round warms up (and fills the teacher cache)
-            for loss, trainer in trainers.items():
+            for name, trainer in trainers.items():
                 model.zero_grad()
                 tic = time.perf_counter()
                 trainer.compute_loss(model, batch).backward()
-                times[loss].append(time.perf_counter() - tic)
+                times[name].append(time.perf_counter() - tic)
             tic = time.perf_counter()  # the two teachers' forwards alone: what no loss can avoid
             with torch.no_grad(), model.disable_adapter():
                 for role in ("privileged", "negative"):

@@ -297,7 +297,7 @@ def test_teacher_cache_keeps_rows_only_up_to_its_capacity():
     assert len(set(keys)) == 2 and keys != TeacherCache.row_keys(batch, "negative")
     rows = [torch.zeros(4, 8), torch.zeros(2, 8)]  # 128 and 64 bytes
     cache = TeacherCache(capacity_bytes=150)
-    cache.add(keys, rows)
+    cache.add(zip(keys, rows, strict=True))
     assert cache.used_bytes == 128 and len(cache) == 1
     assert cache.lookup(keys) is None and cache.lookup(keys[:1])[0].shape == (4, 8)
 

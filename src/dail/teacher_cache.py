@@ -12,6 +12,7 @@ stale when the base model changes.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import torch
 
@@ -43,9 +44,9 @@ class TeacherCache:
         rows = [self._rows.get(key) for key in keys]
         return None if any(row is None for row in rows) else rows  # type: ignore[return-value]
 
-    def add(self, keys: list[bytes], rows: list[torch.Tensor]) -> None:
-        """Keep each new row's states on the host while the capacity allows."""
-        for key, row in zip(keys, rows, strict=True):
+    def add(self, rows: Iterable[tuple[bytes, torch.Tensor]]) -> None:
+        """Keep each new (key, states) row on the host while the capacity allows."""
+        for key, row in rows:
             size = row.numel() * row.element_size()
             if key in self._rows or self.used_bytes + size > self.capacity_bytes:
                 continue

@@ -68,16 +68,16 @@ def run(cfg: TrainConfig) -> Path:
     if trainer.is_world_process_zero():
         if sharded:
             save_dir_atomic(out / "adapter", lambda d: (shutil.copytree(staging, d),
-                                                         (d / "training_args.bin").unlink(missing_ok=True),
-                                                         tokenizer.save_pretrained(d)))
+                                                        (d / "training_args.bin").unlink(missing_ok=True),
+                                                        tokenizer.save_pretrained(d)))
             shutil.rmtree(staging, ignore_errors=True)
         else:
             save_dir_atomic(out / "adapter", lambda d: (model.save_pretrained(d),
-                                                         tokenizer.save_pretrained(d)))
+                                                        tokenizer.save_pretrained(d)))
         if args.merge:
             merged = _merge_from_disk(cfg, out / "adapter") if sharded else model.merge_and_unload()
             save_dir_atomic(out / "merged", lambda d: (merged.save_pretrained(d),
-                                                          tokenizer.save_pretrained(d)))
+                                                       tokenizer.save_pretrained(d)))
         write_json_atomic(out / "train_summary.json", {
             "config": to_dict(cfg), "examples": len(examples), "loss": args.loss,
             "gamma": args.gamma, "kl_direction": args.kl_direction,

@@ -316,8 +316,7 @@ class DAILTrainer(Trainer):
             everyone: list[Any] = [None] * self.accelerator.num_processes
             torch.distributed.all_gather_object(everyone, fresh)
             fresh = [row for rows in everyone for row in rows]
-        for key, row in fresh:
-            self._teacher_cache.add([key], [row])
+        self._teacher_cache.add(fresh)
 
     def _on_every_process(self, flag: bool) -> bool:
         if self.accelerator.num_processes == 1:

@@ -260,10 +260,11 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
             tokens += int(batch["attention_mask"].sum())
             ema = loss if ema is None else 0.95 * ema + 0.05 * loss
             if step % 20 == 0:
+                done = min(100.0, round(100 * progress(), 1))
                 logger.info("step %d loss %.4f (ema %.4f) lr %.2e tokens %d min %.1f (%.0f%% of the budget)",
-                            step, loss, ema, lr, tokens, (time.time() - start) / 60, 100 * progress())
+                            step, loss, ema, lr, tokens, (time.time() - start) / 60, done)
                 bar.set_postfix_str(f"step {step}, loss {ema:.3f}", refresh=False)
-                bar.update(min(100.0, round(100 * progress(), 1)) - bar.n)
+                bar.update(done - bar.n)
             if step % cfg.ckpt_every == 0:
                 _checkpoint(ckpt, model, opt, step, tokens, time.time() - start, segments)
                 _snapshot(work / "latest", model, tokenizer, step, tokens)
