@@ -242,6 +242,17 @@ def test_committed_assets(base) -> None:
     assert gap_is_real(recorded) == (True, "ok")
 
 
+def test_pretraining_defaults_are_the_committed_models_recipe() -> None:
+    """`dail world pretrain` with no options reruns the run the committed model came from."""
+    from dail.world.pretrain import PretrainConfig
+
+    recorded = json.loads((base_model_dir() / "pretrain_settings.json").read_text())
+    assert "init_from" not in recorded and len(recorded["segments"]) == 1  # one run, from scratch
+    defaults = vars(PretrainConfig())
+    assert {k: v for k, v in recorded["config"].items() if k not in ("out", "work")} == {
+        k: v for k, v in defaults.items() if k not in ("out", "work")}
+
+
 def test_tokenizer_round_trip_and_compact_prompts(base) -> None:
     _, tokenizer = base
     builder = PromptBuilder()

@@ -326,6 +326,7 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
     if loss == "dail":  # the other runs ignore gamma and the KL direction, and keep their cache
         extra["gamma"] = s.gamma
         training["kl_direction"] = s.kl_direction
+        training["teacher_cache_gb"] = 1.0  # epochs 2-5 skip both teachers' forwards (same loss)
     cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss,
                       model=_model(model_dir), training=training, **extra)
     key = {"cfg": _cfg_key(cfg), "traces": _file_fingerprint(traces), "model": _model_fingerprint(model_dir)}

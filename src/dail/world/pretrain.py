@@ -50,7 +50,7 @@ class PretrainConfig:
     out: str = _opt("src/dail/world/assets/base", "where the final model and tokenizer are saved")
     work: str = _opt("/tmp/dail_world_pretrain", "checkpoints and logs; rerunning with the same folder resumes")
     seed: int = _opt(0, "seed of the initial weights and of the data stream")
-    minutes: float = _opt(52.0, "wall-clock budget; the LR schedule and curriculum follow max(steps, time) used "
+    minutes: float = _opt(240.0, "wall-clock budget; the LR schedule and curriculum follow max(steps, time) used "
                                 "(0 = none: a step budget alone gives the same model on any machine)")
     max_steps: int = _opt(100_000, "step budget (whichever of the two budgets runs out first ends the run)")
     batch_size: int = _opt(16, "sequences per step")
@@ -73,11 +73,11 @@ class PretrainConfig:
                                  "value included, instead of working it out (0 = never, the committed model)")
     # A label is then a unique anchor in the reference, and copying what follows it is the first
     # form of copying a tiny model learns; copying whole expressions precisely builds on it.
-    many_labels: float = _opt(0.0, "fraction of the budget, from the start, in which the generic task draws "
+    many_labels: float = _opt(0.5, "fraction of the budget, from the start, in which the generic task draws "
                                    "its item labels from all label tokens instead of r1..r4 (0 = never)")
     # Copying fails where the token before does not tell which token comes next: rows of a
     # matrix product share their first factor, polynomial lines repeat x.
-    ambiguous_rate: float = _opt(0.0, "chance that a generic reference's expressions repeat two or three "
+    ambiguous_rate: float = _opt(0.3, "chance that a generic reference's expressions repeat two or three "
                                       "digits and share openings between items (0 = never)")
 
     def __post_init__(self) -> None:
