@@ -18,10 +18,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# `make demo REBUILD=1` pretrains the world's base model from scratch (4 hours of wall time on
-# two cores, resumable: run it again after an interruption) and runs the demo on it instead of
-# the committed model; the demo checks the new model's validity first (docs/world.md: a run of
-# this recipe showed the gap at 78% of its budget; it has not finished yet).
+# `make demo REBUILD=1` pretrains the world's base model from scratch with the recipe of the
+# committed one (4 hours of wall time on two cores, resumable: run it again after an
+# interruption) and runs the demo on it instead; the demo checks the new model's validity first.
 WORLD_MODEL := runs/world-base
 demo: $(STAMP)
 ifdef REBUILD

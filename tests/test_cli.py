@@ -210,8 +210,8 @@ def test_demo_flags_reach_the_settings(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(demo, "run", lambda **kw: seen.update(kw))
-    assert main(["demo", "--seed", "1", "--kl-direction", "forward", "--out", "x"]) in (0, None)
-    assert seen["settings"] == demo.DemoSettings(seed=1, kl_direction="forward") and seen["out"] == "x"
+    assert main(["demo", "--seed", "1", "--kl-direction", "forward", "--gamma", "0", "--out", "x"]) in (0, None)
+    assert seen["settings"] == demo.DemoSettings(seed=1, kl_direction="forward", gamma=0.0) and seen["out"] == "x"
     main(["demo", "--quick"])
     assert seen["settings"] == demo.QUICK and seen["quick"]
 

@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
     d.add_argument("--kl-direction", choices=("reverse", "forward"), default=None,
                    help="KL direction of the contrastive runs (default: reverse, the paper's)")
+    d.add_argument("--gamma", type=float, default=None,
+                   help="weight of the negative term of the contrastive runs (default: 0.1, the paper's)")
     d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method")
     d.add_argument("--seed", type=int, default=None,
                    help="a replicate of the whole comparison: new problems, rollouts and training (default 0)")
@@ -220,8 +222,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dail import demo
 
-    changes = {k: v for k, v in (("kl_direction", args.kl_direction), ("learning_rate", args.learning_rate),
-                                 ("seed", args.seed)) if v is not None}
+    changes = {k: v for k in ("kl_direction", "gamma", "learning_rate", "seed")
+               if (v := getattr(args, k)) is not None}
     settings = dataclasses.replace(demo.QUICK if args.quick else demo.DemoSettings(), **changes)
     demo.run(out=args.out, quick=args.quick, settings=settings, model_dir=args.model)
 

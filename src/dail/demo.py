@@ -405,7 +405,8 @@ def command_of(settings: dict[str, Any]) -> str:
     """The `dail demo` command line that gives these settings (Python API beyond its flags)."""
     quick = settings["n_train"] < 50
     default = json.loads(json.dumps(asdict(QUICK if quick else DemoSettings())))  # tuples as lists
-    flags = {"kl_direction": "--kl-direction", "learning_rate": "--learning-rate", "seed": "--seed"}
+    flags = {"kl_direction": "--kl-direction", "gamma": "--gamma", "learning_rate": "--learning-rate",
+             "seed": "--seed"}
     changed = {k: v for k, v in json.loads(json.dumps(settings)).items() if default.get(k) != v}
     if set(changed) - set(flags):
         return f"dail.demo.run(settings=DemoSettings(**{changed}))"
