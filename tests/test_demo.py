@@ -34,7 +34,11 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
     for source, r in saved["rollouts"].items():
         if r["traces_selected"]:
             assert 0.0 <= r["copied_items"] <= 1.0 and r["student_nll"] > 0, source
+    shared = saved["mixed_vs_direct"]
+    kept = min(saved["rollouts"][s]["problems_selected"] for s in ("mixed", "direct"))
+    assert 0 <= shared["identical"] <= shared["problems"] <= kept
     report = (out / "report.md").read_text()
+    assert f"Mixed and direct traces are the same for {shared['identical']} of the {shared['problems']}" in report
     assert "Validity of the world" in report and "| base |" in report
     assert "student NLL/token" in report
     assert "| method | train pass@1 | test pass@1 | train pass@2 | test pass@2 |" in report
@@ -70,6 +74,20 @@ def test_training_problems_evaluated_mix_the_types_like_the_test_set():
     picked = [_json.loads(line)["id"] for line in by_type(lines, 4)]
     assert picked == ["matmul-0", "poly-0", "matmul-1", "poly-1"]
     assert len(by_type(lines, 20)) == 10  # never more than there are
+
+
+def test_shared_traces_counts_problems_with_the_same_traces(tmp_path):
+    from dail.demo import shared_traces
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows))
+        return str(path)
+
+    a = write("a.jsonl", [("p1", "x"), ("p1", "y"), ("p2", "z"), ("p3", "w")])
+    b = write("b.jsonl", [("p1", "y"), ("p1", "x"), ("p2", "other"), ("p4", "w")])
+    # p1: the same two traces in another order; p2: different; p3 and p4: kept by one only.
+    assert shared_traces(a, b) == {"problems": 2, "identical": 1}
 
 
 def test_trace_style_tells_copied_expert_lines_from_the_students_own_style(tmp_path):

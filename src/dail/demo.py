@@ -124,12 +124,14 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
     data = write_problems(root / "data", settings)
 
     rollouts: dict[str, dict[str, Any]] = {}
+    selected: dict[str, str] = {}
     adapters: dict[str, str | None] = {"base": None}
     skipped: dict[str, str] = {}
     for name, (source, loss) in METHODS.items():
         traces = None
         if source is not None:
             traces, rollouts[source] = make_traces(root, model_dir, data["train"], source, settings)
+            selected[source] = traces
             if rollouts[source]["traces_selected"] == 0:
                 skipped[name] = f"no {source} trace survived selection"
                 continue
@@ -144,6 +146,8 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
     results["methods"] = methods
     results["skipped"] = skipped
     results["rollouts"] = rollouts
+    if {"mixed", "direct"} <= selected.keys():
+        results["mixed_vs_direct"] = shared_traces(selected["mixed"], selected["direct"])
     results["minutes"] = round((time.monotonic() - started) / 60, 1)
     write_json_atomic(root / "results.json", results)
     write_text_atomic(root / "report.md", report(results))
@@ -284,6 +288,25 @@ def make_traces(root: Path, model_dir: Path, train_file: str, source: str,
     if not style_path.exists():
         write_json_atomic(style_path, trace_style(model_dir, selected))
     return str(selected), summary | json.loads(style_path.read_text())
+
+
+def shared_traces(a: str, b: str) -> dict[str, int]:
+    """Problems kept by both trace files, and how many of them got the same traces from both.
+
+    Where a privileged model is nearly deterministic, mixed rollout and direct sampling write
+    the same tokens, and the methods trained on them see the same data.
+    """
+    from dail.data import read_jsonl
+
+    def by_problem(path: str) -> dict[str, list[str]]:
+        texts: dict[str, list[str]] = {}
+        for record in read_jsonl(path):
+            texts.setdefault(record["id"], []).append(record["text"])
+        return {k: sorted(v) for k, v in texts.items()}
+
+    x, y = by_problem(a), by_problem(b)
+    both = x.keys() & y.keys()
+    return {"problems": len(both), "identical": sum(x[k] == y[k] for k in both)}
 
 
 def trace_style(model_dir: Path, selected: Path) -> dict[str, float | None]:
@@ -476,6 +499,9 @@ def report(results: dict[str, Any]) -> str:
                  for k in ("trace_accuracy", "copied_items", "student_nll")]
         lines.append(f"| {source} | {tau} | {r['mean_acceptance_rate']:.3f} | {cells[0]} | "
                      f"{r['problems_selected']}/{r['problems']} | {cells[1]} | {cells[2]} |")
+    if shared := results.get("mixed_vs_direct"):
+        lines.append(f"\nMixed and direct traces are the same for {shared['identical']} of the "
+                     f"{shared['problems']} problems both kept.")
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\nNot trained: **{name}** ({why}).")
     lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1), "```", ""]
