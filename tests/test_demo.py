@@ -51,6 +51,18 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
         k: v["pass@1"] for k, v in saved["methods"].items()}
 
 
+@pytest.mark.slow
+def test_quick_demo_trains_every_method_that_has_traces(tmp_path):
+    """`dail demo --quick` reaches every stage: its budget fits whole novel-type solutions."""
+    from dail.demo import QUICK
+
+    results = run(str(tmp_path / "quick"), quick=True)
+    assert results["settings"]["max_new_tokens"] == QUICK.max_new_tokens
+    assert {"sft", "dail_nll", "dail", "direct_dail"} <= results["methods"].keys()
+    assert set(results["skipped"]) <= {"star"}  # the base model never rationalizes from the answer
+    assert results["rollouts"]["mixed"]["traces_selected"] > 0
+
+
 def test_report_names_the_command_that_gives_its_settings():
     from dataclasses import asdict, replace
 

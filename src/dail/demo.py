@@ -74,8 +74,8 @@ class DemoSettings:
 
 
 QUICK = DemoSettings(n_train=6, n_test=6, n_known=4, n_train_eval=4, samples=4, eval_n=4, train_eval_n=4,
-                     known_n=2, max_new_tokens=96, epochs=1.0, validity_problems=1, validity_samples=64,
-                     batch_size=32, budgets=(32, 64, 96))
+                     known_n=2, max_new_tokens=320, epochs=1.0, validity_problems=1, validity_samples=64,
+                     batch_size=32, budgets=(96, 192, 320))
 
 # Data source -> (tau, use the STaR hint prompt as the "privileged" context).
 SOURCES = {"mixed": (None, False), "direct": (1.0, False), "star": (1.0, True)}
