@@ -16,10 +16,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+RecordT = TypeVar("RecordT", bound=Mapping[str, Any])
 
 REQUIRED_FIELDS = ("id", "problem", "solution")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -256,6 +258,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise DataError(f"{where}: expected a JSON object")
         records.append(row)
     return records
+
+
+def group_by_problem(records: Iterable[RecordT]) -> dict[str, list[RecordT]]:
+    """Records (traces, samples) by their problem's `id`, in the order they come."""
+    groups: dict[str, list[RecordT]] = {}
+    for record in records:
+        groups.setdefault(str(record["id"]), []).append(record)
+    return groups
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], records: Iterable[dict[str, Any]]) -> None:

@@ -296,13 +296,10 @@ def shared_traces(a: str, b: str) -> dict[str, int]:
     Where a privileged model is nearly deterministic, mixed rollout and direct sampling write
     the same tokens, and the methods trained on them see the same data.
     """
-    from dail.data import read_jsonl
+    from dail.data import group_by_problem, read_jsonl
 
     def by_problem(path: str) -> dict[str, list[str]]:
-        texts: dict[str, list[str]] = {}
-        for record in read_jsonl(path):
-            texts.setdefault(record["id"], []).append(record["text"])
-        return {k: sorted(v) for k, v in texts.items()}
+        return {pid: sorted(r["text"] for r in group) for pid, group in group_by_problem(read_jsonl(path)).items()}
 
     x, y = by_problem(a), by_problem(b)
     both = x.keys() & y.keys()
@@ -349,7 +346,7 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
     if loss == "dail":  # the other runs ignore gamma and the KL direction, and keep their cache
         extra["gamma"] = s.gamma
         training["kl_direction"] = s.kl_direction
-        training["teacher_cache_gb"] = 1.0  # epochs 2-5 skip both teachers' forwards (same loss)
+        training["teacher_cache_gb"] = 1.0  # later epochs skip both teachers' forwards (same loss)
     cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss,
                       model=_model(model_dir), training=training, **extra)
     key = {"cfg": _cfg_key(cfg), "traces": _file_fingerprint(traces), "model": _model_fingerprint(model_dir)}

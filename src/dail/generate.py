@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dail.batching import check_resumable, run_per_problem
 from dail.config import GenerateConfig, PromptConfig, to_dict
-from dail.data import Problem, resolve_problems, write_json_atomic, write_jsonl_atomic
+from dail.data import (
+    Problem,
+    group_by_problem,
+    resolve_problems,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from dail.prompts import ROLES, PromptBuilder, PromptTemplates, shorten_solution
 
 logger = logging.getLogger(__name__)
@@ -169,11 +174,8 @@ def select_traces(records: list[dict[str, Any]], *, keep: int = 1, seed: int = 0
 
     Unverifiable problems prefer traces that reached EOS. The choice is seeded per problem.
     """
-    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_problem[r["id"]].append(r)
     selected = []
-    for pid, group in by_problem.items():
+    for pid, group in group_by_problem(records).items():
         rng = random.Random(f"{seed}\x00{pid}")
         if group[0].get("gold") is not None:
             pool = [r for r in group if r.get("correct")]

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dail.data import group_by_problem
 from dail.grading import extract_answer, get_grader
 from dail.metrics import accuracy_under_budget, bootstrap_ci, pass_at_k_table
 
@@ -63,13 +64,6 @@ def score_samples(samples: Sequence[Mapping[str, Any]], gold: Mapping[str, str |
     return scored
 
 
-def _group(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for s in samples:
-        groups.setdefault(str(s["id"]), []).append(s)
-    return groups
-
-
 def summarize(samples: Sequence[Mapping[str, Any]], *, budgets: Iterable[int] | None = None,
               ks: Iterable[int] | None = None) -> dict[str, Any]:
     """Summary of scored samples, ready for `json.dump`.
@@ -96,7 +90,7 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, budgets: Iterable[int] | 
     """
     if not samples:
         raise ValueError("no samples to summarise")
-    groups = _group(samples)
+    groups = group_by_problem(samples)
     counts: list[tuple[int, int]] = []
     for pid, group in groups.items():
         graded = [s.get("correct") is not None for s in group]

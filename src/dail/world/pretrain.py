@@ -51,7 +51,7 @@ class PretrainConfig:
     work: str = _opt("/tmp/dail_world_pretrain", "checkpoints and logs; rerunning with the same folder resumes")
     seed: int = _opt(0, "seed of the initial weights and of the data stream")
     minutes: float = _opt(240.0, "wall-clock budget; the LR schedule and curriculum follow max(steps, time) used "
-                                "(0 = none: a step budget alone gives the same model on any machine)")
+                                 "(0 = none: a step budget alone gives the same model on any machine)")
     max_steps: int = _opt(100_000, "step budget (whichever of the two budgets runs out first ends the run)")
     batch_size: int = _opt(16, "sequences per step")
     lr: float = _opt(2.5e-3, "peak learning rate (linear warm-up, then cosine decay to a tenth of it)")
