@@ -22,10 +22,11 @@ rounds). Writes bench/results.json.
   / the NLL step. All are medians of per-round ratios (a round times the steps and the
   teachers back to back).
 - loss_memory: peak RSS growth of the contrastive loss + backward, chunked / unchunked, each in
-  a fresh subprocess (VmHWM minus VmRSS before the measured call).
+  a fresh subprocess (VmHWM minus VmRSS before the measured call) whose allocator returns every
+  freed tensor to the system (`STEADY_MALLOC`), so that RSS follows live tensor bytes.
 - teacher_memory: peak RSS growth of one no-grad teacher forward as the trainer runs it
   (`response_hidden`: the body's output taken by a hook) / the same forward asked for
-  `output_hidden_states=True`, which holds every layer's output; fresh subprocess each.
+  `output_hidden_states=True`, which holds every layer's output; fresh subprocess each, as above.
 """
 
 from __future__ import annotations
@@ -278,10 +279,19 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+# glibc raises its mmap threshold each time a mapped block is freed, so later blocks of that
+# size come from the heap, where freed memory stays in RSS: peaks then depend on the order of
+# earlier frees and vary from run to run (0.63-1.09 for teacher_memory). With a fixed threshold
+# every tensor above 64 KiB is its own mapping, returned on free, and the peak RSS follows the
+# peak of live tensor bytes (identical to 0.1 MiB across runs).
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
+
+
 def _run_child(flag: str, mode: str, *numbers: int) -> dict[str, Any]:
     """Run `python -m bench <flag> <mode> <numbers>` in a fresh process; its last line as JSON."""
     out = subprocess.run([sys.executable, "-m", "bench", flag, mode, *map(str, numbers)],
-                         capture_output=True, text=True, check=True, cwd=HERE.parent)
+                         capture_output=True, text=True, check=True, cwd=HERE.parent,
+                         env={**os.environ, **STEADY_MALLOC})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -320,7 +330,7 @@ def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk
             "loss_abs_diff": abs(c["loss"] - p["loss"]),
             "grad_norm_rel_diff": abs(c["grad_norm"] - p["grad_norm"]) / p["grad_norm"],
             "tokens": tokens, "vocab": vocab, "hidden": hidden, "chunk": chunk,
-            "method": "peak RSS (VmHWM) minus RSS before the loss, fresh subprocess each"}
+            "method": "peak RSS (VmHWM) minus RSS before the loss, fresh subprocess each, fixed mmap threshold"}
 
 
 def teacher_memory_child(mode: str, tokens: int, hidden: int, layers: int, vocab: int) -> None:
@@ -349,7 +359,7 @@ def bench_teacher_memory(tokens: int, hidden: int = 512, layers: int = 12, vocab
             "hook_mib": round(h["peak_growth"] / 2**20, 1), "all_layers_mib": round(a["peak_growth"] / 2**20, 1),
             "same_hidden_states": abs(h["sum"] - a["sum"]) <= 1e-6 * max(1.0, abs(a["sum"])),
             "tokens": tokens, "model": f"random Qwen2 hidden {hidden}, {layers} layers, vocab {vocab}",
-            "method": "peak RSS (VmHWM) minus RSS before the forward, fresh subprocess each"}
+            "method": "peak RSS (VmHWM) minus RSS before the forward, fresh subprocess each, fixed mmap threshold"}
 
 
 # --------------------------------------------------------------------------- main
