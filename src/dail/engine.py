@@ -90,6 +90,7 @@ class _DraftLength:
     def __init__(self, fixed: int, max_length: int):
         self.fixed = fixed
         self.candidates = [k for k in DRAFT_CANDIDATES if k <= max_length] or [1]
+        self.longest = max(1, min(fixed, max_length)) if fixed > 0 else self.candidates[-1]
         self.accept = 0.0  # EMA of the per-draft acceptance rate
         self.draft_cost: float | None = None  # EMA seconds of a drafting forward
         self.verify_cost: dict[int, float] = {}  # EMA seconds of the verify forward, per k
@@ -168,6 +169,7 @@ class _Batch:
         self.cache = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (2n, L)
         self.rows: list[int] = []  # input index of each active sequence
+        self.row_index = torch.zeros(0, dtype=torch.long, device=self.device)  # the same, as a tensor
         # (2n,) the token each context has chosen but not yet read: [students; privileged]
         self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
         self.forwards = 0
@@ -237,6 +239,7 @@ class _Batch:
         self.cache = s_cache
         self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in parts_mask])
         self.rows = self.rows + list(rows)
+        self.row_index = torch.tensor(self.rows, device=self.device)
         self.pending = torch.cat(old_pending)  # (2n,): [students; privileged]
 
     def compact(self, keep: torch.Tensor | None = None) -> None:
@@ -256,6 +259,7 @@ class _Batch:
             layer.keys = layer.keys[joint].gather(2, index)
             layer.values = layer.values[joint].gather(2, index)
         self.rows = [self.rows[i] for i in keep_rows.tolist()]
+        self.row_index = self.row_index[keep_rows]
         self.pending = self.pending[joint]
         if not self.rows:
             self.cache = None
@@ -323,13 +327,15 @@ def draft_rollout(
     device = batch.device
     uniforms = uniform_table(seeds, settings, device)  # (N, budget, retries + 2)
     eos = torch.tensor(settings.eos_ids or [-1], device=device)
-    # Per input row, filled by whole rounds; copied into `traces` when the row finishes.
-    tokens = torch.zeros((total, budget), dtype=torch.long, device=device)
-    from_student = torch.zeros((total, budget), dtype=torch.bool, device=device)
-    proposals = torch.zeros((total, budget), dtype=torch.long, device=device)
-    proposal_probs = torch.zeros((total, budget), dtype=torch.float32, device=device)
-    length = torch.zeros(total, dtype=torch.long, device=device)
     draft = _DraftLength(settings.draft_length, max_length=budget)
+    # Per input row, filled by whole rounds; copied into `traces` when the row finishes. Spare
+    # columns take what a round writes past the budget (see step 4).
+    width = budget + draft.longest
+    tokens = torch.zeros((total, width), dtype=torch.long, device=device)
+    from_student = torch.zeros((total, width), dtype=torch.bool, device=device)
+    proposals = torch.zeros((total, width), dtype=torch.long, device=device)
+    proposal_probs = torch.zeros((total, width), dtype=torch.float32, device=device)
+    length = torch.zeros(total, dtype=torch.long, device=device)
     capacity = settings.max_batch if settings.max_batch > 0 else total
     waiting = list(range(total))
     batch.admit(waiting[:capacity], student_prompts, privileged_prompts)
@@ -337,7 +343,7 @@ def draft_rollout(
 
     while batch.size:
         n = batch.size
-        rows = torch.tensor(batch.rows, device=device)
+        rows = batch.row_index
         t0 = length[rows]  # (n,) response position of the first draft
         remaining = int((budget - t0).max())
         k = draft.choose(remaining)
@@ -360,12 +366,16 @@ def draft_rollout(
 
         # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read d_{k-2}.
         tic = time.perf_counter()
-        privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
-        student_ids = F.pad(fed[:, None], (k - 1, 0), value=pad_id)
-        student_valid = torch.zeros((n, k), dtype=torch.bool, device=device)
-        student_valid[:, -1] = True
-        logits = batch.forward(torch.cat([student_ids, privileged_ids]),
-                               torch.cat([student_valid, torch.ones_like(student_valid)]))
+        if k == 1:  # the usual round: every row reads its pending token
+            ids, valid = batch.pending[:, None], torch.ones((2 * n, 1), dtype=torch.bool, device=device)
+        else:
+            privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
+            student_ids = F.pad(fed[:, None], (k - 1, 0), value=pad_id)
+            student_valid = torch.zeros((n, k), dtype=torch.bool, device=device)
+            student_valid[:, -1] = True
+            ids = torch.cat([student_ids, privileged_ids])
+            valid = torch.cat([student_valid, torch.ones_like(student_valid)])
+        logits = batch.forward(ids, valid)
         student_logits.append(logits[:n, -1])
         drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
         verify_seconds = time.perf_counter() - tic
@@ -377,11 +387,10 @@ def draft_rollout(
         rejected_at = torch.where(ok.all(-1), k, (~ok).long().argmax(-1))  # (n,) first rejection
 
         # 3. Decide the rejected position: retries, then the privileged fallback.
-        chosen = drafted.clone()
-        accepted = ok.clone()
-        proposal, proposal_prob = drafted.clone(), raw.clone()
+        chosen, accepted, proposal, proposal_prob = drafted, ok, drafted, raw
         reject_rows = torch.nonzero(rejected_at < k).flatten()
         if reject_rows.numel():
+            chosen, accepted, proposal, proposal_prob = drafted.clone(), ok.clone(), drafted.clone(), raw.clone()
             j = rejected_at[reject_rows]
             s_logits = torch.stack(student_logits, dim=1)[reject_rows, j]  # (r, V)
             p_logits = privileged_logits[reject_rows, j]
@@ -396,28 +405,28 @@ def draft_rollout(
         judged = torch.clamp(rejected_at + 1, max=k)  # (n,) tokens decided this round
         span = torch.minimum(judged, budget - t0)
         idx = torch.arange(k, device=device)
-        live = idx[None, :] < span[:, None]  # (n, k)
-        is_eos = torch.isin(chosen, eos) & live
+        is_eos = torch.isin(chosen, eos) & (idx[None, :] < span[:, None])  # (n, k)
         has_eos = is_eos.any(-1)
-        first_eos = is_eos.long().argmax(-1)
-        span = torch.where(has_eos, first_eos + 1, span)
-        live = idx[None, :] < span[:, None]
-        r_idx, c_idx = torch.nonzero(live, as_tuple=True)
-        dest_rows, dest_cols = rows[r_idx], t0[r_idx] + c_idx
-        tokens[dest_rows, dest_cols] = chosen[r_idx, c_idx]
-        from_student[dest_rows, dest_cols] = accepted[r_idx, c_idx]
-        proposals[dest_rows, dest_cols] = proposal[r_idx, c_idx]
-        proposal_probs[dest_rows, dest_cols] = proposal_prob[r_idx, c_idx].float()
+        span = torch.where(has_eos, is_eos.long().argmax(-1) + 1, span)
+        # The whole round is written: slots from t0 + span on hold tokens that were not emitted,
+        # which the row's next round (it starts there) overwrites and a finished trace cuts off.
+        dest = (rows[:, None], t0[:, None] + idx)
+        tokens[dest] = chosen
+        from_student[dest] = accepted
+        proposals[dest] = proposal
+        proposal_probs[dest] = proposal_prob.float()
         length[rows] = t0 + span
         finished = has_eos | (length[rows] >= budget)
 
-        verified, accepted_drafts = int(judged.sum()), int(rejected_at.sum())  # drafts before the rejection
+        # One device-to-host copy per round for everything the host needs to know.
+        verified, accepted_drafts, emitted, n_finished = torch.stack(  # drafts before the rejection
+            [judged.sum(), rejected_at.sum(), span.sum(), finished.sum()]).tolist()
         stats.rounds += 1
         stats.draft_length_sum += k
         stats.drafted += n * k
         stats.verified += verified
         stats.accepted += accepted_drafts
-        stats.tokens += int(span.sum())
+        stats.tokens += emitted
         draft.observe(k, accepted_drafts, verified, draft_seconds, verify_seconds)
 
         # 5. Roll the caches back: slots of discarded drafts become holes.
@@ -435,12 +444,12 @@ def draft_rollout(
         batch.pending = torch.cat([next_token, next_token])
 
         # 6. Finished rows leave, waiting rows join; holes are squeezed out when they pile up.
-        if bool(finished.any()):
+        if n_finished:
             for local in torch.nonzero(finished).flatten().tolist():
                 row = batch.rows[local]
                 _write_trace(traces[row], tokens[row], from_student[row], proposals[row],
                              proposal_probs[row], int(length[row]), finished=bool(has_eos[local]))
-            if bool(finished.all()) and not waiting:
+            if n_finished == n and not waiting:
                 break
             batch.compact(~finished)
             stats.compactions += 1
