@@ -14,6 +14,10 @@ rounds). Writes bench/results.json.
 - rollout_vs_reference: tokens/s of the default engine / the straightforward loop, one KV-cached,
   batched forward per role per token (`two_pass_rollout` below; the same traces). The draft-and-
   verify engine is measured against both and reported beside them.
+- double_rows_cost (column 2B/B): seconds of one KV-cached decoding forward over the batch's
+  student prompts twice (2B rows) / over them once (B rows), in the same rounds. A mixed rollout
+  reads two contexts per token, so at draft length 1 it cannot beat sampling by more than the
+  inverse of this, nor the two-pass loop by more than 2 / this.
 - train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch,
   without gradient checkpointing and (`with_checkpointing`) with it, as the trainer runs on a
   GPU. Its `floor` is (NLL step + the two teachers' forwards, logits included) / NLL step: what
@@ -164,6 +168,22 @@ def time_generate(model, student, budget: int) -> float:
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - tic)
 
 
+@torch.no_grad()
+def time_decoding_forward(model, prompts: list[list[int]], repeats: int = 7) -> float:
+    """Median seconds of one KV-cached one-token forward over these rows (a decoding step)."""
+    from dail.rollout import left_pad
+
+    ids, mask = left_pad(prompts, 0, torch.device("cpu"))
+    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        tic = time.perf_counter()
+        model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - tic)
+        cache.crop(-1)  # drop the slot this forward appended
+    return statistics.median(times[1:])
+
+
 def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
     """The median of the rounds' own ratios."""
     return round(statistics.median(a / b for a, b in zip(numerators, denominators, strict=True)), 3)
@@ -186,8 +206,11 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
             engines = ["two_pass", "draft"] + ([settings.engine] if settings.engine != "draft" else [])
             speeds: dict[str, list[float]] = {"sampling": [], **{e: [] for e in engines}}
             traces: dict[str, Any] = {}
+            double_rows: list[float] = []  # a decoding forward over 2B rows / over B rows
             rounds = repeats if batch > 8 else 2 * repeats + 1  # small batches are quick and noisier
             for _ in range(rounds):
+                double_rows.append(time_decoding_forward(model, student + student)
+                                   / time_decoding_forward(model, student))
                 speeds["sampling"].append(time_generate(model, student, budget))
                 for engine in engines:
                     speed, traces[engine] = time_rollout(model, student, privileged, settings, engine)
@@ -205,6 +228,7 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
                          "vs_reference": _median_ratio(speeds[settings.engine], speeds["two_pass"]),
                          "draft_vs_reference": _median_ratio(speeds["draft"], speeds["two_pass"]),
                          "spread": round(max(max(v) / min(v) for v in speeds.values()), 2),
+                         "double_rows_cost": round(statistics.median(double_rows), 3),
                          "acceptance": round(stats.acceptance_rate, 3),
                          "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same,
                          "round_tok_s": {e: [round(v, 1) for v in values] for e, values in speeds.items()}})
@@ -408,6 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         "rollout_vs_reference": {str(r["batch"]): r["vs_reference"] for r in main_rows},
         "rollout_acceptance": {str(r["batch"]): r["acceptance"] for r in main_rows},
         "rollout_draft_length": {str(r["batch"]): r["draft_length"] for r in main_rows},
+        "rollout_double_rows_cost": {str(r["batch"]): r["double_rows_cost"] for r in main_rows},
         "rollout_details": rows,
         "train_step": train,
         "loss_memory": memory,
@@ -415,10 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'model':<44} {'B':>3} {'tau':>4} {'vs_sampling':>11} {'vs_reference':>12} "
-          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'same':>5} {'spread':>6}")
+          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'2B/B':>5} {'same':>5} {'spread':>6}")
     for r in rows:
         print(f"{r['model'][:44]:<44} {r['batch']:>3} {r['tau']:>4} {r['vs_sampling']:>11} {r['vs_reference']:>12} "
-              f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} "
+              f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} {r['double_rows_cost']:>5} "
               f"{r['identical_traces']:>5} {r['spread']:>6}")
     ckpt = train["with_checkpointing"]
     print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s), "

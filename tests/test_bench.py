@@ -24,6 +24,7 @@ def test_rollout_rows_compare_engines_on_the_same_traces():
         per_round = sorted(a / b for a, b in zip(rounds[row["default_engine"]], rounds["two_pass"], strict=True))
         assert row["vs_reference"] == pytest.approx(per_round[2], rel=1e-2)  # the median round's ratio
         assert row["spread"] >= 1.0
+        assert row["double_rows_cost"] > 0
     assert rows[1]["acceptance"] == 1.0  # tau 0 accepts every proposal
 
 
