@@ -418,8 +418,9 @@ def draft_rollout(
         length[rows] = t0 + span
         finished = has_eos | (length[rows] >= budget)
 
-        # One device-to-host copy per round for everything the host needs to know.
-        verified, accepted_drafts, emitted, n_finished = torch.stack(  # drafts before the rejection
+        # The host's counters in one device-to-host copy; accepted drafts are those before the
+        # rejection.
+        verified, accepted_drafts, emitted, n_finished = torch.stack(
             [judged.sum(), rejected_at.sum(), span.sum(), finished.sum()]).tolist()
         stats.rounds += 1
         stats.draft_length_sum += k
