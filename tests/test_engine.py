@@ -116,6 +116,7 @@ def test_draft_length_adapts_and_is_reported(tiny, contexts):
         stats=stats, draft_length=3)
     assert stats.acceptance_rate == 1.0 and stats.rounds > 0
     assert 0 < stats.tokens <= 3 * 10 and stats.mean_draft_length > 1
+    assert 0 < stats.prefill_seconds < stats.seconds and 0 < stats.prefill_share < 1
     assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 4.0
     assert expected_tokens(0.5, 2) == pytest.approx(1.5)
 

@@ -73,6 +73,8 @@ class EngineStats:
     tokens: int = 0
     draft_length_sum: int = 0
     compactions: int = 0
+    seconds: float = 0.0  # wall time of the call
+    prefill_seconds: float = 0.0  # of which encoding prompts (both roles)
 
     @property
     def acceptance_rate(self) -> float:
@@ -82,6 +84,10 @@ class EngineStats:
     @property
     def mean_draft_length(self) -> float:
         return self.draft_length_sum / self.rounds if self.rounds else 0.0
+
+    @property
+    def prefill_share(self) -> float:
+        return self.prefill_seconds / self.seconds if self.seconds else 0.0
 
 
 class _DraftLength:
@@ -173,6 +179,7 @@ class _Batch:
         # (2n,) the token each context has chosen but not yet read: [students; privileged]
         self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
         self.forwards = 0
+        self.prefill_seconds = 0.0
 
     @property
     def size(self) -> int:
@@ -205,8 +212,10 @@ class _Batch:
                 mask[i, width - len(body):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        tic = time.perf_counter()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
+        self.prefill_seconds += time.perf_counter() - tic
         self.forwards += 1
         if any(getattr(layer, "is_sliding", False) for layer in out.past_key_values.layers):
             raise NotImplementedError("the draft engine needs full-attention KV caches")
@@ -318,6 +327,7 @@ def draft_rollout(
     if any(not p for p in student_prompts) or any(not p for p in privileged_prompts):
         raise ValueError("prompts must not be empty")
     stats = stats if stats is not None else EngineStats()
+    started = time.perf_counter()
     total = len(seeds)
     traces = [Trace() for _ in range(total)]
     if total == 0:
@@ -461,6 +471,8 @@ def draft_rollout(
             batch.compact()
             stats.compactions += 1
     stats.forwards += batch.forwards
+    stats.prefill_seconds += batch.prefill_seconds
+    stats.seconds += time.perf_counter() - started
     return traces
 
 
