@@ -311,7 +311,7 @@ def _status_bytes(field: str) -> int:
 # size come from the heap, where freed memory stays in RSS: peaks then depend on the order of
 # earlier frees and vary from run to run (0.63-1.09 for teacher_memory). With a fixed threshold
 # every tensor above 64 KiB is its own mapping, returned on free, and the peak RSS follows the
-# peak of live tensor bytes (identical to 0.1 MiB across runs).
+# peak of live tensor bytes (0.61-0.65 for teacher_memory over three full runs).
 STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
 
 

@@ -69,7 +69,6 @@ def test_train_step_row_times_plain_cached_and_checkpointed_steps():
     assert "hidden 64" in row["model"] and "2 x 16" in row["batch"]
 
 
-
 @pytest.mark.slow
 def test_memory_rows_are_steady_across_runs():
     # With the fixed mmap threshold the children's peaks repeat to 0.3%; with glibc's default
