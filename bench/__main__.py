@@ -16,8 +16,8 @@ rounds). Writes bench/results.json.
   verify engine is measured against both and reported beside them.
 - double_rows_cost (column 2B/B): seconds of one KV-cached decoding forward over the batch's
   student prompts twice (2B rows) / over them once (B rows), in the same rounds. A mixed rollout
-  reads two contexts per token, so at draft length 1 it cannot beat sampling by more than the
-  inverse of this, nor the two-pass loop by more than 2 / this, if nothing else cost time.
+  reads two contexts per token, so at draft length 1, if the forwards were all that cost time,
+  it would run at 1 / this of sampling's speed and 2 / this of the two-pass loop's.
 - prefill_share: the share of the default engine's time spent encoding both roles' prompts;
   sampling encodes only the student's, so this share is lost against it. It shrinks as the
   budget grows: real traces run to thousands of tokens, these rows to 32-64.
