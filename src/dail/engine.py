@@ -212,10 +212,10 @@ class _Batch:
                 mask[i, width - len(body):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        tic = time.perf_counter()
+        tic = _clock(self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        self.prefill_seconds += time.perf_counter() - tic
+        self.prefill_seconds += _clock(self.device) - tic
         self.forwards += 1
         if any(getattr(layer, "is_sliding", False) for layer in out.past_key_values.layers):
             raise NotImplementedError("the draft engine needs full-attention KV caches")
@@ -279,6 +279,14 @@ class _Batch:
         if self.mask.numel() == 0:
             return 0.0
         return 1.0 - float(self.mask.sum(-1).max()) / self.mask.shape[1]
+
+
+def _clock(device: torch.device) -> float:
+    """Host seconds once the device's queued work is done: on a GPU, reading the clock without
+    synchronising would time the kernels' launches, and the draft length would be chosen on them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _causal_4d(mask: torch.Tensor, queries: int) -> torch.Tensor:
@@ -361,7 +369,7 @@ def draft_rollout(
         table = uniforms[rows[:, None], positions]  # (n, k, draws)
 
         # 1. Draft: the student proposes k tokens; the privileged rows idle (holes).
-        tic = time.perf_counter()
+        tic = _clock(device)
         student_logits = []
         drafts = []
         fed = batch.pending[:n]
@@ -372,10 +380,10 @@ def draft_rollout(
             student_logits.append(logits)
             fed = _propose(logits, table[:, j, 0], settings)
             drafts.append(fed)
-        draft_seconds = time.perf_counter() - tic
+        draft_seconds = _clock(device) - tic
 
         # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read d_{k-2}.
-        tic = time.perf_counter()
+        tic = _clock(device)
         if k == 1:  # the usual round: every row reads its pending token
             ids, valid = batch.pending[:, None], torch.ones((2 * n, 1), dtype=torch.bool, device=device)
         else:
@@ -388,7 +396,7 @@ def draft_rollout(
         logits = batch.forward(ids, valid)
         student_logits.append(logits[:n, -1])
         drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
-        verify_seconds = time.perf_counter() - tic
+        verify_seconds = _clock(device) - tic
         privileged_logits = logits[n:]  # (n, k, V): row j scores draft j
         drafted = torch.stack(drafts, dim=-1)  # (n, k)
         raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1)
