@@ -295,6 +295,10 @@ def _causal_4d(mask: torch.Tensor, queries: int) -> torch.Tensor:
     A query sees the valid slots up to itself, and always itself: a hole's query then never has
     an empty row (whose NaNs would reach the cache), and holes stay invisible to every other slot.
     """
+    if queries == 1:  # the usual case, in fewer operations
+        allowed = mask.bool()
+        allowed[:, -1] = True
+        return allowed[:, None, None, :]
     width = mask.shape[1]
     allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, L)
     cols = torch.arange(width, device=mask.device)
@@ -359,13 +363,16 @@ def draft_rollout(
     batch.admit(waiting[:capacity], student_prompts, privileged_prompts)
     waiting = waiting[capacity:]
 
+    steps = torch.arange(draft.longest, device=device)
     while batch.size:
         n = batch.size
         rows = batch.row_index
         t0 = length[rows]  # (n,) response position of the first draft
-        remaining = int((budget - t0).max())
-        k = draft.choose(remaining)
-        positions = (t0[:, None] + torch.arange(k, device=device)).clamp(max=budget - 1)  # (n, k)
+        k = draft.choose(budget)
+        if k > 1:  # no draft runs past the budget of every row
+            k = draft.choose(int((budget - t0).max()))
+        idx = steps[:k]
+        positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, k)
         table = uniforms[rows[:, None], positions]  # (n, k, draws)
 
         # 1. Draft: the student proposes k tokens; the privileged rows idle (holes).
@@ -402,7 +409,8 @@ def draft_rollout(
         raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1)
                - torch.logsumexp(privileged_logits, dim=-1)).exp()  # (n, k) raw privileged probs
         ok = accepts(raw, settings.tau)
-        rejected_at = torch.where(ok.all(-1), k, (~ok).long().argmax(-1))  # (n,) first rejection
+        # (n,) the first rejection, k if none
+        rejected_at = ok[:, 0].long() if k == 1 else torch.where(ok.all(-1), k, (~ok).long().argmax(-1))
 
         # 3. Decide the rejected position: retries, then the privileged fallback.
         chosen, accepted, proposal, proposal_prob = drafted, ok, drafted, raw
@@ -420,12 +428,15 @@ def draft_rollout(
             proposal_prob[reject_rows, j] = prob
 
         # 4. Emit tokens up to and including the first rejection; stop at eos or the budget.
-        judged = torch.clamp(rejected_at + 1, max=k)  # (n,) tokens decided this round
-        span = torch.minimum(judged, budget - t0)
-        idx = torch.arange(k, device=device)
-        is_eos = torch.isin(chosen, eos) & (idx[None, :] < span[:, None])  # (n, k)
-        has_eos = is_eos.any(-1)
-        span = torch.where(has_eos, is_eos.long().argmax(-1) + 1, span)
+        if k == 1:  # one token decided per row (a row at its budget has left the batch)
+            judged = span = torch.ones_like(t0)
+            has_eos = torch.isin(chosen[:, 0], eos)
+        else:
+            judged = torch.clamp(rejected_at + 1, max=k)  # (n,) tokens decided this round
+            span = torch.minimum(judged, budget - t0)
+            is_eos = torch.isin(chosen, eos) & (idx[None, :] < span[:, None])  # (n, k)
+            has_eos = is_eos.any(-1)
+            span = torch.where(has_eos, is_eos.long().argmax(-1) + 1, span)
         # The whole round is written: slots from t0 + span on hold tokens that were not emitted,
         # which the row's next round (it starts there) overwrites and a finished trace cuts off.
         dest = (rows[:, None], t0[:, None] + idx)
@@ -459,7 +470,7 @@ def draft_rollout(
             privileged_slots = torch.arange(width - k, width, device=device)
             batch.mask[:n, student_slots] *= (~discard).long()
             batch.mask[n:, privileged_slots] *= (~discard).long()
-        next_token = chosen.gather(-1, torch.clamp(rejected_at, max=k - 1)[:, None]).squeeze(-1)
+        next_token = chosen[:, 0] if k == 1 else chosen.gather(-1, torch.clamp(rejected_at, max=k - 1)[:, None]).squeeze(-1)
         batch.pending = torch.cat([next_token, next_token])
 
         # 6. Finished rows leave, waiting rows join; holes are squeezed out when they pile up.
@@ -475,7 +486,7 @@ def draft_rollout(
             if waiting and batch.size < capacity:
                 joining, waiting = waiting[:capacity - batch.size], waiting[capacity - batch.size:]
                 batch.admit(joining, student_prompts, privileged_prompts)
-        elif batch.hole_fraction > 0.5 and batch.mask.shape[1] > 64:
+        elif k > 1 and batch.hole_fraction > 0.5 and batch.mask.shape[1] > 64:  # only drafts add holes
             batch.compact()
             stats.compactions += 1
     stats.forwards += batch.forwards
