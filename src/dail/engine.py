@@ -470,8 +470,10 @@ def draft_rollout(
             privileged_slots = torch.arange(width - k, width, device=device)
             batch.mask[:n, student_slots] *= (~discard).long()
             batch.mask[n:, privileged_slots] *= (~discard).long()
-        last = torch.clamp(rejected_at, max=k - 1)  # the round's last decided token
-        next_token = chosen[:, 0] if k == 1 else chosen.gather(-1, last[:, None]).squeeze(-1)
+        if k == 1:
+            next_token = chosen[:, 0]
+        else:  # the round's last decided token
+            next_token = chosen.gather(-1, torch.clamp(rejected_at, max=k - 1)[:, None]).squeeze(-1)
         batch.pending = torch.cat([next_token, next_token])
 
         # 6. Finished rows leave, waiting rows join; holes are squeezed out when they pile up.
