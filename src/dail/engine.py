@@ -174,8 +174,7 @@ class _Batch:
         self.mask_4d = getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
         self.cache = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (2n, L)
-        self.rows: list[int] = []  # input index of each active sequence
-        self.row_index = torch.zeros(0, dtype=torch.long, device=self.device)  # the same, as a tensor
+        self.rows = torch.zeros(0, dtype=torch.long, device=self.device)  # (n,) input index of each sequence
         # (2n,) the token each context has chosen but not yet read: [students; privileged]
         self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
         self.forwards = 0
@@ -247,8 +246,7 @@ class _Batch:
         s_cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in s_cache.layers]
         self.cache = s_cache
         self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in parts_mask])
-        self.rows = self.rows + list(rows)
-        self.row_index = torch.tensor(self.rows, device=self.device)
+        self.rows = torch.cat([self.rows, torch.tensor(rows, dtype=torch.long, device=self.device)])
         self.pending = torch.cat(old_pending)  # (2n,): [students; privileged]
 
     def compact(self, keep: torch.Tensor | None = None) -> None:
@@ -267,10 +265,9 @@ class _Batch:
             index = order[:, None, :, None].expand(-1, heads, -1, dim)
             layer.keys = layer.keys[joint].gather(2, index)
             layer.values = layer.values[joint].gather(2, index)
-        self.rows = [self.rows[i] for i in keep_rows.tolist()]
-        self.row_index = self.row_index[keep_rows]
+        self.rows = self.rows[keep_rows]
         self.pending = self.pending[joint]
-        if not self.rows:
+        if not self.size:
             self.cache = None
             self.mask = self.mask[:0, :0]
 
@@ -366,7 +363,7 @@ def draft_rollout(
     steps = torch.arange(draft.longest, device=device)
     while batch.size:
         n = batch.size
-        rows = batch.row_index
+        rows = batch.rows
         t0 = length[rows]  # (n,) response position of the first draft
         k = draft.choose(budget)
         if k > 1:  # no draft runs past the budget of every row
@@ -409,8 +406,7 @@ def draft_rollout(
         raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1)
                - torch.logsumexp(privileged_logits, dim=-1)).exp()  # (n, k) raw privileged probs
         ok = accepts(raw, settings.tau)
-        # (n,) the first rejection, k if none
-        rejected_at = ok[:, 0].long() if k == 1 else torch.where(ok.all(-1), k, (~ok).long().argmax(-1))
+        rejected_at = ok.long().cumprod(-1).sum(-1)  # (n,) the first rejection, k if none
 
         # 3. Decide the rejected position: retries, then the privileged fallback.
         chosen, accepted, proposal, proposal_prob = drafted, ok, drafted, raw
@@ -470,16 +466,13 @@ def draft_rollout(
             privileged_slots = torch.arange(width - k, width, device=device)
             batch.mask[:n, student_slots] *= (~discard).long()
             batch.mask[n:, privileged_slots] *= (~discard).long()
-        if k == 1:
-            next_token = chosen[:, 0]
-        else:  # the round's last decided token
-            next_token = chosen.gather(-1, torch.clamp(rejected_at, max=k - 1)[:, None]).squeeze(-1)
+        next_token = chosen.gather(-1, (judged - 1)[:, None]).squeeze(-1)  # the round's last decided token
         batch.pending = torch.cat([next_token, next_token])
 
         # 6. Finished rows leave, waiting rows join; holes are squeezed out when they pile up.
         if n_finished:
             for local in torch.nonzero(finished).flatten().tolist():
-                row = batch.rows[local]
+                row = int(rows[local])
                 _write_trace(traces[row], tokens[row], from_student[row], proposals[row],
                              proposal_probs[row], int(length[row]), finished=bool(has_eos[local]))
             if n_finished == n and not waiting:
