@@ -186,3 +186,73 @@ def test_a_finished_row_makes_room_for_a_waiting_one_at_once(tiny, contexts):
         free_at[slot] += length
     in_pairs = sum(max(lengths[i:i + 2]) for i in range(0, len(lengths), 2))
     assert stats.rounds == max(free_at) < in_pairs
+
+
+@pytest.mark.parametrize("schedule", [(0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3), (0, 0, 0, 0, 0, 4)])
+def test_privileged_rounds_and_lagging_students_give_the_same_traces(tiny, contexts, monkeypatch, schedule):
+    """Privileged rounds (k = 0) leave the students behind wherever no token can pass tau; every
+    later kind of round must catch them up exactly, also when rows join a batch mid-lag."""
+    from dail import engine
+
+    settings = settings_for(tiny, tau=0.06, retries=1, eos_ids=(), max_new_tokens=16)
+    probe = [t.token_ids for t in run(tiny, contexts, settings, rows=6)]
+    common = max({t for ids in probe for t in ids}, key=lambda t: sum(t in ids for ids in probe))
+    settings = dataclasses.replace(settings, eos_ids=(common,))  # rows end at different lengths
+    reference = run(tiny, contexts, settings, rows=6)
+
+    chosen, feeds = [], []  # k of every round; (round, lag) of every student feed
+    monkeypatch.setattr(engine._DraftLength, "scheduled", schedule[0], raising=False)
+    monkeypatch.setattr(engine._DraftLength, "choose", lambda self, remaining: min(self.scheduled, remaining))
+
+    def observe(self, k, **_):
+        chosen.append(k)
+        self.scheduled = schedule[len(chosen) % len(schedule)]
+
+    feed = engine._student_feed
+    monkeypatch.setattr(engine._DraftLength, "observe", observe)
+    monkeypatch.setattr(engine, "_student_feed", lambda *a: feeds.append((len(chosen), a[4])) or feed(*a))
+    stats = EngineStats()
+    traces = run(tiny, contexts, settings, rows=6, engine="draft", max_batch=2, stats=stats)
+    assert [as_tuple(t) for t in traces] == [as_tuple(t) for t in reference]
+    for trace, ref in zip(traces, reference, strict=True):
+        assert trace.proposal_probs == pytest.approx(ref.proposal_probs, abs=1e-5)
+
+    lagged = {chosen[r] for r, lag in feeds if lag > 0}  # kinds of rounds that caught a student up
+    assert lagged >= set(schedule), lagged
+    assert len({len(t.token_ids) for t in traces}) > 2  # rows left and joined at different rounds
+    assert 0 < stats.unasked < stats.tokens
+    proposals = [p for t in traces for p in t.proposal_ids]
+    assert None in proposals and any(p is not None for p in proposals)
+
+
+def test_draft_length_chooses_privileged_rounds_only_where_few_positions_need_the_student():
+    from dail.engine import _DraftLength
+
+    def settle(consulted: bool, privileged: float, student: float, joint: float = 1.0) -> int:
+        chooser = _DraftLength(0, max_length=64)
+        for k in (1, 1, 0, 0) * 5:  # each kind's first round is a warm-up whose timing is dropped
+            chooser.observe(k, accepted=0, verified=1, consulted=consulted,
+                            student_seconds=student if k == 0 and consulted else None,
+                            seconds=privileged if k == 0 else joint)
+        return chooser.choose(64)
+
+    assert settle(consulted=False, privileged=0.6, student=0.6) == 0  # nothing passes tau: skip the student
+    assert settle(consulted=True, privileged=0.6, student=0.6) == 1  # two forwards cost more than one
+    assert settle(consulted=False, privileged=1.1, student=0.6) == 1  # one role's rows cost no less
+    fresh = _DraftLength(0, max_length=64)
+    fresh.observe(1, accepted=0, verified=1, consulted=False, student_seconds=None, seconds=5.0)
+    assert fresh.choose(64) == 1 and not fresh.verify_cost  # the warm-up round's time is not kept
+
+
+def test_growing_cache_layer_feeds_a_block_of_rows_and_zeroes_the_others():
+    import torch
+
+    from dail.engine import _GrowingLayer
+
+    keys = torch.full((4, 2, 3, 5), float("nan"))  # NaN in place, as an uninitialised buffer may hold
+    layer = _GrowingLayer(keys.clone(), keys.clone())
+    layer.fed_rows = slice(2, 4)
+    new = torch.randn(2, 2, 1, 5)
+    got_k, _ = layer.update(new, new)
+    assert got_k.shape == (2, 2, 4, 5) and torch.equal(got_k[:, :, -1:], new)
+    assert torch.equal(layer.keys[:2, :, -1], torch.zeros(2, 2, 5)) and layer.values.shape == (4, 2, 4, 5)

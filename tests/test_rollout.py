@@ -84,6 +84,25 @@ def test_acceptance_matches_teacher_forced_recomputation(tiny, contexts, retries
                 assert p < tau
 
 
+@pytest.mark.parametrize("engine", ["draft", "reference"])
+def test_a_proposal_is_recorded_exactly_where_some_token_could_pass(tiny, contexts, engine):
+    model, _ = tiny
+    tau = 0.05
+    traces, idx = rollout(tiny, contexts, tau=tau, engine=engine)
+    _, privileged = contexts
+    recorded = []
+    for trace, i in zip(traces, idx, strict=True):
+        best = teacher_forced_probs(model, privileged[i], trace.token_ids).amax(-1)
+        for j, p in enumerate(best.tolist()):
+            if abs(p - tau) < 1e-4:
+                continue  # too close to call under float noise
+            recorded.append(trace.proposal_ids[j] is not None)
+            assert recorded[-1] == (p >= tau) == (trace.proposal_probs[j] is not None), (j, p)
+            if not recorded[-1]:
+                assert trace.sources[j] == "P"
+    assert any(recorded) and not all(recorded), "tau should leave some positions without a passable token"
+
+
 def test_retries_accept_more(tiny, contexts):
     tau = median_proposal_prob(tiny, contexts)
     once, _ = rollout(tiny, contexts, tau=tau, rows=12)

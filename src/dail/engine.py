@@ -3,13 +3,23 @@
 The algorithm is `dail.rollout`'s token-by-token decoder; this module only changes how the
 forward passes are scheduled. Each round, with draft length k:
 
-1. The student drafts k tokens d_0..d_{k-1} one forward at a time (its KV cache grows).
+1. The student drafts k tokens d_0..d_{k-1} one forward at a time (its KV cache grows); the
+   first k - 1 forwards run over the student rows alone.
 2. One forward pass feeds the privileged context the pending token and d_0..d_{k-2}, which yields
    its raw distributions at all k draft positions; the same call feeds the student its last
    draft input, so for k = 1 a round is exactly one batched forward over both contexts.
 3. Drafts are accepted left to right while the privileged raw probability is >= tau. At the first
    rejection the `retries` extra proposals are tried at that position, then the privileged model
    samples it; later drafts are discarded (their cache slots are masked out, see below).
+
+A privileged round (k = 0) turns the order around: one forward over the privileged rows alone
+decides the position wherever no token has a raw privileged probability >= tau, since there every
+proposal would be rejected and the token is the fallback draw whatever the student says. Only if
+some row has a token that could pass does the student run, reading in one forward all the tokens
+it missed. Where the privileged model is rarely that sure (high tau, or a model far from the
+expert's text) a token then costs one forward over half the rows; `_DraftLength` picks these
+rounds from the measured costs and the observed share of positions that need the student. The
+unmade proposals are not recorded (`Trace.proposal_ids` is None there, in both engines).
 
 Every random number comes from `uniform_table` indexed by (sequence, response position): column
 r <= retries drives the r-th student proposal at a position, the last column the fallback. A
@@ -18,11 +28,11 @@ produce the same traces for the same seeds (up to float noise between differentl
 forwards), whatever the batch size, draft length or batch composition.
 
 Cache layout: one `DynamicCache` over 2n rows (its layers append in place, `_GrowingLayer`),
-rows [0, n) the students and [n, 2n) the privileged contexts of the n active sequences. Both
-roles always advance by the same number of slots; a slot a role did not use (the privileged
-rows during drafting, the student's padding in the verify call) or a discarded draft is a
-*hole*: its attention-mask entry is 0 and position ids count valid slots only, so holes change
-nothing. Holes are squeezed out (`compact`) when they grow, and whenever sequences finish:
+rows [0, n) the students and [n, 2n) the privileged contexts of the n active sequences. A forward
+runs over all rows or over one role's block; both roles always advance by the same number of
+slots. A slot a role did not use (the other role's block in a one-role forward, padding in the
+verify call) or a discarded draft is a *hole*: its attention-mask entry is 0 and position ids
+count valid slots only, so holes change nothing. Holes are squeezed out (`compact`) when they grow, and whenever sequences finish:
 finished rows leave the batch and waiting rows are prefilled and join it (continuous batching),
 so one long trace does not hold a batch of short ones.
 
@@ -73,6 +83,7 @@ class EngineStats:
     tokens: int = 0
     draft_length_sum: int = 0
     compactions: int = 0
+    unasked: int = 0  # tokens decided by privileged rounds without a student forward
     seconds: float = 0.0  # wall time of the call
     prefill_seconds: float = 0.0  # of which encoding prompts (both roles)
 
@@ -91,15 +102,26 @@ class EngineStats:
 
 
 class _DraftLength:
-    """Chooses k per round: argmax of expected tokens per second (see module docstring)."""
+    """Chooses k per round: argmax of expected tokens per second (see module docstring).
+
+    k = 0 is the privileged round: one forward over the privileged rows, and a student forward
+    only when some row's privileged distribution has a token that can pass tau.
+    """
 
     def __init__(self, fixed: int, max_length: int):
         self.fixed = fixed
         self.candidates = [k for k in DRAFT_CANDIDATES if k <= max_length] or [1]
         self.longest = max(1, min(fixed, max_length)) if fixed > 0 else self.candidates[-1]
         self.accept = 0.0  # EMA of the per-draft acceptance rate
-        self.draft_cost: float | None = None  # EMA seconds of a drafting forward
+        # EMA of "some row needs the student at this position"; it starts undecided so that a
+        # privileged round is tried once its cost can be guessed.
+        self.consulted = 0.5
+        self.student_cost: float | None = None  # EMA seconds of a forward over the student rows
+        self.privileged_cost: float | None = None  # ... over the privileged rows
         self.verify_cost: dict[int, float] = {}  # EMA seconds of the verify forward, per k
+        # The first round of each draft length runs new shapes (slow first calls), and a cost
+        # measured there would keep the chooser away from it: those timings are dropped.
+        self.warmed: set[int] = set()
 
     def choose(self, remaining: int) -> int:
         if self.fixed > 0:
@@ -107,25 +129,42 @@ class _DraftLength:
         base = self.verify_cost.get(1)
         if base is None:
             return 1
-        best, best_rate = 1, 0.0
+        # Untimed forwards over one role's rows: drafting is guessed to save nothing (so that it
+        # is not tried on a guess), a privileged forward to cost half a joint one (so that it is
+        # tried where few positions need the student).
+        student = self.student_cost or base
+        privileged = self.privileged_cost or base / 2
+        best, best_rate = 0, 1 / (privileged + self.consulted * student)
         a = min(self.accept, 0.999)
         for k in self.candidates:
             if k > remaining:
                 break
             tokens = (1 - a**k) / (1 - a)
-            cost = (k - 1) * (self.draft_cost or base) + self.verify_cost.get(k, base)
+            cost = (k - 1) * student + self.verify_cost.get(k, base)
             if tokens / cost > best_rate * (1 + 1e-9):
                 best, best_rate = k, tokens / cost
         return best
 
-    def observe(self, k: int, accepted: int, verified: int, draft_seconds: float, verify_seconds: float) -> None:
-        if verified:
-            self.accept = 0.8 * self.accept + 0.2 * accepted / verified
-        if k > 1:
-            per_draft = draft_seconds / (k - 1)
-            self.draft_cost = per_draft if self.draft_cost is None else 0.8 * self.draft_cost + 0.2 * per_draft
-        old = self.verify_cost.get(k)
-        self.verify_cost[k] = verify_seconds if old is None else 0.8 * old + 0.2 * verify_seconds
+    def observe(self, k: int, *, accepted: int, verified: int, consulted: bool, student_seconds: float | None,
+                seconds: float) -> None:
+        """One round: `seconds` of its verify forward (k >= 1) or privileged forward (k = 0),
+        `student_seconds` of one student-only forward if it ran one."""
+        self.consulted = _ema(self.consulted, float(consulted))
+        if k > 0 and verified:  # a privileged round judges only where a draft can pass: not counted
+            self.accept = _ema(self.accept, accepted / verified)
+        if k not in self.warmed:
+            self.warmed.add(k)
+            return
+        if student_seconds is not None:
+            self.student_cost = _ema(self.student_cost, student_seconds)
+        if k == 0:
+            self.privileged_cost = _ema(self.privileged_cost, seconds)
+            return
+        self.verify_cost[k] = _ema(self.verify_cost.get(k), seconds)
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else 0.8 * old + 0.2 * new
 
 
 class _GrowingLayer(DynamicLayer):
@@ -144,6 +183,7 @@ class _GrowingLayer(DynamicLayer):
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fed_rows: slice | None = None  # the rows the next update feeds, if not all (`_Batch.forward`)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         used, new = self.keys.shape[-2], key_states.shape[-2]
@@ -155,10 +195,19 @@ class _GrowingLayer(DynamicLayer):
             buffers[0][:, :, :used] = self.keys
             buffers[1][:, :, :used] = self.values
             self._buffers = buffers
-        buffers[0][:, :, used:used + new] = key_states
-        buffers[1][:, :, used:used + new] = value_states
+        fed = self.fed_rows
+        if fed is None:
+            buffers[0][:, :, used:used + new] = key_states
+            buffers[1][:, :, used:used + new] = value_states
+        else:
+            # The rows not fed get holes: masked, but zeroed, since a masked NaN left in an
+            # uninitialised buffer would still reach the attention output (0 * NaN).
+            buffers[0][:, :, used:used + new] = 0
+            buffers[1][:, :, used:used + new] = 0
+            buffers[0][fed, :, used:used + new] = key_states
+            buffers[1][fed, :, used:used + new] = value_states
         self.keys, self.values = buffers[0][:, :, :used + new], buffers[1][:, :, :used + new]
-        return self.keys, self.values
+        return (self.keys, self.values) if fed is None else (self.keys[fed], self.values[fed])
 
 
 class _Batch:
@@ -184,18 +233,43 @@ class _Batch:
     def size(self) -> int:
         return len(self.rows)
 
-    def forward(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Feed ids (2n, q) whose slots are marked by `valid` (2n, q); returns logits (2n, q, V)."""
-        start = self.mask.sum(-1, keepdim=True)
+    def forward(self, ids: torch.Tensor, valid: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Feed ids (m, q) whose slots are marked by `valid` (m, q) to `rows` of the joint cache (all
+        2n by default, else `self.students` or `self.privileged`); returns logits (m, q, V).
+
+        Rows not fed get q holes, and cost nothing: the model runs over the fed rows only.
+        """
         valid = valid.long()
-        positions = start + valid.cumsum(-1) - 1
-        self.mask = torch.cat([self.mask, valid], dim=-1)
-        attention = _causal_4d(self.mask, ids.shape[1]) if self.mask_4d else self.mask
-        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions.clamp(min=0),
-                         past_key_values=self.cache, use_cache=True)
+        if rows is None:
+            positions = self.mask.sum(-1, keepdim=True) + valid.cumsum(-1) - 1
+            self.mask = mask = torch.cat([self.mask, valid], dim=-1)
+        else:
+            positions = self.mask[rows].sum(-1, keepdim=True) + valid.cumsum(-1) - 1
+            fed, valid = valid, self.mask.new_zeros((self.mask.shape[0], ids.shape[1]))
+            valid[rows] = fed
+            self.mask = torch.cat([self.mask, valid], dim=-1)
+            mask = self.mask[rows]
+            for layer in self.cache.layers:
+                layer.fed_rows = rows
+        attention = _causal_4d(mask, ids.shape[1]) if self.mask_4d else mask
+        try:
+            out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions.clamp(min=0),
+                             past_key_values=self.cache, use_cache=True)
+        finally:
+            if rows is not None:
+                for layer in self.cache.layers:
+                    layer.fed_rows = None
         self.cache = out.past_key_values
         self.forwards += 1
         return out.logits.float()
+
+    @property
+    def students(self) -> slice:
+        return slice(0, self.size)
+
+    @property
+    def privileged(self) -> slice:
+        return slice(self.size, 2 * self.size)
 
     # ------------------------------------------------------------------ membership
 
@@ -361,70 +435,106 @@ def draft_rollout(
     waiting = waiting[capacity:]
 
     steps = torch.arange(draft.longest, device=device)
+    lag = 0  # tokens the students have not read beyond their pending one (`_student_feed`)
     while batch.size:
         n = batch.size
         rows = batch.rows
-        t0 = length[rows]  # (n,) response position of the first draft
+        t0 = length[rows]  # (n,) response position of the first token decided this round
         k = draft.choose(budget)
         if k > 1:  # no draft runs past the budget of every row
             k = draft.choose(int((budget - t0).max()))
-        idx = steps[:k]
+        idx = steps[:max(k, 1)]
         positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, k)
         table = uniforms[rows[:, None], positions]  # (n, k, draws)
+        one = batch.mask.new_ones((n, 1), dtype=torch.bool) if k != 1 else None
+        lagging = lag > 0  # the students have tokens to read beyond their pending one
+        student_logits, drafts = [], []
+        student_seconds = None
 
-        # 1. Draft: the student proposes k tokens; the privileged rows idle (holes).
-        tic = _clock(device)
-        student_logits = []
-        drafts = []
-        fed = batch.pending[:n]
-        for j in range(k - 1):
-            ids = torch.cat([fed, torch.full_like(fed, pad_id)])[:, None]
-            valid = torch.cat([torch.ones_like(fed), torch.zeros_like(fed)]).bool()[:, None]
-            logits = batch.forward(ids, valid)[:n, -1]  # (n, V)
-            student_logits.append(logits)
-            fed = _propose(logits, table[:, j, 0], settings)
-            drafts.append(fed)
-        draft_seconds = _clock(device) - tic
-
-        # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read d_{k-2}.
-        tic = _clock(device)
-        if k == 1:  # the usual round: every row reads its pending token
-            ids, valid = batch.pending[:, None], torch.ones((2 * n, 1), dtype=torch.bool, device=device)
+        if k == 0:
+            # 1-2. Privileged round: the privileged rows read their pending token alone; the
+            # student runs (reading all it has not read) only if some row has a token that can
+            # pass tau. Elsewhere its proposal could not be accepted and is never computed.
+            tic = _clock(device)
+            privileged_logits = batch.forward(batch.pending[n:, None], one, batch.privileged)  # (n, 1, V)
+            seconds = _clock(device) - tic
+            log_z = torch.logsumexp(privileged_logits, dim=-1)  # (n, 1)
+            askable = _askable(privileged_logits, log_z, settings.tau).sum()  # rows that need the student
+            if askable:
+                tic = _clock(device)
+                feed = _student_feed(batch.pending[:n], tokens, rows, t0, lag, pad_id)
+                logits = batch.forward(*feed, batch.students)[:, -1]
+                student_seconds = _clock(device) - tic
+                student_logits.append(logits)
+                drafts.append(_propose(logits, table[:, 0, 0], settings))
         else:
-            privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
-            student_ids = F.pad(fed[:, None], (k - 1, 0), value=pad_id)
-            student_valid = torch.zeros((n, k), dtype=torch.bool, device=device)
-            student_valid[:, -1] = True
-            ids = torch.cat([student_ids, privileged_ids])
-            valid = torch.cat([student_valid, torch.ones_like(student_valid)])
-        logits = batch.forward(ids, valid)
-        student_logits.append(logits[:n, -1])
-        drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
-        verify_seconds = _clock(device) - tic
-        privileged_logits = logits[n:]  # (n, k, V): row j scores draft j
-        drafted = torch.stack(drafts, dim=-1)  # (n, k)
-        raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1)
-               - torch.logsumexp(privileged_logits, dim=-1)).exp()  # (n, k) raw privileged probs
-        ok = accepts(raw, settings.tau)
-        rejected_at = ok.long().cumprod(-1).sum(-1)  # (n,) the first rejection, k if none
+            # 1. Draft: the student proposes k - 1 tokens over its own rows.
+            tic = _clock(device)
+            if k > 1 or lagging:
+                ids, valid = _student_feed(batch.pending[:n], tokens, rows, t0, lag, pad_id)
+            for j in range(k - 1):
+                logits = batch.forward(ids, valid, batch.students)[:, -1]  # (n, V)
+                student_logits.append(logits)
+                fed = _propose(logits, table[:, j, 0], settings)
+                drafts.append(fed)
+                ids, valid = fed[:, None], one
+            if k > 1:
+                student_seconds = (_clock(device) - tic) / (k - 1)
 
-        # 3. Decide the rejected position: retries, then the privileged fallback.
-        chosen, accepted, proposal, proposal_prob = drafted, ok, drafted, raw
-        reject_rows = torch.nonzero(rejected_at < k).flatten()
-        if reject_rows.numel():
-            chosen, accepted, proposal, proposal_prob = drafted.clone(), ok.clone(), drafted.clone(), raw.clone()
-            j = rejected_at[reject_rows]
-            s_logits = torch.stack(student_logits, dim=1)[reject_rows, j]  # (r, V)
-            p_logits = privileged_logits[reject_rows, j]
-            z, prop, prob, acc = _decide(s_logits, p_logits, drafted[reject_rows, j], raw[reject_rows, j],
-                                         table[reject_rows, j], settings)
-            chosen[reject_rows, j] = z
-            accepted[reject_rows, j] = acc
-            proposal[reject_rows, j] = prop
-            proposal_prob[reject_rows, j] = prob
+            # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read their
+            # last input (d_{k-2}, or for k = 1 what they have not read), right-aligned.
+            tic = _clock(device)
+            if k == 1 and not lagging:  # the usual round: every row reads its pending token
+                ids, valid = batch.pending[:, None], torch.ones((2 * n, 1), dtype=torch.bool, device=device)
+            else:
+                privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
+                q = max(k, ids.shape[1])
+                student_ids, student_valid = F.pad(ids, (q - ids.shape[1], 0), value=pad_id), F.pad(
+                    valid, (q - valid.shape[1], 0))
+                privileged_valid = F.pad(torch.ones_like(privileged_ids, dtype=torch.bool), (q - k, 0))
+                ids = torch.cat([student_ids, F.pad(privileged_ids, (q - k, 0), value=pad_id)])
+                valid = torch.cat([student_valid, privileged_valid])
+            logits = batch.forward(ids, valid)
+            student_logits.append(logits[:n, -1])
+            drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
+            seconds = _clock(device) - tic
+            privileged_logits = logits[n:, -k:]  # (n, k, V): row j scores draft j
+            log_z = torch.logsumexp(privileged_logits, dim=-1)  # (n, k)
+            askable = _askable(privileged_logits[:, :1], log_z[:, :1], settings.tau).sum()
+        caught_up = bool(drafts)
+
+        if caught_up:
+            drafted = torch.stack(drafts, dim=-1)  # (n, k)
+            raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1) - log_z).exp()  # raw privileged probs
+            ok = accepts(raw, settings.tau)
+            rejected_at = ok.long().cumprod(-1).sum(-1)  # (n,) the first rejection, k if none
+
+            # 3. Decide the rejected position: retries, then the privileged fallback. Where no
+            # token could pass tau the proposal is not recorded, as where it was never computed.
+            chosen, accepted, proposal, proposal_prob = drafted, ok, drafted, raw
+            reject_rows = torch.nonzero(rejected_at < drafted.shape[1]).flatten()
+            if reject_rows.numel():
+                chosen, accepted, proposal, proposal_prob = drafted.clone(), ok.clone(), drafted.clone(), raw.clone()
+                j = rejected_at[reject_rows]
+                s_logits = torch.stack(student_logits, dim=1)[reject_rows, j]  # (r, V)
+                p_logits = privileged_logits[reject_rows, j]
+                z, prop, prob, acc = _decide(s_logits, p_logits, drafted[reject_rows, j], raw[reject_rows, j],
+                                             table[reject_rows, j], settings)
+                unasked = ~accepts((p_logits.amax(-1) - log_z[reject_rows, j]).exp(), settings.tau)
+                chosen[reject_rows, j] = z
+                accepted[reject_rows, j] = acc
+                proposal[reject_rows, j] = prop.masked_fill(unasked, -1)
+                proposal_prob[reject_rows, j] = prob.masked_fill(unasked, float("nan"))
+        else:  # a privileged round nobody needed the student in: every token is the fallback
+            fallback = sample_inverse_cdf(sampling_distribution(privileged_logits[:, 0], settings), table[:, 0, -1])
+            chosen = fallback[:, None]
+            accepted = torch.zeros_like(one)
+            proposal = torch.full_like(chosen, -1)
+            proposal_prob = torch.full(chosen.shape, float("nan"), device=device)
+            rejected_at = torch.zeros_like(t0)
 
         # 4. Emit tokens up to and including the first rejection; stop at eos or the budget.
-        if k == 1:  # one token decided per row (a row at its budget has left the batch)
+        if k <= 1:  # one token decided per row (a row at its budget has left the batch)
             judged = span = torch.ones_like(t0)
             has_eos = torch.isin(chosen[:, 0], eos)
         else:
@@ -445,15 +555,17 @@ def draft_rollout(
 
         # The host's counters in one device-to-host copy; accepted drafts are those before the
         # rejection.
-        verified, accepted_drafts, emitted, n_finished = torch.stack(
-            [judged.sum(), rejected_at.sum(), span.sum(), finished.sum()]).tolist()
+        verified, accepted_drafts, emitted, n_finished, askable = torch.stack(
+            [judged.sum() * caught_up, rejected_at.sum(), span.sum(), finished.sum(), askable]).tolist()
         stats.rounds += 1
         stats.draft_length_sum += k
-        stats.drafted += n * k
+        stats.drafted += n * len(drafts)
         stats.verified += verified
         stats.accepted += accepted_drafts
         stats.tokens += emitted
-        draft.observe(k, accepted_drafts, verified, draft_seconds, verify_seconds)
+        stats.unasked += 0 if caught_up else emitted
+        draft.observe(k, accepted=accepted_drafts, verified=verified, consulted=askable > 0,
+                      student_seconds=student_seconds, seconds=seconds)
 
         # 5. Roll the caches back: slots of discarded drafts become holes.
         # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at; a
@@ -467,7 +579,12 @@ def draft_rollout(
             batch.mask[:n, student_slots] *= (~discard).long()
             batch.mask[n:, privileged_slots] *= (~discard).long()
         next_token = chosen.gather(-1, (judged - 1)[:, None]).squeeze(-1)  # the round's last decided token
-        batch.pending = torch.cat([next_token, next_token])
+        if caught_up:
+            batch.pending = torch.cat([next_token, next_token])
+            lag = 0
+        else:
+            batch.pending = torch.cat([batch.pending[:n], next_token])
+            lag += 1
 
         # 6. Finished rows leave, waiting rows join; holes are squeezed out when they pile up.
         if n_finished:
@@ -482,8 +599,8 @@ def draft_rollout(
             if waiting and batch.size < capacity:
                 joining, waiting = waiting[:capacity - batch.size], waiting[capacity - batch.size:]
                 batch.admit(joining, student_prompts, privileged_prompts)
-        elif k > 1 and batch.hole_fraction > 0.5 and batch.mask.shape[1] > 64:  # only drafts add holes
-            batch.compact()
+        elif (k != 1 or lagging) and batch.hole_fraction > 0.5 and batch.mask.shape[1] > 64:
+            batch.compact()  # only rounds that leave a role's rows unfed add holes
             stats.compactions += 1
     stats.forwards += batch.forwards
     stats.prefill_seconds += batch.prefill_seconds
@@ -491,12 +608,36 @@ def draft_rollout(
     return traces
 
 
+def _askable(privileged_logits: torch.Tensor, log_z: torch.Tensor, tau: float) -> torch.Tensor:
+    """Where some token has a raw privileged probability that passes tau: (..., V) -> (...) bool.
+    Elsewhere every proposal is rejected, so the student need not make one."""
+    return accepts((privileged_logits.amax(-1) - log_z).exp(), tau)
+
+
+def _student_feed(pending: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, t0: torch.Tensor,
+                  lag: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each student has not read, right-aligned: ids and valid slots, (n, 1 + lag).
+
+    Privileged rounds leave every student `lag` tokens behind, except rows that joined since:
+    they have read nothing after their prompt. So a row's unread tokens are its last
+    min(lag, t0) + 1, where response position -1 is the prompt's last token (its pending one).
+    """
+    if lag == 0:
+        return pending[:, None], torch.ones((len(pending), 1), dtype=torch.bool, device=pending.device)
+    at = t0[:, None] - (lag + 1) + torch.arange(lag + 1, device=pending.device)  # (n, 1 + lag)
+    ids = torch.where(at == -1, pending[:, None], tokens[rows[:, None], at.clamp(min=0)])
+    valid = at >= -1
+    return ids.masked_fill(~valid, pad_id), valid
+
+
 def _write_trace(trace: Trace, tokens: torch.Tensor, from_student: torch.Tensor, proposals: torch.Tensor,
                  probs: torch.Tensor, length: int, *, finished: bool) -> None:
     trace.token_ids = tokens[:length].tolist()
     trace.sources = [STUDENT if s else PRIVILEGED for s in from_student[:length].tolist()]
-    trace.proposal_ids = proposals[:length].tolist()
-    trace.proposal_probs = probs[:length].tolist()
+    # -1 marks a position whose proposal was not recorded (see step 3 of `draft_rollout`).
+    trace.proposal_ids = [None if t < 0 else t for t in proposals[:length].tolist()]
+    trace.proposal_probs = [None if t < 0 else p for t, p in zip(proposals[:length].tolist(),
+                                                                 probs[:length].tolist(), strict=True)]
     trace.finished = finished
 
 

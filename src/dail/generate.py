@@ -160,7 +160,7 @@ def trace_record(p: PreparedProblem, sample: int, trace: Any, tokenizer: Any, gr
         "token_ids": trace.token_ids,
         "sources": "".join(trace.sources),
         "proposal_ids": trace.proposal_ids,
-        "proposal_probs": [round(x, 6) for x in trace.proposal_probs],
+        "proposal_probs": [None if x is None else round(x, 6) for x in trace.proposal_probs],
         "acceptance_rate": trace.acceptance_rate,
         "finished": trace.finished,
         "answer": extract_answer(text),

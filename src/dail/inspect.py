@@ -62,10 +62,10 @@ def alignment_table(tokenizer: Any, prompt_ids: dict[str, list[int]], trace: dic
     header = "| t | token | source | p_priv(proposal) | " + " | ".join(
         f"{r} pos (pred from)" for r in roles) + " |"
     rows = [header, "|" + "---|" * (4 + len(roles))]
-    probs = trace["proposal_probs"]  # empty at tau 1: the student's pass is skipped
+    probs = trace["proposal_probs"]  # empty at tau 1, null where the student was not asked
     for j, token in enumerate(trace["token_ids"][:max_rows]):
         cells = [str(j), repr(tokenizer.decode([token])), trace["sources"][j],
-                 f"{probs[j]:.3f}" if j < len(probs) else "-"]
+                 "-" if j >= len(probs) or probs[j] is None else f"{probs[j]:.3f}"]
         cells += [f"{len(prompt_ids[r]) + j} ({len(prompt_ids[r]) + j - 1})" for r in roles]
         rows.append("| " + " | ".join(cells) + " |")
     if len(trace["token_ids"]) > max_rows:

@@ -74,13 +74,15 @@ class Trace:
     """One generated response with per-token provenance.
 
     `proposal_ids[t]` is the student's proposal at position t (the accepted one, or the last
-    rejected one) and `proposal_probs[t]` its raw privileged probability.
+    rejected one) and `proposal_probs[t]` its raw privileged probability. Both are None where
+    no token had a raw privileged probability >= tau: no proposal could pass there, so the draft
+    engine does not compute one. Both lists are empty at tau 1 (the student never runs).
     """
 
     token_ids: list[int] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
-    proposal_ids: list[int] = field(default_factory=list)
-    proposal_probs: list[float] = field(default_factory=list)
+    proposal_ids: list[int | None] = field(default_factory=list)
+    proposal_probs: list[float | None] = field(default_factory=list)
     finished: bool = False
 
     @property
@@ -273,6 +275,8 @@ def reference_rollout(
         chosen, proposal, proposal_prob, accepted = _choose(
             sampling_distribution(student_logits, settings), sampling_distribution(privileged_logits, settings),
             privileged_raw, uniforms_at[:, step], settings)
+        # Where no token can pass tau the student's proposal does not matter: not recorded.
+        asked = accepts(privileged_raw.amax(-1), settings.tau).tolist()
 
         # One device-to-host copy per field and step, not one per row and field.
         tokens, oks, proposed, probs = chosen.tolist(), accepted.tolist(), proposal.tolist(), proposal_prob.tolist()
@@ -280,8 +284,8 @@ def reference_rollout(
             trace = traces[i]
             trace.token_ids.append(tokens[i])
             trace.sources.append(STUDENT if oks[i] else PRIVILEGED)
-            trace.proposal_ids.append(proposed[i])
-            trace.proposal_probs.append(probs[i])
+            trace.proposal_ids.append(proposed[i] if asked[i] else None)
+            trace.proposal_probs.append(probs[i] if asked[i] else None)
         done = _mark_finished(traces, chosen, eos, done)
         if bool(done.all()):
             break
