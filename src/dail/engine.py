@@ -48,7 +48,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -446,92 +448,14 @@ def draft_rollout(
         idx = steps[:max(k, 1)]
         positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, k)
         table = uniforms[rows[:, None], positions]  # (n, k, draws)
-        one = batch.mask.new_ones((n, 1), dtype=torch.bool) if k != 1 else None
-        lagging = lag > 0  # the students have tokens to read beyond their pending one
-        student_logits, drafts = [], []
-        student_seconds = None
-
+        lagging = lag > 0  # the students have more to read than their pending token
+        feed = partial(_student_feed, batch.pending[:n], tokens, rows, t0, lag, pad_id)
         if k == 0:
-            # 1-2. Privileged round: the privileged rows read their pending token alone; the
-            # student runs (reading all it has not read) only if some row has a token that can
-            # pass tau. Elsewhere its proposal could not be accepted and is never computed.
-            tic = _clock(device)
-            privileged_logits = batch.forward(batch.pending[n:, None], one, batch.privileged)  # (n, 1, V)
-            seconds = _clock(device) - tic
-            log_z = torch.logsumexp(privileged_logits, dim=-1)  # (n, 1)
-            askable = _askable(privileged_logits, log_z, settings.tau).sum()  # rows that need the student
-            if askable:
-                tic = _clock(device)
-                feed = _student_feed(batch.pending[:n], tokens, rows, t0, lag, pad_id)
-                logits = batch.forward(*feed, batch.students)[:, -1]
-                student_seconds = _clock(device) - tic
-                student_logits.append(logits)
-                drafts.append(_propose(logits, table[:, 0, 0], settings))
+            scores = _privileged_forwards(batch, feed, table, settings)
         else:
-            # 1. Draft: the student proposes k - 1 tokens over its own rows.
-            tic = _clock(device)
-            if k > 1 or lagging:
-                ids, valid = _student_feed(batch.pending[:n], tokens, rows, t0, lag, pad_id)
-            for j in range(k - 1):
-                logits = batch.forward(ids, valid, batch.students)[:, -1]  # (n, V)
-                student_logits.append(logits)
-                fed = _propose(logits, table[:, j, 0], settings)
-                drafts.append(fed)
-                ids, valid = fed[:, None], one
-            if k > 1:
-                student_seconds = (_clock(device) - tic) / (k - 1)
-
-            # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read their
-            # last input (d_{k-2}, or for k = 1 what they have not read), right-aligned.
-            tic = _clock(device)
-            if k == 1 and not lagging:  # the usual round: every row reads its pending token
-                ids, valid = batch.pending[:, None], torch.ones((2 * n, 1), dtype=torch.bool, device=device)
-            else:
-                privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
-                q = max(k, ids.shape[1])
-                student_ids, student_valid = F.pad(ids, (q - ids.shape[1], 0), value=pad_id), F.pad(
-                    valid, (q - valid.shape[1], 0))
-                privileged_valid = F.pad(torch.ones_like(privileged_ids, dtype=torch.bool), (q - k, 0))
-                ids = torch.cat([student_ids, F.pad(privileged_ids, (q - k, 0), value=pad_id)])
-                valid = torch.cat([student_valid, privileged_valid])
-            logits = batch.forward(ids, valid)
-            student_logits.append(logits[:n, -1])
-            drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
-            seconds = _clock(device) - tic
-            privileged_logits = logits[n:, -k:]  # (n, k, V): row j scores draft j
-            log_z = torch.logsumexp(privileged_logits, dim=-1)  # (n, k)
-            askable = _askable(privileged_logits[:, :1], log_z[:, :1], settings.tau).sum()
-        caught_up = bool(drafts)
-
-        if caught_up:
-            drafted = torch.stack(drafts, dim=-1)  # (n, k)
-            raw = (privileged_logits.gather(-1, drafted[..., None]).squeeze(-1) - log_z).exp()  # raw privileged probs
-            ok = accepts(raw, settings.tau)
-            rejected_at = ok.long().cumprod(-1).sum(-1)  # (n,) the first rejection, k if none
-
-            # 3. Decide the rejected position: retries, then the privileged fallback. Where no
-            # token could pass tau the proposal is not recorded, as where it was never computed.
-            chosen, accepted, proposal, proposal_prob = drafted, ok, drafted, raw
-            reject_rows = torch.nonzero(rejected_at < drafted.shape[1]).flatten()
-            if reject_rows.numel():
-                chosen, accepted, proposal, proposal_prob = drafted.clone(), ok.clone(), drafted.clone(), raw.clone()
-                j = rejected_at[reject_rows]
-                s_logits = torch.stack(student_logits, dim=1)[reject_rows, j]  # (r, V)
-                p_logits = privileged_logits[reject_rows, j]
-                z, prop, prob, acc = _decide(s_logits, p_logits, drafted[reject_rows, j], raw[reject_rows, j],
-                                             table[reject_rows, j], settings)
-                unasked = ~accepts((p_logits.amax(-1) - log_z[reject_rows, j]).exp(), settings.tau)
-                chosen[reject_rows, j] = z
-                accepted[reject_rows, j] = acc
-                proposal[reject_rows, j] = prop.masked_fill(unasked, -1)
-                proposal_prob[reject_rows, j] = prob.masked_fill(unasked, float("nan"))
-        else:  # a privileged round nobody needed the student in: every token is the fallback
-            fallback = sample_inverse_cdf(sampling_distribution(privileged_logits[:, 0], settings), table[:, 0, -1])
-            chosen = fallback[:, None]
-            accepted = torch.zeros_like(one)
-            proposal = torch.full_like(chosen, -1)
-            proposal_prob = torch.full(chosen.shape, float("nan"), device=device)
-            rejected_at = torch.zeros_like(t0)
+            scores = _draft_forwards(batch, k, feed, lagging, table, settings, pad_id)
+        caught_up = bool(scores.drafts)  # the students have read everything
+        chosen, accepted, proposal, proposal_prob, rejected_at = _judge(scores, table, settings)
 
         # 4. Emit tokens up to and including the first rejection; stop at eos or the budget.
         if k <= 1:  # one token decided per row (a row at its budget has left the batch)
@@ -556,16 +480,16 @@ def draft_rollout(
         # The host's counters in one device-to-host copy; accepted drafts are those before the
         # rejection.
         verified, accepted_drafts, emitted, n_finished, askable = torch.stack(
-            [judged.sum() * caught_up, rejected_at.sum(), span.sum(), finished.sum(), askable]).tolist()
+            [judged.sum() * caught_up, rejected_at.sum(), span.sum(), finished.sum(), scores.askable]).tolist()
         stats.rounds += 1
         stats.draft_length_sum += k
-        stats.drafted += n * len(drafts)
+        stats.drafted += n * len(scores.drafts)
         stats.verified += verified
         stats.accepted += accepted_drafts
         stats.tokens += emitted
         stats.unasked += 0 if caught_up else emitted
         draft.observe(k, accepted=accepted_drafts, verified=verified, consulted=askable > 0,
-                      student_seconds=student_seconds, seconds=seconds)
+                      student_seconds=scores.student_seconds, seconds=scores.seconds)
 
         # 5. Roll the caches back: slots of discarded drafts become holes.
         # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at; a
@@ -606,6 +530,111 @@ def draft_rollout(
     stats.prefill_seconds += batch.prefill_seconds
     stats.seconds += time.perf_counter() - started
     return traces
+
+
+@dataclass
+class _Scores:
+    """What a round's forwards computed, for `_judge`."""
+
+    privileged_logits: torch.Tensor  # (n, k, V): the privileged distributions at the round's positions
+    log_z: torch.Tensor  # (n, k): their log normalisers
+    askable: torch.Tensor  # (): rows whose first position has a token that can pass tau
+    seconds: float  # the verify forward, or a privileged round's privileged forward
+    student_logits: list[torch.Tensor] = field(default_factory=list)  # (n, V) per draft
+    drafts: list[torch.Tensor] = field(default_factory=list)  # (n,) per draft; none if the student did not run
+    student_seconds: float | None = None  # one forward over the student rows, if one ran
+
+
+def _privileged_forwards(batch: _Batch, student_feed: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                         table: torch.Tensor, settings: RolloutSettings) -> _Scores:
+    """A privileged round (k = 0): the privileged rows read their pending token alone; the
+    students run (reading all they have not read) only if some row has a token that can pass
+    tau. Elsewhere a proposal could not be accepted, so none is made."""
+    n, device = batch.size, batch.device
+    tic = _clock(device)
+    logits = batch.forward(batch.pending[n:, None], batch.mask.new_ones((n, 1), dtype=torch.bool),
+                           batch.privileged)  # (n, 1, V)
+    seconds = _clock(device) - tic
+    log_z = torch.logsumexp(logits, dim=-1)
+    scores = _Scores(logits, log_z, _askable(logits, log_z, settings.tau).sum(), seconds)
+    if scores.askable:
+        tic = _clock(device)
+        student = batch.forward(*student_feed(), batch.students)[:, -1]
+        scores.student_seconds = _clock(device) - tic
+        scores.student_logits.append(student)
+        scores.drafts.append(_propose(student, table[:, 0, 0], settings))
+    return scores
+
+
+def _draft_forwards(batch: _Batch, k: int, student_feed: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                    lagging: bool, table: torch.Tensor, settings: RolloutSettings, pad_id: int) -> _Scores:
+    """Steps 1 and 2 of a round of k >= 1 drafts (see the module docstring)."""
+    n, device = batch.size, batch.device
+    student_logits, drafts = [], []
+    # 1. Draft: the student proposes k - 1 tokens over its own rows; its first forward reads all
+    # it has not read.
+    tic = _clock(device)
+    if k > 1 or lagging:
+        ids, valid = student_feed()
+    for j in range(k - 1):
+        logits = batch.forward(ids, valid, batch.students)[:, -1]  # (n, V)
+        student_logits.append(logits)
+        drafts.append(_propose(logits, table[:, j, 0], settings))
+        ids, valid = drafts[-1][:, None], batch.mask.new_ones((n, 1), dtype=torch.bool)
+    student_seconds = (_clock(device) - tic) / (k - 1) if k > 1 else None
+
+    # 2. Verify: privileged rows read [pending, d_0..d_{k-2}]; student rows read their last
+    # input (d_{k-2}, or for k = 1 what they have not read), right-aligned.
+    tic = _clock(device)
+    if k == 1 and not lagging:  # the usual round: every row reads its pending token
+        ids, valid = batch.pending[:, None], torch.ones((2 * n, 1), dtype=torch.bool, device=device)
+    else:
+        privileged_ids = torch.stack([batch.pending[n:]] + drafts, dim=-1)  # (n, k)
+        q = max(k, ids.shape[1])
+        ids = torch.cat([F.pad(ids, (q - ids.shape[1], 0), value=pad_id),
+                         F.pad(privileged_ids, (q - k, 0), value=pad_id)])
+        valid = torch.cat([F.pad(valid, (q - valid.shape[1], 0)),
+                           F.pad(torch.ones_like(privileged_ids, dtype=torch.bool), (q - k, 0))])
+    logits = batch.forward(ids, valid)
+    student_logits.append(logits[:n, -1])
+    drafts.append(_propose(logits[:n, -1], table[:, k - 1, 0], settings))
+    seconds = _clock(device) - tic
+    privileged_logits = logits[n:, -k:]  # (n, k, V): row j scores draft j
+    log_z = torch.logsumexp(privileged_logits, dim=-1)
+    askable = _askable(privileged_logits[:, :1], log_z[:, :1], settings.tau).sum()
+    return _Scores(privileged_logits, log_z, askable, seconds, student_logits, drafts, student_seconds)
+
+
+def _judge(scores: _Scores, table: torch.Tensor, settings: RolloutSettings) -> tuple[torch.Tensor, ...]:
+    """Step 3: the round's decisions, (n, k) each: chosen tokens, whether each is the student's,
+    the proposals and their raw privileged probabilities (-1 / NaN: not made, or could not pass);
+    and (n,) the index of the first rejection (k if none)."""
+    logits, log_z = scores.privileged_logits, scores.log_z
+    if not scores.drafts:  # a privileged round nobody needed the student in: the fallback everywhere
+        chosen = sample_inverse_cdf(sampling_distribution(logits[:, 0], settings), table[:, 0, -1])[:, None]
+        return (chosen, torch.zeros_like(chosen, dtype=torch.bool), torch.full_like(chosen, -1),
+                torch.full(chosen.shape, float("nan"), device=chosen.device), torch.zeros_like(chosen[:, 0]))
+    drafted = torch.stack(scores.drafts, dim=-1)  # (n, k)
+    raw = (logits.gather(-1, drafted[..., None]).squeeze(-1) - log_z).exp()  # raw privileged probs
+    ok = accepts(raw, settings.tau)
+    rejected_at = ok.long().cumprod(-1).sum(-1)
+    reject_rows = torch.nonzero(rejected_at < drafted.shape[1]).flatten()
+    if not reject_rows.numel():
+        return drafted, ok, drafted, raw, rejected_at
+    # The rejected position: retries, then the privileged fallback. Where no token could pass
+    # tau the proposal is not recorded, as where it was never computed.
+    chosen, accepted, proposal, proposal_prob = drafted.clone(), ok.clone(), drafted.clone(), raw.clone()
+    j = rejected_at[reject_rows]
+    s_logits = torch.stack(scores.student_logits, dim=1)[reject_rows, j]  # (r, V)
+    p_logits = logits[reject_rows, j]
+    z, prop, prob, acc = _decide(s_logits, p_logits, drafted[reject_rows, j], raw[reject_rows, j],
+                                 table[reject_rows, j], settings)
+    unasked = ~_askable(p_logits, log_z[reject_rows, j], settings.tau)
+    chosen[reject_rows, j] = z
+    accepted[reject_rows, j] = acc
+    proposal[reject_rows, j] = prop.masked_fill(unasked, -1)
+    proposal_prob[reject_rows, j] = prob.masked_fill(unasked, float("nan"))
+    return chosen, accepted, proposal, proposal_prob, rejected_at
 
 
 def _askable(privileged_logits: torch.Tensor, log_z: torch.Tensor, tau: float) -> torch.Tensor:
