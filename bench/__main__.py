@@ -235,6 +235,7 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
                          "acceptance": round(stats.acceptance_rate, 3),
                          "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same,
                          "prefill_share": round(stats.prefill_share, 3),
+                         "unasked_share": round(stats.unasked / stats.tokens, 3) if stats.tokens else 0.0,
                          "round_tok_s": {e: [round(v, 1) for v in values] for e, values in speeds.items()}})
             logger.info("%s", rows[-1])
     return rows
@@ -444,10 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'model':<44} {'B':>3} {'tau':>4} {'vs_sampling':>11} {'vs_reference':>12} "
-          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'2B/B':>5} {'prefill':>7} {'same':>5} {'spread':>6}")
+          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'unasked':>7} {'2B/B':>5} {'prefill':>7} {'same':>5} "
+          f"{'spread':>6}")
     for r in rows:
         print(f"{r['model'][:44]:<44} {r['batch']:>3} {r['tau']:>4} {r['vs_sampling']:>11} {r['vs_reference']:>12} "
-              f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} {r['double_rows_cost']:>5} {r['prefill_share']:>7} "
+              f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} {r['unasked_share']:>7} "
+              f"{r['double_rows_cost']:>5} {r['prefill_share']:>7} "
               f"{r['identical_traces']:>5} {r['spread']:>6}")
     ckpt = train["with_checkpointing"]
     print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s), "

@@ -26,6 +26,7 @@ def test_rollout_rows_compare_engines_on_the_same_traces():
         assert row["spread"] >= 1.0
         assert row["double_rows_cost"] > 0
     assert rows[1]["acceptance"] == 1.0  # tau 0 accepts every proposal
+    assert rows[1]["unasked_share"] == 0.0  # ... so the student is asked everywhere
 
 
 def test_loss_memory_child_reports_equal_losses_for_both_modes():
