@@ -107,7 +107,8 @@ class GenerateConfig:
         suppress_end_of_thinking: For reasoning models, forbid </think> during rollout.
         engine: "draft" (draft and verify with continuous batching) or "reference" (one
             forward over both contexts per token); both give the same traces for the same seeds.
-        draft_length: Draft tokens per round of the "draft" engine (0 adapts it).
+        draft_length: Draft tokens per round of the "draft" engine (0 adapts it, and also lets
+            the engine skip the student where no proposal could pass tau).
         shard: "i/n": compute only problems k with k mod n == i (array jobs; see
             `dail.distributed`). Does not change any output.
     """
