@@ -131,6 +131,7 @@ def test_inspect_shows_prompts_waypoints_and_alignment(tiny_model_dir, problems_
     out = capsys.readouterr().out
     assert "## privileged prompt" in out and "## Waypoints: ['12', '4', '48', '6']" in out
     assert "| t | token | source |" in out
+    assert "no proposal was made" in out  # the tiny model never reaches tau 0.8
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b-instruct.yaml", "qwen3-8b-proofs.yaml", "champ-smoke.yaml"])

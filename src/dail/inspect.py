@@ -70,6 +70,8 @@ def alignment_table(tokenizer: Any, prompt_ids: dict[str, list[int]], trace: dic
         rows.append("| " + " | ".join(cells) + " |")
     if len(trace["token_ids"]) > max_rows:
         rows.append(f"... {len(trace['token_ids']) - max_rows} more tokens")
+    if None in probs[:max_rows]:
+        rows.append("(-: no token had a privileged probability >= tau there, so no proposal was made)")
     return "\n".join(rows)
 
 
