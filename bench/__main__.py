@@ -244,6 +244,20 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
 # --------------------------------------------------------------------------- training step
 
 
+def _set_checkpointing(model, on: bool) -> None:
+    """Gradient checkpointing on or off, by the name this transformers release uses (later 5.x
+    releases call it activation checkpointing and warn on the old name)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def bench_train_step(repeats: int, hidden: int = 256, layers: int = 4, vocab: int = 8192,
                      response: int = 256) -> dict[str, Any]:
     """DAIL step / NLL step, without and with gradient checkpointing (the trainer's default on a
@@ -264,7 +278,7 @@ def bench_train_step(repeats: int, hidden: int = 256, layers: int = 4, vocab: in
     results: dict[str, Any] = {}
     for checkpointing in (False, True):
         if checkpointing:  # as the Trainer sets it up; it only acts in training mode
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _set_checkpointing(model, True)
         model.train(checkpointing)
         times: dict[str, list[float]] = {"dail": [], "nll": [], "teachers": [], "cached": []}
         trainers = {name: DAILTrainer(model=model, args=DAILConfig(
@@ -290,7 +304,7 @@ def bench_train_step(repeats: int, hidden: int = 256, layers: int = 4, vocab: in
                         "floor": round(statistics.median((n + t) / n for _, n, t, _ in rounds), 3),
                         "cached_ratio": round(statistics.median(c / n for _, n, _, c in rounds), 3),
                         "dail_s": round(dail, 3), "nll_s": round(nll, 3), "teacher_forwards_s": round(teachers, 3)}
-    model.gradient_checkpointing_disable()
+    _set_checkpointing(model, False)
     return {**results["plain"], "with_checkpointing": results["checkpointing"],
             "model": f"random Qwen2 hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r=32",
             "batch": f"2 x {response} response tokens; prompts: student 32, privileged 160, negative 48 tokens"}
@@ -425,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     large = random_qwen2(768, 12, 32000)
     rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],
                           16 if quick else 64, [0.8], repeats)
+    if not quick:  # tau 0 needs the student at every position: the joint forward's cost at this size
+        rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1], 64, [0.0], repeats)
     del large
     train = bench_train_step(4 if quick else 15)
     memory = bench_loss_memory(512 if quick else 2048)
