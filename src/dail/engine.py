@@ -32,9 +32,10 @@ rows [0, n) the students and [n, 2n) the privileged contexts of the n active seq
 runs over all rows or over one role's block; both roles always advance by the same number of
 slots. A slot a role did not use (the other role's block in a one-role forward, padding in the
 verify call) or a discarded draft is a *hole*: its attention-mask entry is 0 and position ids
-count valid slots only, so holes change nothing. Holes are squeezed out (`compact`) when they grow, and whenever sequences finish:
-finished rows leave the batch and waiting rows are prefilled and join it (continuous batching),
-so one long trace does not hold a batch of short ones.
+count valid slots only, so holes change nothing. Holes are squeezed out (`compact`) when they
+grow, and whenever sequences finish: finished rows leave the batch and waiting rows are
+prefilled and join it (continuous batching), so one long trace does not hold a batch of short
+ones.
 
 Why the draft length is usually 1 here: the draft model *is* the target model (same weights,
 other context) and both contexts already share one forward per token at k = 1. Drafting cannot
