@@ -256,3 +256,14 @@ def test_growing_cache_layer_feeds_a_block_of_rows_and_zeroes_the_others():
     got_k, _ = layer.update(new, new)
     assert got_k.shape == (2, 2, 4, 5) and torch.equal(got_k[:, :, -1:], new)
     assert torch.equal(layer.keys[:2, :, -1], torch.zeros(2, 2, 5)) and layer.values.shape == (4, 2, 4, 5)
+
+
+def test_stats_add_up_over_calls_and_each_call_is_logged(tiny, contexts, caplog):
+    settings = settings_for(tiny, tau=0.5, max_new_tokens=6, eos_ids=())
+    stats = EngineStats()
+    with caplog.at_level("DEBUG", logger="dail.engine"):
+        for _ in range(2):
+            run(tiny, contexts, settings, rows=3, engine="draft", stats=stats)
+    assert stats.tokens == 2 * 3 * 6 and stats.rounds == 2 * 6
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("draft engine")]
+    assert len(logged) == 2 and all("3 rows, 18 tokens" in m for m in logged)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
@@ -403,7 +403,7 @@ def draft_rollout(
         settings: As for `mixed_rollout`; `draft_length` (0 = adaptive) and `max_batch`
             (0 = all rows at once) schedule the work without changing any trace.
         pad_id: Token used for padding and holes (always masked).
-        stats: Filled with counters when given.
+        stats: This call's counters are added to it when given.
 
     Returns:
         One `Trace` per row, in input order.
@@ -412,7 +412,7 @@ def draft_rollout(
         raise ValueError("student_prompts, privileged_prompts and seeds must have equal lengths")
     if any(not p for p in student_prompts) or any(not p for p in privileged_prompts):
         raise ValueError("prompts must not be empty")
-    stats = stats if stats is not None else EngineStats()
+    given, stats = stats, EngineStats()
     started = time.perf_counter()
     total = len(seeds)
     traces = [Trace() for _ in range(total)]
@@ -530,6 +530,12 @@ def draft_rollout(
     stats.forwards += batch.forwards
     stats.prefill_seconds += batch.prefill_seconds
     stats.seconds += time.perf_counter() - started
+    logger.debug("draft engine: %d rows, %d tokens in %.1f s; %d rounds of mean draft length %.2f, "
+                 "acceptance %.3f, %d tokens decided without the student", total, stats.tokens,
+                 stats.seconds, stats.rounds, stats.mean_draft_length, stats.acceptance_rate, stats.unasked)
+    if given is not None:
+        for counter in fields(EngineStats):
+            setattr(given, counter.name, getattr(given, counter.name) + getattr(stats, counter.name))
     return traces
 
 
