@@ -121,14 +121,40 @@ def test_draft_length_adapts_and_is_reported(tiny, contexts):
     assert expected_tokens(0.5, 2) == pytest.approx(1.5)
 
 
+def force_rounds(monkeypatch, schedule: tuple[int, ...]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Make the draft engine run rounds of these draft lengths in turn (0: privileged rounds).
+    Returns the lists it fills: k of every round, and (round, lag) of every student feed."""
+    from dail import engine
+
+    chosen, feeds = [], []
+    monkeypatch.setattr(engine._DraftLength, "scheduled", schedule[0], raising=False)
+    monkeypatch.setattr(engine._DraftLength, "choose", lambda self, remaining: min(self.scheduled, remaining))
+
+    def observe(self, k, **_):
+        chosen.append(k)
+        self.scheduled = schedule[len(chosen) % len(schedule)]
+
+    feed = engine._student_feed
+    monkeypatch.setattr(engine._DraftLength, "observe", observe)
+    monkeypatch.setattr(engine, "_student_feed", lambda *a: feeds.append((len(chosen), a[4])) or feed(*a))
+    return chosen, feeds
+
+
 @pytest.mark.slow
-def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts):
+@pytest.mark.parametrize(("tau", "schedule"), [(0.02, None), (0.06, (0, 0, 1, 0, 2))])
+def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts, monkeypatch, tau, schedule):
     """Independent seeds for the two engines: acceptance rate and per-position token frequencies
-    agree within sampling error (a test that does not rely on the shared uniform table)."""
-    settings = settings_for(tiny, tau=0.02, max_new_tokens=4, eos_ids=())
+    agree within sampling error (a test that does not rely on the shared uniform table). Drafts
+    of 3, or privileged rounds mixed with drafts where many positions have no passable token."""
+    settings = settings_for(tiny, tau=tau, max_new_tokens=4, eos_ids=())
     n = 400
     reference = run(tiny, contexts, settings, rows=n, seed=11)
-    engine = run(tiny, contexts, settings, rows=n, seed=12, engine="draft", draft_length=3)
+    if schedule:
+        force_rounds(monkeypatch, schedule)
+    stats = EngineStats()
+    engine = run(tiny, contexts, settings, rows=n, seed=12, engine="draft", draft_length=0 if schedule else 3,
+                 stats=stats)
+    assert (stats.unasked > 0) == bool(schedule)  # privileged rounds did skip the student
     # Row i uses problem i mod 3 in both runs; compare per problem and position.
     for position in range(4):
         for problem in range(3):
@@ -192,25 +218,13 @@ def test_a_finished_row_makes_room_for_a_waiting_one_at_once(tiny, contexts):
 def test_privileged_rounds_and_lagging_students_give_the_same_traces(tiny, contexts, monkeypatch, schedule):
     """Privileged rounds (k = 0) leave the students behind wherever no token can pass tau; every
     later kind of round must catch them up exactly, also when rows join a batch mid-lag."""
-    from dail import engine
-
     settings = settings_for(tiny, tau=0.06, retries=1, eos_ids=(), max_new_tokens=16)
     probe = [t.token_ids for t in run(tiny, contexts, settings, rows=6)]
     common = max({t for ids in probe for t in ids}, key=lambda t: sum(t in ids for ids in probe))
     settings = dataclasses.replace(settings, eos_ids=(common,))  # rows end at different lengths
     reference = run(tiny, contexts, settings, rows=6)
 
-    chosen, feeds = [], []  # k of every round; (round, lag) of every student feed
-    monkeypatch.setattr(engine._DraftLength, "scheduled", schedule[0], raising=False)
-    monkeypatch.setattr(engine._DraftLength, "choose", lambda self, remaining: min(self.scheduled, remaining))
-
-    def observe(self, k, **_):
-        chosen.append(k)
-        self.scheduled = schedule[len(chosen) % len(schedule)]
-
-    feed = engine._student_feed
-    monkeypatch.setattr(engine._DraftLength, "observe", observe)
-    monkeypatch.setattr(engine, "_student_feed", lambda *a: feeds.append((len(chosen), a[4])) or feed(*a))
+    chosen, feeds = force_rounds(monkeypatch, schedule)
     stats = EngineStats()
     traces = run(tiny, contexts, settings, rows=6, engine="draft", max_batch=2, stats=stats)
     assert [as_tuple(t) for t in traces] == [as_tuple(t) for t in reference]
