@@ -670,7 +670,7 @@ def _write_trace(trace: Trace, tokens: torch.Tensor, from_student: torch.Tensor,
                  probs: torch.Tensor, length: int, *, finished: bool) -> None:
     trace.token_ids = tokens[:length].tolist()
     trace.sources = [STUDENT if s else PRIVILEGED for s in from_student[:length].tolist()]
-    # -1 marks a position whose proposal was not recorded (see step 3 of `draft_rollout`).
+    # -1 marks a position whose proposal was not recorded (see `_judge`).
     trace.proposal_ids = [None if t < 0 else t for t in proposals[:length].tolist()]
     trace.proposal_probs = [None if t < 0 else p for t, p in zip(proposals[:length].tolist(),
                                                                  probs[:length].tolist(), strict=True)]
