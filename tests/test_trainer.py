@@ -14,6 +14,7 @@ from dail.trainer import (
     DAILConfig,
     DAILTrainer,
     _decoder,
+    has_accelerator,
     response_hidden,
     response_logits,
 )
@@ -307,3 +308,12 @@ def test_teacher_cache_needs_the_chunked_loss():
         DAILConfig(output_dir="x", teacher_cache_gb=1.0, loss_chunk_size=0)
     with pytest.raises(ValueError, match="teacher_cache_gb"):
         DAILConfig(output_dir="x", teacher_cache_gb=-1.0)
+
+
+@pytest.mark.skipif(has_accelerator(), reason="the defaults without an accelerator")
+def test_training_without_an_accelerator_does_not_pin_memory(tmp_path):
+    from dail.train import _training_args
+
+    args = _training_args(TrainConfig(data="unused", out=str(tmp_path), loss="dail"), tmp_path)
+    assert args.dataloader_pin_memory is False and not args.gradient_checkpointing and not args.bf16
+    assert DAILConfig(output_dir=str(tmp_path), dataloader_pin_memory=True).dataloader_pin_memory is False

@@ -29,6 +29,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 IGNORE = -100
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU or other accelerator (`torch.accelerator` exists from torch 2.6)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class DAILConfig(TrainingArguments):
     """Training settings: `TrainingArguments` with the release's defaults, plus DAIL's own.
@@ -94,6 +100,8 @@ class DAILConfig(TrainingArguments):
                              "the cache holds hidden states, not full-vocabulary logits")
         if self.gamma < 0:
             raise ValueError("gamma must be >= 0 (it weights a term that is subtracted)")
+        if not has_accelerator():
+            self.dataloader_pin_memory = False  # pinned memory only serves an accelerator (else a warning)
         super().__post_init__()
 
     @property
