@@ -193,9 +193,11 @@ def _median_ratio(numerators: list[float], denominators: list[float]) -> float:
 
 
 def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[float],
-                  repeats: int, make_prompts: Callable[[int], Any] | None = None) -> list[dict[str, Any]]:
+                  repeats: int, make_prompts: Callable[[int], Any] | None = None,
+                  min_seconds: float = 0.0) -> list[dict[str, Any]]:
     """A round times every engine once, in turn, so that a burst of background load hits all of
-    them alike; `repeats` rounds at batches above 8, 2 * repeats + 1 below."""
+    them alike; `repeats` rounds at batches above 8, 2 * repeats + 1 below, and at batches up to
+    8 more rounds until the row has taken `min_seconds` (quick rows are the noisiest)."""
     from dail.rollout import RolloutSettings
 
     rows = []
@@ -211,7 +213,8 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
             traces: dict[str, Any] = {}
             double_rows: list[float] = []  # a decoding forward over 2B rows / over B rows
             rounds = repeats if batch > 8 else 2 * repeats + 1  # small batches are quick and noisier
-            for _ in range(rounds):
+            started = time.perf_counter()
+            while len(double_rows) < rounds or (batch <= 8 and time.perf_counter() - started < min_seconds):
                 double_rows.append(time_decoding_forward(model, student + student)
                                    / time_decoding_forward(model, student))
                 speeds["sampling"].append(time_generate(model, student, budget))
@@ -223,7 +226,7 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
             stats = traces["draft"][0]
             per_row = zip(*(traces[engine][1] for engine in engines), strict=True)
             same = sum(all(t.token_ids == row[0].token_ids for t in row) for row in per_row) / batch
-            rows.append({"model": name, "batch": batch, "tau": tau, "budget": budget, "repeats": rounds,
+            rows.append({"model": name, "batch": batch, "tau": tau, "budget": budget, "repeats": len(double_rows),
                          "default_engine": settings.engine, "sampling_tok_s": round(sampling, 1),
                          "default_tok_s": round(default, 1), "two_pass_tok_s": round(two_pass, 1),
                          "draft_tok_s": round(tok_s["draft"], 1),
@@ -434,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     # The world model gets the demo's own prompts (its acceptance there is what drafting sees);
     # a random model accepts nothing whatever its prompts.
     rows = bench_rollout(demo, f"{demo_name} {params(demo)}", [1, 8] if quick else [1, 8, 64], budget,
-                         [0.8, 0.0], repeats, world_prompts if demo_name == "world base model" else None)
+                         [0.8, 0.0], repeats, world_prompts if demo_name == "world base model" else None,
+                         min_seconds=3 if quick else 10)
     del demo
     large = random_qwen2(768, 12, 32000)
     rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],

@@ -29,6 +29,12 @@ def test_rollout_rows_compare_engines_on_the_same_traces():
     assert rows[1]["unasked_share"] == 0.0  # ... so the student is asked everywhere
 
 
+def test_quick_rows_run_more_rounds_until_their_time_is_up():
+    model = bench.random_qwen2(32, 1, 64)
+    row = bench.bench_rollout(model, "toy", [1], budget=4, taus=[0.8], repeats=1, min_seconds=1.0)[0]
+    assert row["repeats"] > 3 and all(len(v) == row["repeats"] for v in row["round_tok_s"].values())
+
+
 def test_loss_memory_child_reports_equal_losses_for_both_modes():
     results = {}
     for mode in ("chunked", "plain"):
