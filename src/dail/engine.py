@@ -142,7 +142,7 @@ class _DraftLength:
         for k in self.candidates:
             if k > remaining:
                 break
-            tokens = (1 - a**k) / (1 - a)
+            tokens = expected_tokens(a, k)
             cost = (k - 1) * student + self.verify_cost.get(k, base)
             if tokens / cost > best_rate * (1 + 1e-9):
                 best, best_rate = k, tokens / cost
@@ -671,9 +671,9 @@ def _write_trace(trace: Trace, tokens: torch.Tensor, from_student: torch.Tensor,
     trace.token_ids = tokens[:length].tolist()
     trace.sources = [STUDENT if s else PRIVILEGED for s in from_student[:length].tolist()]
     # -1 marks a position whose proposal was not recorded (see `_judge`).
-    trace.proposal_ids = [None if t < 0 else t for t in proposals[:length].tolist()]
-    trace.proposal_probs = [None if t < 0 else p for t, p in zip(proposals[:length].tolist(),
-                                                                 probs[:length].tolist(), strict=True)]
+    ids = proposals[:length].tolist()
+    trace.proposal_ids = [None if t < 0 else t for t in ids]
+    trace.proposal_probs = [None if t < 0 else p for t, p in zip(ids, probs[:length].tolist(), strict=True)]
     trace.finished = finished
 
 
