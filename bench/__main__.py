@@ -2,9 +2,10 @@
 
 Every figure is a ratio of two measurements taken in the same process, back to back, so that
 background load on the machine cancels out as far as possible: a round times every engine in
-turn, and a ratio is the median of the rounds' own ratios (three rounds at batch 64 and seven
-below, two and five with --quick; "spread" is the largest max/min ratio of one engine's
-rounds). Writes bench/results.json.
+turn, and a ratio is the median of the rounds' own ratios (three rounds at batch 64 and at
+least seven below, two and five with --quick; rows of the fast world model at batch 1 and 8 run
+more rounds until they have taken 10 s, 3 s with --quick; "spread" is the largest max/min ratio
+of one engine's rounds). Writes bench/results.json.
 
 - rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
   `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
@@ -18,6 +19,8 @@ rounds). Writes bench/results.json.
   student prompts twice (2B rows) / over them once (B rows), in the same rounds. A mixed rollout
   reads two contexts per token, so at draft length 1, if the forwards were all that cost time,
   it would run at 1 / this of sampling's speed and 2 / this of the two-pass loop's.
+- unasked_share: the share of tokens the draft engine decided without running the student
+  (privileged rounds: no token could pass tau there; see `dail.engine`).
 - prefill_share: the share of the default engine's time spent encoding both roles' prompts;
   sampling encodes only the student's, so this share is lost against it. It shrinks as the
   budget grows: real traces run to thousands of tokens, these rows to 32-64.
