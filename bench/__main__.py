@@ -5,7 +5,9 @@ background load on the machine cancels out as far as possible: a round times eve
 turn, and a ratio is the median of the rounds' own ratios (three rounds at batch 64 and at
 least seven below, two and five with --quick; rows of the fast world model at batch 1 and 8 run
 more rounds until they have taken 10 s, 3 s with --quick; "spread" is the largest max/min ratio
-of one engine's rounds). Writes bench/results.json.
+of one engine's rounds). Every rollout, the engines' and the baselines', runs under
+`torch.inference_mode` (as `dail.rollout` does), so the ratios compare schedules alone.
+Writes bench/results.json.
 
 - rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
   `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
@@ -117,7 +119,7 @@ def prompts(batch: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], lis
     return student, privileged
 
 
-@torch.no_grad()
+@torch.inference_mode()  # as the engine runs: the ratios compare schedules, not autograd modes
 def two_pass_rollout(model, student, privileged, seeds, settings, *, pad_id: int) -> list[Any]:
     """The straightforward mixed rollout: a separate KV-cached forward per role per token."""
     from dail.rollout import (
@@ -168,13 +170,13 @@ def time_generate(model, student, budget: int) -> float:
 
     ids, mask = left_pad(student, 0, torch.device("cpu"))
     tic = time.perf_counter()
-    with torch.no_grad():
+    with torch.inference_mode():  # generate itself only turns gradients off
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.6, top_p=0.95,
                              top_k=0, max_new_tokens=budget, min_new_tokens=budget, pad_token_id=0)
     return (out.shape[1] - ids.shape[1]) * ids.shape[0] / (time.perf_counter() - tic)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def time_decoding_forward(model, prompts: list[list[int]], repeats: int = 7) -> float:
     """Median seconds of one KV-cached one-token forward over these rows (a decoding step)."""
     from dail.rollout import left_pad

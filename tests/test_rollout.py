@@ -223,3 +223,25 @@ def test_nucleus_equals_a_full_sort(scale):
     expected = torch.zeros_like(probs, dtype=torch.bool).scatter(
         -1, order, (sorted_probs.cumsum(-1) - sorted_probs) < 0.95)
     assert torch.equal(nucleus(probs, 0.95), expected)
+
+
+@pytest.mark.parametrize("entry", ["draft", "reference", "sample"])
+def test_rollouts_run_in_inference_mode(tiny, contexts, monkeypatch, entry):
+    # Inference mode skips autograd's bookkeeping on every op, which small decoding forwards
+    # notice; nothing a rollout creates outlives it, so nothing is lost.
+    model, tokenizer = tiny
+    student, privileged = contexts
+    modes = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    settings = RolloutSettings(tau=0.5, max_new_tokens=4, engine="reference" if entry == "reference" else "draft")
+    if entry == "sample":
+        sample_responses(model, student, [1, 2], settings, pad_id=tokenizer.pad_token_id)
+    else:
+        mixed_rollout(model, student, privileged, [1, 2], settings, pad_id=tokenizer.pad_token_id)
+    assert modes and all(modes)

@@ -382,7 +382,7 @@ def _causal_4d(mask: torch.Tensor, queries: int) -> torch.Tensor:
     return allowed | (cols[None, :] == rows[:, None])
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def draft_rollout(
     model: torch.nn.Module,
     student_prompts: list[list[int]],

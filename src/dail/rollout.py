@@ -212,7 +212,7 @@ class _Decoder:
         self.logits = out.logits[:, -1, :].float()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def mixed_rollout(
     model: torch.nn.Module,
     student_prompts: list[list[int]],
@@ -250,7 +250,7 @@ def mixed_rollout(
     return reference_rollout(model, student_prompts, privileged_prompts, seeds, settings, pad_id=pad_id)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reference_rollout(
     model: torch.nn.Module,
     student_prompts: list[list[int]],
@@ -329,7 +329,7 @@ def _choose(
     return chosen, proposal, proposal_prob, accepted
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_responses(
     model: torch.nn.Module,
     prompts: list[list[int]],
