@@ -480,8 +480,10 @@ def draft_rollout(
 
         # The host's counters in one device-to-host copy; accepted drafts are those before the
         # rejection.
+        # A row needed the student at its first position iff a proposal is recorded there (`_judge`).
         verified, accepted_drafts, emitted, n_finished, askable = torch.stack(
-            [judged.sum() * caught_up, rejected_at.sum(), span.sum(), finished.sum(), scores.askable]).tolist()
+            [judged.sum() * caught_up, rejected_at.sum(), span.sum(), finished.sum(), (proposal[:, 0] >= 0).sum()]
+        ).tolist()
         stats.rounds += 1
         stats.draft_length_sum += k
         stats.drafted += n * len(scores.drafts)
@@ -545,7 +547,6 @@ class _Scores:
 
     privileged_logits: torch.Tensor  # (n, k, V): the privileged distributions at the round's positions
     log_z: torch.Tensor  # (n, k): their log normalisers
-    askable: torch.Tensor  # (): rows whose first position has a token that can pass tau
     seconds: float  # the verify forward, or a privileged round's privileged forward
     student_logits: list[torch.Tensor] = field(default_factory=list)  # (n, V) per draft
     drafts: list[torch.Tensor] = field(default_factory=list)  # (n,) per draft; none if the student did not run
@@ -563,8 +564,8 @@ def _privileged_forwards(batch: _Batch, student_feed: Callable[[], tuple[torch.T
                            batch.privileged)  # (n, 1, V)
     seconds = _clock(device) - tic
     log_z = torch.logsumexp(logits, dim=-1)
-    scores = _Scores(logits, log_z, _askable(logits, log_z, settings.tau).sum(), seconds)
-    if scores.askable:
+    scores = _Scores(logits, log_z, seconds)
+    if _askable(logits, log_z, settings.tau).any():
         tic = _clock(device)
         student = batch.forward(*student_feed(), batch.students)[:, -1]
         scores.student_seconds = _clock(device) - tic
@@ -608,8 +609,7 @@ def _draft_forwards(batch: _Batch, k: int, student_feed: Callable[[], tuple[torc
     seconds = _clock(device) - tic
     privileged_logits = logits[n:, -k:]  # (n, k, V): row j scores draft j
     log_z = torch.logsumexp(privileged_logits, dim=-1)
-    askable = _askable(privileged_logits[:, :1], log_z[:, :1], settings.tau).sum()
-    return _Scores(privileged_logits, log_z, askable, seconds, student_logits, drafts, student_seconds)
+    return _Scores(privileged_logits, log_z, seconds, student_logits, drafts, student_seconds)
 
 
 def _judge(scores: _Scores, table: torch.Tensor, settings: RolloutSettings) -> tuple[torch.Tensor, ...]:
