@@ -26,6 +26,8 @@ Writes bench/results.json.
 - prefill_share: the share of the default engine's time spent encoding both roles' prompts;
   sampling encodes only the student's, so this share is lost against it. It shrinks as the
   budget grows: real traces run to thousands of tokens, these rows to 32-64.
+- inference_mode: the default engine's time under `torch.no_grad` / under `torch.inference_mode`
+  (which every rollout uses), world model at batch 1 and 8, interleaved rounds.
 - train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch,
   without gradient checkpointing and (`with_checkpointing`) with it, as the trainer runs on a
   GPU. Its `floor` is (NLL step + the two teachers' forwards, logits included) / NLL step: what
@@ -44,6 +46,7 @@ Writes bench/results.json.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -249,6 +252,33 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
     return rows
 
 
+def bench_inference_mode(model, batches: list[int], budget: int, rounds: int,
+                         make_prompts: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """The default engine's time under `torch.no_grad` / under `torch.inference_mode` (what the
+    rollouts run in), same prompts and seeds, interleaved rounds; per batch, the median round."""
+    from dail.engine import draft_rollout
+    from dail.rollout import RolloutSettings, sequence_seed
+
+    settings = RolloutSettings(tau=0.8, temperature=0.6, top_p=0.95, max_new_tokens=budget)
+    engine = inspect.unwrap(draft_rollout)  # without its own inference_mode decorator
+    ratios, same = {}, True
+    for batch in batches:
+        student, privileged = make_prompts(batch) if make_prompts else prompts(batch, model.config.vocab_size)
+        seeds = [sequence_seed(0, str(i)) for i in range(batch)]
+        times: dict[Any, list[float]] = {torch.no_grad: [], torch.inference_mode: []}
+        for _ in range(rounds + 1):  # the first round warms up
+            tokens = []
+            for mode, spent in times.items():
+                with mode():
+                    tic = time.perf_counter()
+                    traces = engine(model, student, privileged, seeds, settings, pad_id=0)
+                    spent.append(time.perf_counter() - tic)
+                tokens.append([t.token_ids for t in traces])
+            same = same and tokens[0] == tokens[1]
+        ratios[str(batch)] = _median_ratio(times[torch.no_grad][1:], times[torch.inference_mode][1:])
+    return {"speedup": ratios, "same_traces": same, "rounds": rounds}
+
+
 # --------------------------------------------------------------------------- training step
 
 
@@ -444,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = bench_rollout(demo, f"{demo_name} {params(demo)}", [1, 8] if quick else [1, 8, 64], budget,
                          [0.8, 0.0], repeats, world_prompts if demo_name == "world base model" else None,
                          min_seconds=3 if quick else 10)
+    modes = bench_inference_mode(demo, [1, 8], budget, 5 if quick else 15,
+                                 world_prompts if demo_name == "world base model" else None)
     del demo
     large = random_qwen2(768, 12, 32000)
     rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],
@@ -464,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
         "rollout_draft_length": {str(r["batch"]): r["draft_length"] for r in main_rows},
         "rollout_double_rows_cost": {str(r["batch"]): r["double_rows_cost"] for r in main_rows},
         "rollout_details": rows,
+        "inference_mode": modes,
         "train_step": train,
         "loss_memory": memory,
         "teacher_memory": teacher,
@@ -477,6 +510,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} {r['unasked_share']:>7} "
               f"{r['double_rows_cost']:>5} {r['prefill_share']:>7} "
               f"{r['identical_traces']:>5} {r['spread']:>6}")
+    print(f"inference_mode (engine time under no_grad / under inference_mode, {demo_name}): "
+          + ", ".join(f"batch {b} {r}" for b, r in modes["speedup"].items()) + f"; same traces: {modes['same_traces']}")
     ckpt = train["with_checkpointing"]
     print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s), "
           f"floor {train['floor']}, teacher cache filled {train['cached_ratio']}; with gradient checkpointing: "

@@ -84,3 +84,10 @@ def test_memory_rows_are_steady_across_runs():
     assert first["hook_mib"] == pytest.approx(second["hook_mib"], rel=0.01)
     assert first["all_layers_mib"] == pytest.approx(second["all_layers_mib"], rel=0.01)
     assert first["hook_mib"] < first["all_layers_mib"]
+
+
+def test_inference_mode_row_times_both_modes_on_the_same_traces():
+    model = bench.random_qwen2(32, 1, 64)
+    row = bench.bench_inference_mode(model, [1, 2], budget=4, rounds=2)
+    assert set(row["speedup"]) == {"1", "2"} and all(r > 0 for r in row["speedup"].values())
+    assert row["same_traces"] is True
