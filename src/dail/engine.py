@@ -478,9 +478,9 @@ def draft_rollout(
         length[rows] = t0 + span
         finished = has_eos | (length[rows] >= budget)
 
-        # The host's counters in one device-to-host copy; accepted drafts are those before the
-        # rejection.
-        # A row needed the student at its first position iff a proposal is recorded there (`_judge`).
+        # The host's counters in one device-to-host copy. Accepted drafts are those before the
+        # rejection; a row needed the student at its first position iff a proposal is recorded
+        # there (`_judge`).
         verified, accepted_drafts, emitted, n_finished, askable = torch.stack(
             [judged.sum() * caught_up, rejected_at.sum(), span.sum(), finished.sum(), (proposal[:, 0] >= 0).sum()]
         ).tolist()
