@@ -23,6 +23,9 @@ Writes bench/results.json.
   it would run at 1 / this of sampling's speed and 2 / this of the two-pass loop's.
 - unasked_share: the share of tokens the draft engine decided without running the student
   (privileged rounds: no token could pass tau there; see `dail.engine`).
+- guessed_share: the share of tokens decided by right lookup guesses (lookup rounds, `dail.engine`).
+- lookup: the default engine's time with lookup rounds turned off / on, world model at batch 1
+  and 8, budget 256 (the demo's traces run to about 210 tokens), interleaved rounds.
 - prefill_share: the share of the default engine's time spent encoding both roles' prompts;
   sampling encodes only the student's, so this share is lost against it. It shrinks as the
   budget grows: real traces run to thousands of tokens, these rows to 32-64.
@@ -247,9 +250,43 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
                          "draft_length": round(stats.mean_draft_length, 2), "identical_traces": same,
                          "prefill_share": round(stats.prefill_share, 3),
                          "unasked_share": round(stats.unasked / stats.tokens, 3) if stats.tokens else 0.0,
+                         "guessed_share": round(stats.guessed_right / stats.tokens, 3) if stats.tokens else 0.0,
                          "round_tok_s": {e: [round(v, 1) for v in values] for e, values in speeds.items()}})
             logger.info("%s", rows[-1])
     return rows
+
+
+def bench_lookup(model, batches: list[int], budget: int, rounds: int,
+                 make_prompts: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """The default engine's time without lookup rounds / with them (the default), same prompts
+    and seeds, interleaved rounds; per batch, the median round, and the tokens right guesses
+    decided."""
+    from dail import engine
+    from dail.rollout import RolloutSettings, sequence_seed
+
+    settings = RolloutSettings(tau=0.8, temperature=0.6, top_p=0.95, max_new_tokens=budget)
+    limit = engine.LOOKUP_LOGITS_LIMIT
+    ratios, shares, same = {}, {}, True
+    for batch in batches:
+        student, privileged = make_prompts(batch) if make_prompts else prompts(batch, model.config.vocab_size)
+        seeds = [sequence_seed(0, str(i)) for i in range(batch)]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(rounds + 1):  # the first round warms up
+            tokens = []
+            for lookup, spent in times.items():
+                engine.LOOKUP_LOGITS_LIMIT = limit if lookup else 0  # 0: no batch qualifies
+                stats = engine.EngineStats()
+                try:
+                    tic = time.perf_counter()
+                    traces = engine.draft_rollout(model, student, privileged, seeds, settings, pad_id=0, stats=stats)
+                    spent.append(time.perf_counter() - tic)
+                finally:
+                    engine.LOOKUP_LOGITS_LIMIT = limit
+                tokens.append([t.token_ids for t in traces])
+            same = same and tokens[0] == tokens[1]
+        ratios[str(batch)] = _median_ratio(times[False][1:], times[True][1:])
+        shares[str(batch)] = round(stats.guessed_right / stats.tokens, 3)
+    return {"speedup": ratios, "guessed_share": shares, "same_traces": same, "budget": budget, "rounds": rounds}
 
 
 def bench_inference_mode(model, batches: list[int], budget: int, rounds: int,
@@ -476,6 +513,9 @@ def main(argv: list[str] | None = None) -> None:
                          min_seconds=3 if quick else 10)
     modes = bench_inference_mode(demo, [1, 8], budget, 5 if quick else 15,
                                  world_prompts if demo_name == "world base model" else None)
+    # Lookup at the length of the demo's traces (about 210 tokens), where they repeat themselves.
+    lookup = bench_lookup(demo, [1, 8], 256, 3 if quick else 9,
+                          world_prompts if demo_name == "world base model" else None)
     del demo
     large = random_qwen2(768, 12, 32000)
     rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],
@@ -497,19 +537,23 @@ def main(argv: list[str] | None = None) -> None:
         "rollout_double_rows_cost": {str(r["batch"]): r["double_rows_cost"] for r in main_rows},
         "rollout_details": rows,
         "inference_mode": modes,
+        "lookup": lookup,
         "train_step": train,
         "loss_memory": memory,
         "teacher_memory": teacher,
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'model':<44} {'B':>3} {'tau':>4} {'vs_sampling':>11} {'vs_reference':>12} "
-          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'unasked':>7} {'2B/B':>5} {'prefill':>7} {'same':>5} "
-          f"{'spread':>6}")
+          f"{'draft_vs_ref':>12} {'accept':>6} {'draft_k':>7} {'unasked':>7} {'guessed':>7} {'2B/B':>5} {'prefill':>7} "
+          f"{'same':>5} {'spread':>6}")
     for r in rows:
         print(f"{r['model'][:44]:<44} {r['batch']:>3} {r['tau']:>4} {r['vs_sampling']:>11} {r['vs_reference']:>12} "
               f"{r['draft_vs_reference']:>12} {r['acceptance']:>6} {r['draft_length']:>7} {r['unasked_share']:>7} "
-              f"{r['double_rows_cost']:>5} {r['prefill_share']:>7} "
+              f"{r['guessed_share']:>7} {r['double_rows_cost']:>5} {r['prefill_share']:>7} "
               f"{r['identical_traces']:>5} {r['spread']:>6}")
+    print(f"lookup (engine time without lookup rounds / with them, {demo_name}, budget {lookup['budget']}): "
+          + ", ".join(f"batch {b} {r} (guessed {lookup['guessed_share'][b]})" for b, r in lookup["speedup"].items())
+          + f"; same traces: {lookup['same_traces']}")
     print(f"inference_mode (engine time under no_grad / under inference_mode, {demo_name}): "
           + ", ".join(f"batch {b} {r}" for b, r in modes["speedup"].items()) + f"; same traces: {modes['same_traces']}")
     ckpt = train["with_checkpointing"]

@@ -91,3 +91,15 @@ def test_inference_mode_row_times_both_modes_on_the_same_traces():
     row = bench.bench_inference_mode(model, [1, 2], budget=4, rounds=2)
     assert set(row["speedup"]) == {"1", "2"} and all(r > 0 for r in row["speedup"].values())
     assert row["same_traces"] is True
+
+
+def test_lookup_row_times_the_engine_with_and_without_lookup_on_the_same_traces():
+    from dail import engine
+
+    model = bench.random_qwen2(32, 1, 64)
+    # A repetitive prompt, so that the lookup finds guesses.
+    make = lambda batch: ([[5, 6, 7, 8] * 3] * batch, [[5, 6, 7, 8] * 6] * batch)  # noqa: E731
+    row = bench.bench_lookup(model, [1, 2], budget=8, rounds=2, make_prompts=make)
+    assert set(row["speedup"]) == {"1", "2"} and all(r > 0 for r in row["speedup"].values())
+    assert row["same_traces"] is True and 0 <= row["guessed_share"]["1"] <= 1
+    assert engine.LOOKUP_LOGITS_LIMIT > 0  # restored

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from dail.data import Problem
-from dail.engine import EngineStats, draft_rollout, expected_tokens
+from dail.engine import LOOKUP, EngineStats, draft_rollout, expected_tokens
 from dail.models import eos_token_ids
 from dail.rollout import RolloutSettings, mixed_rollout, reference_rollout, sequence_seed
 from tests.conftest import role_contexts
@@ -122,13 +122,19 @@ def test_draft_length_adapts_and_is_reported(tiny, contexts):
 
 
 def force_rounds(monkeypatch, schedule: tuple[int, ...]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Make the draft engine run rounds of these draft lengths in turn (0: privileged rounds).
-    Returns the lists it fills: k of every round, and (round, lag) of every student feed."""
+    """Make the draft engine run rounds of these draft lengths in turn (0: privileged rounds,
+    LOOKUP: lookup rounds, or one-token rounds while the students lag). Returns the lists it
+    fills: k of every round, and (round, lag) of every student feed."""
     from dail import engine
+
+    def choose(self, remaining, lookup=False):
+        if self.scheduled == engine.LOOKUP:
+            return engine.LOOKUP if lookup else 1
+        return min(self.scheduled, remaining)
 
     chosen, feeds = [], []
     monkeypatch.setattr(engine._DraftLength, "scheduled", schedule[0], raising=False)
-    monkeypatch.setattr(engine._DraftLength, "choose", lambda self, remaining: min(self.scheduled, remaining))
+    monkeypatch.setattr(engine._DraftLength, "choose", choose)
 
     def observe(self, k, **_):
         chosen.append(k)
@@ -141,12 +147,14 @@ def force_rounds(monkeypatch, schedule: tuple[int, ...]) -> tuple[list[int], lis
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("tau", "schedule"), [(0.02, None), (0.06, (0, 0, 1, 0, 2))])
+@pytest.mark.parametrize(("tau", "schedule"), [(0.02, None), (0.06, (0, 0, 1, 0, 2)),
+                                               (0.06, (0, 1, LOOKUP, 0, LOOKUP, 2))])
 def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts, monkeypatch, tau, schedule):
     """Independent seeds for the two engines: acceptance rate and per-position token frequencies
     agree within sampling error (a test that does not rely on the shared uniform table). Drafts
-    of 3, or privileged rounds mixed with drafts where many positions have no passable token."""
-    settings = settings_for(tiny, tau=tau, max_new_tokens=4, eos_ids=())
+    of 3, or privileged rounds mixed with drafts where many positions have no passable token, or
+    lookup rounds mixed with both."""
+    settings = settings_for(tiny, tau=tau, max_new_tokens=6, eos_ids=())
     n = 400
     reference = run(tiny, contexts, settings, rows=n, seed=11)
     if schedule:
@@ -154,7 +162,8 @@ def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts, monk
     stats = EngineStats()
     engine = run(tiny, contexts, settings, rows=n, seed=12, engine="draft", draft_length=0 if schedule else 3,
                  stats=stats)
-    assert (stats.unasked > 0) == bool(schedule)  # privileged rounds did skip the student
+    assert (stats.unasked > 0) == (schedule is not None and 0 in schedule)  # privileged rounds skipped the student
+    assert (stats.guessed > 0) == (schedule is not None and LOOKUP in schedule)  # lookup rounds guessed
     # Row i uses problem i mod 3 in both runs; compare per problem and position.
     for position in range(4):
         for problem in range(3):
@@ -281,3 +290,98 @@ def test_stats_add_up_over_calls_and_each_call_is_logged(tiny, contexts, caplog)
     assert stats.tokens == 2 * 3 * 6 and stats.rounds == 2 * 6
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("draft engine")]
     assert len(logged) == 2 and all("3 rows, 18 tokens" in m for m in logged)
+
+
+def oracle_guesses(reference, privileged, start, corrupt_every=3):
+    """A stand-in for `_lookup_guesses` that guesses each row's true next tokens (read off the
+    reference traces), except that every few calls one guess of each row is made wrong."""
+    import torch
+
+    calls = []
+
+    def guess(text, ends, count, pad_id):
+        calls.append(len(calls))
+        guesses = torch.full((len(ends), count), pad_id, dtype=torch.long)
+        exists = torch.zeros((len(ends), count), dtype=torch.bool)
+        for i, end in enumerate(ends.tolist()):
+            response = text[i, start:end].tolist()
+            row = next(r for r, (ids, prompt) in enumerate(zip(reference, privileged, strict=True))
+                       if text[i, start - len(prompt):start].tolist() == prompt
+                       and ids[:len(response)] == response)
+            truth = reference[row][len(response):len(response) + count]
+            guesses[i, :len(truth)], exists[i, :len(truth)] = torch.tensor(truth, dtype=torch.long), True
+            if len(calls) % corrupt_every == 0 and len(truth) > 1:
+                guesses[i, 1] = (guesses[i, 1] + 1) % 50  # the second guess is wrong: one more token, not more
+        return guesses, exists
+
+    return guess
+
+
+def test_lookup_rounds_decide_the_same_traces_whatever_their_guesses(tiny, contexts, monkeypatch):
+    """Lookup rounds decide every guessed position by the rule and keep the tokens up to the
+    first guess that is not the decided token: right, wrong and missing guesses, mixed with
+    privileged rounds, drafts and rows joining, give the token-by-token loop's traces."""
+    from dail import engine
+
+    settings = settings_for(tiny, tau=0.06, retries=1, eos_ids=(), max_new_tokens=16)
+    probe = [t.token_ids for t in run(tiny, contexts, settings, rows=6)]
+    common = max({t for ids in probe for t in ids}, key=lambda t: sum(t in ids for ids in probe))
+    settings = dataclasses.replace(settings, eos_ids=(common,))  # rows end at different lengths
+    reference = run(tiny, contexts, settings, rows=6)
+
+    student, privileged = contexts
+    rows_privileged = [privileged[i % len(privileged)] for i in range(6)]
+    start = max(len(p) for p in rows_privileged)
+    monkeypatch.setattr(engine, "_lookup_guesses",
+                        oracle_guesses([t.token_ids for t in reference], rows_privileged, start))
+    chosen, _ = force_rounds(monkeypatch, (engine.LOOKUP, 0, engine.LOOKUP, engine.LOOKUP, 2, 1))
+    stats = EngineStats()
+    traces = run(tiny, contexts, settings, rows=6, engine="draft", max_batch=2, stats=stats)
+    assert [as_tuple(t) for t in traces] == [as_tuple(t) for t in reference]
+    for trace, ref in zip(traces, reference, strict=True):
+        assert trace.proposal_probs == pytest.approx(ref.proposal_probs, abs=1e-5)
+    assert engine.LOOKUP in chosen and 0 < stats.guessed_right < stats.guessed
+    assert stats.rounds < sum(len(t.token_ids) for t in traces) / 2  # guesses decided many tokens at once
+
+
+def test_lookup_guesses_follow_the_latest_longest_match():
+    import torch
+
+    from dail.engine import _lookup_guesses
+
+    # 9 8 | 1 2 3 4 . 7 2 3 5 . 2 3 -> the last bigram (2 3) was last followed by 5 . 2 3
+    text = torch.tensor([[-1, -1, 9, 8, 1, 2, 3, 4, 0, 7, 2, 3, 5, 0, 2, 3, 6, 6]])
+    guesses, exists = _lookup_guesses(text, torch.tensor([16]), 3, pad_id=99)
+    assert guesses.tolist() == [[5, 0, 2]] and exists.all()
+    # ... but a longer match wins: 1 2 3 was followed by 4
+    text[0, 13] = 1
+    guesses, exists = _lookup_guesses(text, torch.tensor([16]), 3, pad_id=99)
+    assert guesses.tolist() == [[4, 0, 7]]
+    # A guess stops where the text does, and a lone repeated token is no match.
+    guesses, exists = _lookup_guesses(text, torch.tensor([12]), 3, pad_id=99)  # ... 7 2 3: (2 3) at 5
+    assert guesses.tolist() == [[4, 0, 7]] and exists.tolist() == [[True, True, True]]
+    guesses, exists = _lookup_guesses(text, torch.tensor([11]), 3, pad_id=99)  # ... 0 7 2: no earlier 7 2
+    assert not exists.any() and guesses.tolist() == [[99, 99, 99]]
+    short = torch.tensor([[-1, 5, 6, 7, 5, 6]])
+    guesses, exists = _lookup_guesses(short, torch.tensor([6]), 4, pad_id=0)
+    assert guesses.tolist() == [[7, 5, 6, 0]] and exists.tolist() == [[True, True, True, False]]
+
+
+def test_draft_length_chooses_lookup_rounds_where_they_decide_enough_tokens():
+    from dail.engine import LOOKUP, PROBE_EVERY, _DraftLength
+
+    def settle(tokens_per_row: float, lookup_cost: float) -> tuple[int, _DraftLength]:
+        chooser = _DraftLength(0, max_length=64)
+        for k in (1, 1, LOOKUP, LOOKUP) * 5:  # the first round of each kind is a warm-up
+            chooser.observe(k, accepted=0, verified=tokens_per_row * 4 if k == LOOKUP else 4, consulted=True,
+                            student_seconds=None, seconds=lookup_cost if k == LOOKUP else 1.0, rows=4)
+        return chooser.choose(64, lookup=True), chooser
+
+    assert settle(2.0, 1.5)[0] == LOOKUP
+    k, chooser = settle(1.2, 1.5)
+    assert k == 1 and chooser.choose(64, lookup=False) == 1
+    for _ in range(PROBE_EVERY):  # ... until it is time to look again
+        assert chooser.choose(64, lookup=True) == 1
+        chooser.observe(1, accepted=0, verified=4, consulted=True, student_seconds=None, seconds=1.0, rows=4)
+    assert chooser.choose(64, lookup=True) == LOOKUP
+    assert chooser.choose(64, lookup=False) == 1  # never while the students lag

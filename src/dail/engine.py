@@ -21,6 +21,15 @@ expert's text) a token then costs one forward over half the rows; `_DraftLength`
 rounds from the measured costs and the observed share of positions that need the student. The
 unmade proposals are not recorded (`Trace.proposal_ids` is None there, in both engines).
 
+A lookup round guesses instead of drafting. Traces repeat themselves and the expert's solution
+(numbers, expressions, a line's layout), so the tokens that followed the latest earlier
+occurrence of a row's last few tokens, in its privileged prompt or its response, are often the
+next ones ("prompt lookup decoding", `_lookup_guesses`). Guesses cost no forward: both roles
+read the pending token and up to `GUESSES` guesses in one forward, every position is decided by
+the rule from the distributions after the guesses before it, and the round keeps the positions
+up to the first guess that is not the token decided before it. A right guess decides one more
+token in the same forward; a wrong one costs the slots it took (they become holes).
+
 Every random number comes from `uniform_table` indexed by (sequence, response position): column
 r <= retries drives the r-th student proposal at a position, the last column the fallback. A
 draft at position t uses table[t][0], exactly what the token-by-token loop uses, so both engines
@@ -37,12 +46,13 @@ grow, and whenever sequences finish: finished rows leave the batch and waiting r
 prefilled and join it (continuous batching), so one long trace does not hold a batch of short
 ones.
 
-Why the draft length is usually 1 here: the draft model *is* the target model (same weights,
+Why the draft length is usually 1 here (lookup rounds aside): the draft model *is* the target model (same weights,
 other context) and both contexts already share one forward per token at k = 1. Drafting cannot
 cut the number of sequential student forwards (one per student token), so it only pays where a
 k-token verify call is cheaper than k single-token privileged passes riding along the student's.
 The adaptive rule therefore maximises expected tokens per second: expected tokens per round
-(1 - a^k) / (1 - a) from the observed acceptance rate a, over the measured cost of a round.
+(1 - a^k) / (1 - a) from the observed acceptance rate a, over the measured cost of a round; for
+lookup rounds, the tokens they have been deciding per row over their measured cost.
 """
 
 from __future__ import annotations
@@ -72,6 +82,13 @@ from dail.rollout import (
 logger = logging.getLogger(__name__)
 
 DRAFT_CANDIDATES = (1, 2, 3, 4, 6, 8)
+GUESSES = 4  # tokens a lookup round guesses (see `_lookup_guesses`)
+LOOKUP_ORDERS = (2, 4)  # the shortest and longest n-grams a guess is looked up by
+# A lookup round's logits for both roles, (2n, GUESSES + 1, V) floats, stay under this many
+# elements (the decisions at every position need them at once); larger batches do without.
+LOOKUP_LOGITS_LIMIT = 2**25
+PROBE_EVERY = 16  # rounds after which an unpromising lookup round is tried again
+LOOKUP = -1  # the draft length that stands for a lookup round
 
 
 @dataclass
@@ -87,6 +104,8 @@ class EngineStats:
     draft_length_sum: int = 0
     compactions: int = 0
     unasked: int = 0  # tokens decided by privileged rounds without a student forward
+    guessed: int = 0  # lookup guesses checked (a row's missing guesses count as wrong)
+    guessed_right: int = 0  # ... that were the token decided there: each decided one more token
     seconds: float = 0.0  # wall time of the call
     prefill_seconds: float = 0.0  # of which encoding prompts (both roles)
 
@@ -94,6 +113,10 @@ class EngineStats:
     def acceptance_rate(self) -> float:
         """Accepted drafts / drafts that were judged (a draft after a rejection is not)."""
         return self.accepted / self.verified if self.verified else 0.0
+
+    @property
+    def guess_hit_rate(self) -> float:
+        return self.guessed_right / self.guessed if self.guessed else 0.0
 
     @property
     def mean_draft_length(self) -> float:
@@ -108,7 +131,9 @@ class _DraftLength:
     """Chooses k per round: argmax of expected tokens per second (see module docstring).
 
     k = 0 is the privileged round: one forward over the privileged rows, and a student forward
-    only when some row's privileged distribution has a token that can pass tau.
+    only when some row's privileged distribution has a token that can pass tau. k = LOOKUP is
+    the lookup round: one forward of both roles over the pending token and `GUESSES` guessed
+    ones.
     """
 
     def __init__(self, fixed: int, max_length: int):
@@ -122,16 +147,24 @@ class _DraftLength:
         self.student_cost: float | None = None  # EMA seconds of a forward over the student rows
         self.privileged_cost: float | None = None  # ... over the privileged rows
         self.verify_cost: dict[int, float] = {}  # EMA seconds of the verify forward, per k
+        # EMA of the tokens a lookup round decides per row; the prior is high enough for one to
+        # be tried once its cost can be guessed.
+        self.lookup_tokens = 2.0
+        self.since_lookup = 0  # rounds since the last lookup round
         # The first round of each draft length runs new shapes (slow first calls), and a cost
         # measured there would keep the chooser away from it: those timings are dropped.
         self.warmed: set[int] = set()
 
-    def choose(self, remaining: int) -> int:
+    def choose(self, remaining: int, *, lookup: bool = False) -> int:
+        """The next round's k, given the most positions a row has left; `lookup` says whether a
+        lookup round can run now (it needs every student caught up)."""
         if self.fixed > 0:
             return max(1, min(self.fixed, remaining))
         base = self.verify_cost.get(1)
         if base is None:
             return 1
+        if lookup and self.since_lookup >= PROBE_EVERY:  # the text may have become repetitive
+            return LOOKUP
         # Untimed forwards over one role's rows: drafting is guessed to save nothing (so that it
         # is not tried on a guess), a privileged forward to cost half a joint one (so that it is
         # tried where few positions need the student).
@@ -146,15 +179,23 @@ class _DraftLength:
             cost = (k - 1) * student + self.verify_cost.get(k, base)
             if tokens / cost > best_rate * (1 + 1e-9):
                 best, best_rate = k, tokens / cost
+        # A lookup round, untimed, is guessed at 1.5 one-token rounds (a small forward over a few
+        # more tokens costs little more).
+        if lookup and self.lookup_tokens / self.verify_cost.get(LOOKUP, 1.5 * base) > best_rate * (1 + 1e-9):
+            best = LOOKUP
         return best
 
     def observe(self, k: int, *, accepted: int, verified: int, consulted: bool, student_seconds: float | None,
-                seconds: float) -> None:
-        """One round: `seconds` of its verify forward (k >= 1) or privileged forward (k = 0),
-        `student_seconds` of one student-only forward if it ran one."""
+                seconds: float, rows: int = 1) -> None:
+        """One round over `rows` rows: `seconds` of its verify forward (k >= 1), privileged
+        forward (k = 0) or lookup (guesses and forward), `student_seconds` of one student-only
+        forward if it ran one."""
         self.consulted = _ema(self.consulted, float(consulted))
-        if k > 0 and verified:  # a privileged round judges only where a draft can pass: not counted
+        if k != 0 and verified:  # a privileged round judges only where a draft can pass: not counted
             self.accept = _ema(self.accept, accepted / verified)
+        self.since_lookup = 0 if k == LOOKUP else self.since_lookup + 1
+        if k == LOOKUP:  # it judged every token it decided
+            self.lookup_tokens = _ema(self.lookup_tokens, verified / rows)
         if k not in self.warmed:
             self.warmed.add(k)
             return
@@ -426,8 +467,16 @@ def draft_rollout(
     draft = _DraftLength(settings.draft_length, max_length=budget)
     # Per input row, filled by whole rounds; copied into `traces` when the row finishes. Spare
     # columns take what a round writes past the budget (see step 4).
-    width = budget + draft.longest
-    tokens = torch.zeros((total, width), dtype=torch.long, device=device)
+    longest = max(draft.longest, GUESSES + 1)
+    width = budget + longest
+    # The text lookup guesses from: each row's privileged prompt, right-aligned (-1 before it,
+    # which matches no token), then its response, written by the rounds through `tokens`.
+    start = max(len(p) for p in privileged_prompts)
+    text = torch.full((total, start + width), -1, dtype=torch.long)
+    for row, prompt in enumerate(privileged_prompts):
+        text[row, start - len(prompt):start] = torch.tensor(prompt, dtype=torch.long)
+    text = text.to(device)
+    tokens = text[:, start:]
     from_student = torch.zeros((total, width), dtype=torch.bool, device=device)
     proposals = torch.zeros((total, width), dtype=torch.long, device=device)
     proposal_probs = torch.zeros((total, width), dtype=torch.float32, device=device)
@@ -437,35 +486,50 @@ def draft_rollout(
     batch.admit(waiting[:capacity], student_prompts, privileged_prompts)
     waiting = waiting[capacity:]
 
-    steps = torch.arange(draft.longest, device=device)
+    steps = torch.arange(longest, device=device)
     lag = 0  # tokens the students have not read beyond their pending one (`_student_feed`)
+    vocab = None  # known after the first round
     while batch.size:
         n = batch.size
         rows = batch.rows
         t0 = length[rows]  # (n,) response position of the first token decided this round
-        k = draft.choose(budget)
+        lookup = lag == 0 and vocab is not None and 2 * n * (GUESSES + 1) * vocab <= LOOKUP_LOGITS_LIMIT
+        k = draft.choose(budget, lookup=lookup)
         if k > 1:  # no draft runs past the budget of every row
             k = draft.choose(int((budget - t0).max()))
-        idx = steps[:max(k, 1)]
-        positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, k)
-        table = uniforms[rows[:, None], positions]  # (n, k, draws)
+        if k == LOOKUP:  # guesses first: the round is as wide as the longest row's guesses
+            tic = _clock(device)
+            guesses, exists = _lookup_guesses(text[rows], start + t0, GUESSES, pad_id)
+            g = int(exists.sum(-1).max())
+            guesses, exists = guesses[:, :g], exists[:, :g]
+            searching = _clock(device) - tic
+        q = g + 1 if k == LOOKUP else max(k, 1)  # positions the round can decide
+        idx = steps[:q]
+        positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, q)
+        table = uniforms[rows[:, None], positions]  # (n, q, draws)
         lagging = lag > 0  # the students have more to read than their pending token
         feed = partial(_student_feed, batch.pending[:n], tokens, rows, t0, lag, pad_id)
-        if k == 0:
-            scores = _privileged_forwards(batch, feed, table, settings)
+        if k == LOOKUP:
+            scores = _lookup_forwards(batch, guesses, exists)
+            scores.seconds += searching
+            chosen, accepted, proposal, proposal_prob, first_ok, judged = _judge_guesses(
+                scores, guesses, exists, table, settings)
         else:
-            scores = _draft_forwards(batch, k, feed, lagging, table, settings, pad_id)
-        caught_up = bool(scores.drafts)  # the students have read everything
-        chosen, accepted, proposal, proposal_prob, rejected_at = _judge(scores, table, settings)
+            if k == 0:
+                scores = _privileged_forwards(batch, feed, table, settings)
+            else:
+                scores = _draft_forwards(batch, k, feed, lagging, table, settings, pad_id)
+            chosen, accepted, proposal, proposal_prob, first_ok, judged = _judge(scores, table, settings)
+        caught_up = bool(scores.student_logits)  # the students have read everything
+        vocab = scores.privileged_logits.shape[-1]
 
-        # 4. Emit tokens up to and including the first rejection; stop at eos or the budget.
-        if k <= 1:  # one token decided per row (a row at its budget has left the batch)
-            judged = span = torch.ones_like(t0)
+        # 4. Emit the decided tokens; stop at eos or the budget.
+        if q == 1:  # one token decided per row (a row at its budget has left the batch)
+            span = judged
             has_eos = torch.isin(chosen[:, 0], eos)
         else:
-            judged = torch.clamp(rejected_at + 1, max=k)  # (n,) tokens decided this round
             span = torch.minimum(judged, budget - t0)
-            is_eos = torch.isin(chosen, eos) & (idx[None, :] < span[:, None])  # (n, k)
+            is_eos = torch.isin(chosen, eos) & (idx[None, :] < span[:, None])  # (n, q)
             has_eos = is_eos.any(-1)
             span = torch.where(has_eos, is_eos.long().argmax(-1) + 1, span)
         # The whole round is written: slots from t0 + span on hold tokens that were not emitted,
@@ -478,33 +542,37 @@ def draft_rollout(
         length[rows] = t0 + span
         finished = has_eos | (length[rows] >= budget)
 
-        # The host's counters in one device-to-host copy. Accepted drafts are those before the
-        # rejection; a row needed the student at its first position iff a proposal is recorded
-        # there (`_judge`).
-        verified, accepted_drafts, emitted, n_finished, askable = torch.stack(
-            [judged.sum() * caught_up, rejected_at.sum(), span.sum(), finished.sum(), (proposal[:, 0] >= 0).sum()]
-        ).tolist()
+        # The host's counters in one device-to-host copy. A row needed the student at its first
+        # position iff a proposal is recorded there (`_judge`). A lookup round checks a row's
+        # guesses up to the first wrong one, and each right one decided one more token.
+        decided = idx[None, :] < judged[:, None]  # (n, q)
+        verified, accepted_drafts, emitted, n_finished, askable, checked = torch.stack(
+            [judged.sum() * caught_up, (first_ok & decided).sum(), span.sum(), finished.sum(),
+             (proposal[:, 0] >= 0).sum(), torch.clamp(judged, max=q - 1).sum()]).tolist()
+        if k == LOOKUP:
+            stats.guessed += checked
+            stats.guessed_right += verified - n
         stats.rounds += 1
-        stats.draft_length_sum += k
+        stats.draft_length_sum += 1 if k == LOOKUP else k  # a lookup round runs the student once
         stats.drafted += n * len(scores.drafts)
         stats.verified += verified
         stats.accepted += accepted_drafts
         stats.tokens += emitted
         stats.unasked += 0 if caught_up else emitted
         draft.observe(k, accepted=accepted_drafts, verified=verified, consulted=askable > 0,
-                      student_seconds=scores.student_seconds, seconds=scores.seconds)
+                      student_seconds=scores.student_seconds, seconds=scores.seconds, rows=n)
 
-        # 5. Roll the caches back: slots of discarded drafts become holes.
-        # Token i of this round (0 = pending, i = d_{i-1}) stays iff i <= rejected_at; a
+        # 5. Roll the caches back: slots of tokens that were not decided become holes. Input i
+        # of a round (0 = the pending token, i = draft or guess i) stays iff i < judged; a
         # one-token round (the usual one) read only the pending token and discards nothing.
-        if k > 1:
-            discard = idx[None, :] > rejected_at[:, None]  # (n, k)
+        if q > 1:
+            keep = decided.long()
             width = batch.mask.shape[1]
-            student_slots = torch.cat([torch.arange(width - 2 * k + 1, width - k, device=device),
-                                       torch.tensor([width - 1], device=device)])
-            privileged_slots = torch.arange(width - k, width, device=device)
-            batch.mask[:n, student_slots] *= (~discard).long()
-            batch.mask[n:, privileged_slots] *= (~discard).long()
+            privileged_slots = torch.arange(width - q, width, device=device)
+            student_slots = privileged_slots if k == LOOKUP else torch.cat(
+                [torch.arange(width - 2 * k + 1, width - k, device=device), torch.tensor([width - 1], device=device)])
+            batch.mask[:n, student_slots] *= keep
+            batch.mask[n:, privileged_slots] *= keep
         next_token = chosen.gather(-1, (judged - 1)[:, None]).squeeze(-1)  # the round's last decided token
         if caught_up:
             batch.pending = torch.cat([next_token, next_token])
@@ -533,8 +601,9 @@ def draft_rollout(
     stats.prefill_seconds += batch.prefill_seconds
     stats.seconds += time.perf_counter() - started
     logger.debug("draft engine: %d rows, %d tokens in %.1f s; %d rounds of mean draft length %.2f, "
-                 "acceptance %.3f, %d tokens decided without the student", total, stats.tokens,
-                 stats.seconds, stats.rounds, stats.mean_draft_length, stats.acceptance_rate, stats.unasked)
+                 "acceptance %.3f, %d tokens decided without the student, %d of %d lookup guesses right",
+                 total, stats.tokens, stats.seconds, stats.rounds, stats.mean_draft_length, stats.acceptance_rate,
+                 stats.unasked, stats.guessed_right, stats.guessed)
     if given is not None:
         for counter in fields(EngineStats):
             setattr(given, counter.name, getattr(given, counter.name) + getattr(stats, counter.name))
@@ -548,7 +617,7 @@ class _Scores:
     privileged_logits: torch.Tensor  # (n, k, V): the privileged distributions at the round's positions
     log_z: torch.Tensor  # (n, k): their log normalisers
     seconds: float  # the verify forward, or a privileged round's privileged forward
-    student_logits: list[torch.Tensor] = field(default_factory=list)  # (n, V) per draft
+    student_logits: list[torch.Tensor] = field(default_factory=list)  # (n, V) per draft, or per lookup position
     drafts: list[torch.Tensor] = field(default_factory=list)  # (n,) per draft; none if the student did not run
     student_seconds: float | None = None  # one forward over the student rows, if one ran
 
@@ -614,34 +683,109 @@ def _draft_forwards(batch: _Batch, k: int, student_feed: Callable[[], tuple[torc
 
 def _judge(scores: _Scores, table: torch.Tensor, settings: RolloutSettings) -> tuple[torch.Tensor, ...]:
     """Step 3: the round's decisions, (n, k) each: chosen tokens, whether each is the student's,
-    the proposals and their raw privileged probabilities (-1 / NaN: not made, or could not pass);
-    and (n,) the index of the first rejection (k if none)."""
+    the proposals and their raw privileged probabilities (-1 / NaN: not made, or could not pass),
+    whether each first proposal passed; and (n,) how many positions were decided (up to and
+    including the first rejection)."""
     logits, log_z = scores.privileged_logits, scores.log_z
     if not scores.drafts:  # a privileged round nobody needed the student in: the fallback everywhere
         chosen = sample_inverse_cdf(sampling_distribution(logits[:, 0], settings), table[:, 0, -1])[:, None]
-        return (chosen, torch.zeros_like(chosen, dtype=torch.bool), torch.full_like(chosen, -1),
-                torch.full(chosen.shape, float("nan"), device=chosen.device), torch.zeros_like(chosen[:, 0]))
+        never = torch.zeros_like(chosen, dtype=torch.bool)
+        return (chosen, never, torch.full_like(chosen, -1), torch.full(chosen.shape, float("nan"), device=chosen.device),
+                never, torch.ones_like(chosen[:, 0]))
     drafted = torch.stack(scores.drafts, dim=-1)  # (n, k)
+    k = drafted.shape[1]
     raw = (logits.gather(-1, drafted[..., None]).squeeze(-1) - log_z).exp()  # raw privileged probs
     ok = accepts(raw, settings.tau)
-    rejected_at = ok.long().cumprod(-1).sum(-1)
-    reject_rows = torch.nonzero(rejected_at < drafted.shape[1]).flatten()
+    rejected_at = ok.long().cumprod(-1).sum(-1)  # k if none
+    judged = torch.clamp(rejected_at + 1, max=k)
+    reject_rows = torch.nonzero(rejected_at < k).flatten()
     if not reject_rows.numel():
-        return drafted, ok, drafted, raw, rejected_at
-    # The rejected position: retries, then the privileged fallback. Where no token could pass
-    # tau the proposal is not recorded, as where it was never computed.
+        return drafted, ok, drafted, raw, ok, judged
+    # The rejected position: retries, then the privileged fallback.
     chosen, accepted, proposal, proposal_prob = drafted.clone(), ok.clone(), drafted.clone(), raw.clone()
-    j = rejected_at[reject_rows]
-    s_logits = torch.stack(scores.student_logits, dim=1)[reject_rows, j]  # (r, V)
-    p_logits = logits[reject_rows, j]
-    z, prop, prob, acc = _decide(s_logits, p_logits, drafted[reject_rows, j], raw[reject_rows, j],
-                                 table[reject_rows, j], settings)
-    unasked = ~_askable(p_logits, log_z[reject_rows, j], settings.tau)
-    chosen[reject_rows, j] = z
-    accepted[reject_rows, j] = acc
-    proposal[reject_rows, j] = prop.masked_fill(unasked, -1)
-    proposal_prob[reject_rows, j] = prob.masked_fill(unasked, float("nan"))
-    return chosen, accepted, proposal, proposal_prob, rejected_at
+    at = (reject_rows, rejected_at[reject_rows])
+    student = torch.stack(scores.student_logits, dim=1)  # (n, k, V)
+    chosen[at], accepted[at], proposal[at], proposal_prob[at] = _settle(
+        student[at], logits[at], log_z[at], drafted[at], raw[at], table[at], settings)
+    return chosen, accepted, proposal, proposal_prob, ok, judged
+
+
+def _settle(student_logits: torch.Tensor, privileged_logits: torch.Tensor, log_z: torch.Tensor,
+            first: torch.Tensor, first_prob: torch.Tensor, uniforms: torch.Tensor,
+            settings: RolloutSettings) -> tuple[torch.Tensor, ...]:
+    """Positions (r,) whose first proposal failed: `_decide`, and where no token could pass tau
+    the proposal is not recorded, as where it was never computed. Returns (chosen, accepted,
+    proposal, proposal_prob)."""
+    chosen, proposal, prob, accepted = _decide(student_logits, privileged_logits, first, first_prob, uniforms,
+                                               settings)
+    unasked = ~_askable(privileged_logits, log_z, settings.tau)
+    return chosen, accepted, proposal.masked_fill(unasked, -1), prob.masked_fill(unasked, float("nan"))
+
+
+def _lookup_guesses(text: torch.Tensor, ends: torch.Tensor, count: int, pad_id: int,
+                    orders: tuple[int, int] = LOOKUP_ORDERS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guess each row's next `count` tokens by n-gram lookup ("prompt lookup decoding").
+
+    The guess is what followed the latest earlier occurrence of the row's last n tokens, for the
+    longest n in `orders` (shortest, longest) that occurred before, in the row's text: its
+    privileged prompt, which holds the expert's solution (traces reuse its expressions), and its
+    response so far. A single token repeats too often to predict what follows it.
+
+    Args:
+        text: (n, W) token ids, -1 where there is no text; a row's text ends at `ends` (n,).
+    Returns:
+        guesses (n, count), padded with `pad_id`, and which of them exist (n, count) bool.
+    """
+    n, width = text.shape
+    cols = torch.arange(width, device=text.device)
+    follows = torch.full((n,), -1, dtype=torch.long, device=text.device)  # where the guess starts
+    for order in range(orders[0], min(orders[1], width - 1) + 1):  # a longer match overrides a shorter one
+        suffix = text.gather(1, (ends[:, None] - order + cols[:order]).clamp(min=0))  # (n, order)
+        windows = text.unfold(1, order, 1)  # (n, width - order + 1, order): the n-gram at each start
+        after = cols[order:]  # where each window's continuation starts
+        found = (windows[:, :len(after)] == suffix[:, None, :]).all(-1) & (after[None, :] < ends[:, None])
+        latest = torch.where(found, after[None, :], -1).amax(-1)
+        usable = (latest >= 0) & (suffix >= 0).all(-1)
+        follows = torch.where(usable, latest, follows)
+    at = follows[:, None] + cols[:count]
+    exists = (follows[:, None] >= 0) & (at < ends[:, None])
+    guesses = text.gather(1, at.clamp(0, width - 1)).masked_fill(~exists, pad_id)
+    return guesses, exists
+
+
+def _lookup_forwards(batch: _Batch, guesses: torch.Tensor, exists: torch.Tensor) -> _Scores:
+    """A lookup round (every student caught up): both roles read the pending token and the
+    guesses in one forward, which gives both distributions at every guessed position."""
+    n, device = batch.size, batch.device
+    ids = torch.cat([batch.pending[:n, None], guesses], dim=-1)  # (n, 1 + g); both roles' pending agree
+    valid = torch.cat([exists.new_ones((n, 1)), exists], dim=-1)
+    tic = _clock(device)
+    logits = batch.forward(ids.repeat(2, 1), valid.repeat(2, 1))  # (2n, 1 + g, V)
+    seconds = _clock(device) - tic
+    privileged = logits[n:]
+    return _Scores(privileged, torch.logsumexp(privileged, dim=-1), seconds, list(logits[:n].unbind(1)))
+
+
+def _judge_guesses(scores: _Scores, guesses: torch.Tensor, exists: torch.Tensor, table: torch.Tensor,
+                   settings: RolloutSettings) -> tuple[torch.Tensor, ...]:
+    """A lookup round's decisions, as `_judge` returns them. Every position is decided by the
+    rule (the student's proposal, retries, the fallback), each from the distributions after the
+    guesses before it; position j + 1 counts only if the token decided at j is guess j, the
+    token both roles read there."""
+    logits, log_z = scores.privileged_logits, scores.log_z  # (n, q, V), (n, q)
+    student = torch.stack(scores.student_logits, dim=1)  # (n, q, V)
+    n, q = log_z.shape
+    proposal = _propose(student.flatten(0, 1), table[..., 0].flatten(), settings).view(n, q)
+    raw = (logits.gather(-1, proposal[..., None]).squeeze(-1) - log_z).exp()
+    ok = accepts(raw, settings.tau)
+    chosen, accepted, proposal_prob = proposal.clone(), ok.clone(), raw.clone()
+    at = torch.nonzero(~ok, as_tuple=True)
+    if at[0].numel():
+        chosen[at], accepted[at], proposal[at], proposal_prob[at] = _settle(
+            student[at], logits[at], log_z[at], proposal[at], raw[at], table[at], settings)
+    right = (chosen[:, :-1] == guesses) & exists  # (n, g)
+    judged = 1 + right.long().cumprod(-1).sum(-1)
+    return chosen, accepted, proposal, proposal_prob, ok, judged
 
 
 def _askable(privileged_logits: torch.Tensor, log_z: torch.Tensor, tau: float) -> torch.Tensor:
