@@ -380,8 +380,44 @@ def test_draft_length_chooses_lookup_rounds_where_they_decide_enough_tokens():
     assert settle(2.0, 1.5)[0] == LOOKUP
     k, chooser = settle(1.2, 1.5)
     assert k == 1 and chooser.choose(64, lookup=False) == 1
-    for _ in range(PROBE_EVERY):  # ... until it is time to look again
-        assert chooser.choose(64, lookup=True) == 1
-        chooser.observe(1, accepted=0, verified=4, consulted=True, student_seconds=None, seconds=1.0, rows=4)
-    assert chooser.choose(64, lookup=True) == LOOKUP
-    assert chooser.choose(64, lookup=False) == 1  # never while the students lag
+    for wait in (PROBE_EVERY, 2 * PROBE_EVERY):  # ... until it is time to look again, later each time
+        for _ in range(wait):
+            assert chooser.choose(64, lookup=True) == 1
+            chooser.observe(1, accepted=0, verified=4, consulted=True, student_seconds=None, seconds=1.0, rows=4)
+        assert chooser.choose(64, lookup=False) == 1  # never while the students lag
+        assert chooser.choose(64, lookup=True) == LOOKUP
+        chooser.observe(LOOKUP, accepted=0, verified=4, consulted=True, student_seconds=None, seconds=1.5, rows=4)
+
+
+def test_grouped_attention_equals_transformers_sdpa_for_several_masked_tokens():
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dail.engine import _grouped_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, 4, 8, generator=g)  # (B, H, q, d): 6 query heads
+    key, value = torch.randn(2, 2, 11, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g)  # 2 KV heads
+    mask = torch.rand(2, 1, 4, 11, generator=g) > 0.3
+    mask[..., -1] = True  # no query sees nothing
+    ours, _ = _grouped_sdpa(module, query, key, value, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    assert ours.shape == theirs.shape == (2, 4, 6, 8)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_token_forwards_use_grouped_attention_and_leave_the_model_as_it_was(tiny, contexts, monkeypatch):
+    from dail import engine
+
+    model, _ = tiny
+    assert model.config._attn_implementation == "sdpa"
+    calls = []
+    grouped = engine._grouped_sdpa
+    monkeypatch.setitem(engine.AttentionInterface._global_mapping, engine.GROUPED_SDPA,
+                        lambda module, query, *a, **kw: calls.append(query.shape[2]) or grouped(module, query, *a, **kw))
+    settings = settings_for(tiny, tau=0.02, max_new_tokens=6)
+    run(tiny, contexts, settings, rows=3, engine="draft", draft_length=3)
+    assert calls and min(calls) > 1  # the verify forwards of three drafts, and only they
+    assert model.config._attn_implementation == "sdpa"

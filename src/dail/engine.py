@@ -66,7 +66,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dail.rollout import (
     PRIVILEGED,
@@ -87,7 +89,7 @@ LOOKUP_ORDERS = (2, 4)  # the shortest and longest n-grams a guess is looked up 
 # A lookup round's logits for both roles, (2n, GUESSES + 1, V) floats, stay under this many
 # elements (the decisions at every position need them at once); larger batches do without.
 LOOKUP_LOGITS_LIMIT = 2**25
-PROBE_EVERY = 16  # rounds after which an unpromising lookup round is tried again
+PROBE_EVERY = 16  # rounds after which an unpromising lookup round is first tried again (then 2x, ... 8x)
 LOOKUP = -1  # the draft length that stands for a lookup round
 
 
@@ -151,6 +153,10 @@ class _DraftLength:
         # be tried once its cost can be guessed.
         self.lookup_tokens = 2.0
         self.since_lookup = 0  # rounds since the last lookup round
+        self.probe_every = PROBE_EVERY  # doubles after each probe that finds lookup rounds still do not pay
+        # EMA wall seconds of a whole round (decisions and bookkeeping included) of k = 1 and of
+        # a lookup round, whose decisions cover every guessed position.
+        self.round_cost: dict[int, float] = {}
         # The first round of each draft length runs new shapes (slow first calls), and a cost
         # measured there would keep the chooser away from it: those timings are dropped.
         self.warmed: set[int] = set()
@@ -163,7 +169,8 @@ class _DraftLength:
         base = self.verify_cost.get(1)
         if base is None:
             return 1
-        if lookup and self.since_lookup >= PROBE_EVERY:  # the text may have become repetitive
+        if lookup and self.since_lookup >= self.probe_every:  # the text may have become repetitive
+            self.probe_every = min(2 * self.probe_every, 8 * PROBE_EVERY)
             return LOOKUP
         # Untimed forwards over one role's rows: drafting is guessed to save nothing (so that it
         # is not tried on a guess), a privileged forward to cost half a joint one (so that it is
@@ -179,17 +186,20 @@ class _DraftLength:
             cost = (k - 1) * student + self.verify_cost.get(k, base)
             if tokens / cost > best_rate * (1 + 1e-9):
                 best, best_rate = k, tokens / cost
-        # A lookup round, untimed, is guessed at 1.5 one-token rounds (a small forward over a few
-        # more tokens costs little more).
-        if lookup and self.lookup_tokens / self.verify_cost.get(LOOKUP, 1.5 * base) > best_rate * (1 + 1e-9):
+        # A lookup round costs what its whole round costs against a whole one-token round, in
+        # the units above; untimed, 1.5 of them (a small forward over a few more tokens costs
+        # little more). It must beat the rest by a margin: a wrong choice costs more than a missed one.
+        relative = self.round_cost[LOOKUP] / self.round_cost[1] if LOOKUP in self.round_cost else 1.5
+        if lookup and self.lookup_tokens / (relative * base) > 1.1 * best_rate:
             best = LOOKUP
+            self.probe_every = PROBE_EVERY
         return best
 
     def observe(self, k: int, *, accepted: int, verified: int, consulted: bool, student_seconds: float | None,
-                seconds: float, rows: int = 1) -> None:
-        """One round over `rows` rows: `seconds` of its verify forward (k >= 1), privileged
-        forward (k = 0) or lookup (guesses and forward), `student_seconds` of one student-only
-        forward if it ran one."""
+                seconds: float, rows: int = 1, round_seconds: float | None = None) -> None:
+        """One round over `rows` rows: `seconds` of its verify forward (k >= 1) or privileged
+        forward (k = 0), `student_seconds` of one student-only forward if it ran one, and
+        `round_seconds` of the whole round."""
         self.consulted = _ema(self.consulted, float(consulted))
         if k != 0 and verified:  # a privileged round judges only where a draft can pass: not counted
             self.accept = _ema(self.accept, accepted / verified)
@@ -199,6 +209,8 @@ class _DraftLength:
         if k not in self.warmed:
             self.warmed.add(k)
             return
+        if k in (1, LOOKUP) and round_seconds is not None:
+            self.round_cost[k] = _ema(self.round_cost.get(k), round_seconds)
         if student_seconds is not None:
             self.student_cost = _ema(self.student_cost, student_seconds)
         if k == 0:
@@ -254,6 +266,31 @@ class _GrowingLayer(DynamicLayer):
         return (self.keys, self.values) if fed is None else (self.keys[fed], self.values[fed])
 
 
+def _grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """`transformers`' SDPA attention for a forward of a few tokens over a grouped-query model's
+    KV cache, without copying the cache once per query head in every layer (`repeat_kv`, what
+    `transformers` does for masked forwards of more than one token): each key/value head attends
+    for its whole group of query heads, (B, H, q, d) -> (B, KVH, H / KVH * q, d), as `transformers`
+    itself does for one token."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups == 1 or query.shape[2] == 1 or attention_mask is None or attention_mask.shape[1] != 1
+            or kwargs.get("position_bias") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, q, dim = query.shape
+    query = query.reshape(batch, heads // groups, groups * q, dim)  # head h = g * groups + r -> (g, r * q + i)
+    mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(
+        attention_mask.shape[0], 1, groups * q, attention_mask.shape[-1])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, heads, q, dim).transpose(1, 2).contiguous(), None
+
+
+GROUPED_SDPA = "dail_grouped_sdpa"
+AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+
+
 class _Batch:
     """Active sequences: a joint KV cache over [students; privileged] with a hole-aware mask."""
 
@@ -296,10 +333,15 @@ class _Batch:
             for layer in self.cache.layers:
                 layer.fed_rows = rows
         attention = _causal_4d(mask, ids.shape[1]) if self.mask_4d else mask
+        grouped = self.mask_4d and ids.shape[1] > 1  # a ready 4D mask: no mask is built for the name
+        if grouped:
+            self.model.config._attn_implementation = GROUPED_SDPA
         try:
             out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions.clamp(min=0),
                              past_key_values=self.cache, use_cache=True)
         finally:
+            if grouped:
+                self.model.config._attn_implementation = "sdpa"
             if rows is not None:
                 for layer in self.cache.layers:
                     layer.fed_rows = None
@@ -490,6 +532,7 @@ def draft_rollout(
     lag = 0  # tokens the students have not read beyond their pending one (`_student_feed`)
     vocab = None  # known after the first round
     while batch.size:
+        began = _clock(device)
         n = batch.size
         rows = batch.rows
         t0 = length[rows]  # (n,) response position of the first token decided this round
@@ -498,11 +541,11 @@ def draft_rollout(
         if k > 1:  # no draft runs past the budget of every row
             k = draft.choose(int((budget - t0).max()))
         if k == LOOKUP:  # guesses first: the round is as wide as the longest row's guesses
-            tic = _clock(device)
             guesses, exists = _lookup_guesses(text[rows], start + t0, GUESSES, pad_id)
             g = int(exists.sum(-1).max())
             guesses, exists = guesses[:, :g], exists[:, :g]
-            searching = _clock(device) - tic
+            if g == 0:  # nothing to guess from: the usual round
+                k = 1
         q = g + 1 if k == LOOKUP else max(k, 1)  # positions the round can decide
         idx = steps[:q]
         positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, q)
@@ -511,7 +554,6 @@ def draft_rollout(
         feed = partial(_student_feed, batch.pending[:n], tokens, rows, t0, lag, pad_id)
         if k == LOOKUP:
             scores = _lookup_forwards(batch, guesses, exists)
-            scores.seconds += searching
             chosen, accepted, proposal, proposal_prob, first_ok, judged = _judge_guesses(
                 scores, guesses, exists, table, settings)
         else:
@@ -560,7 +602,8 @@ def draft_rollout(
         stats.tokens += emitted
         stats.unasked += 0 if caught_up else emitted
         draft.observe(k, accepted=accepted_drafts, verified=verified, consulted=askable > 0,
-                      student_seconds=scores.student_seconds, seconds=scores.seconds, rows=n)
+                      student_seconds=scores.student_seconds, seconds=scores.seconds, rows=n,
+                      round_seconds=_clock(device) - began)
 
         # 5. Roll the caches back: slots of tokens that were not decided become holes. Input i
         # of a round (0 = the pending token, i = draft or guess i) stays iff i < judged; a
@@ -756,14 +799,13 @@ def _lookup_guesses(text: torch.Tensor, ends: torch.Tensor, count: int, pad_id: 
 def _lookup_forwards(batch: _Batch, guesses: torch.Tensor, exists: torch.Tensor) -> _Scores:
     """A lookup round (every student caught up): both roles read the pending token and the
     guesses in one forward, which gives both distributions at every guessed position."""
-    n, device = batch.size, batch.device
+    n = batch.size
     ids = torch.cat([batch.pending[:n, None], guesses], dim=-1)  # (n, 1 + g); both roles' pending agree
     valid = torch.cat([exists.new_ones((n, 1)), exists], dim=-1)
-    tic = _clock(device)
     logits = batch.forward(ids.repeat(2, 1), valid.repeat(2, 1))  # (2n, 1 + g, V)
-    seconds = _clock(device) - tic
     privileged = logits[n:]
-    return _Scores(privileged, torch.logsumexp(privileged, dim=-1), seconds, list(logits[:n].unbind(1)))
+    # Timed as a whole round (`_DraftLength.round_cost`), with the search and the decisions.
+    return _Scores(privileged, torch.logsumexp(privileged, dim=-1), 0.0, list(logits[:n].unbind(1)))
 
 
 def _judge_guesses(scores: _Scores, guesses: torch.Tensor, exists: torch.Tensor, table: torch.Tensor,
