@@ -25,7 +25,7 @@ Writes bench/results.json.
   (privileged rounds: no token could pass tau there; see `dail.engine`).
 - guessed_share: the share of tokens decided by right lookup guesses (lookup rounds, `dail.engine`).
 - lookup: the default engine's time with lookup rounds turned off / on, world model at batch 1
-  and 8, budget 256 (the demo's traces run to about 210 tokens), interleaved rounds.
+  and 4 (lookup rounds run on batches of at most `dail.engine.LOOKUP_ROWS` rows), budget 256 (the demo's traces run to about 210 tokens), interleaved rounds.
 - prefill_share: the share of the default engine's time spent encoding both roles' prompts;
   sampling encodes only the student's, so this share is lost against it. It shrinks as the
   budget grows: real traces run to thousands of tokens, these rows to 32-64.
@@ -265,7 +265,7 @@ def bench_lookup(model, batches: list[int], budget: int, rounds: int,
     from dail.rollout import RolloutSettings, sequence_seed
 
     settings = RolloutSettings(tau=0.8, temperature=0.6, top_p=0.95, max_new_tokens=budget)
-    limit = engine.LOOKUP_LOGITS_LIMIT
+    limit = engine.LOOKUP_ROWS
     ratios, shares, same = {}, {}, True
     for batch in batches:
         student, privileged = make_prompts(batch) if make_prompts else prompts(batch, model.config.vocab_size)
@@ -274,14 +274,14 @@ def bench_lookup(model, batches: list[int], budget: int, rounds: int,
         for _ in range(rounds + 1):  # the first round warms up
             tokens = []
             for lookup, spent in times.items():
-                engine.LOOKUP_LOGITS_LIMIT = limit if lookup else 0  # 0: no batch qualifies
+                engine.LOOKUP_ROWS = limit if lookup else 0  # 0: no batch qualifies
                 stats = engine.EngineStats()
                 try:
                     tic = time.perf_counter()
                     traces = engine.draft_rollout(model, student, privileged, seeds, settings, pad_id=0, stats=stats)
                     spent.append(time.perf_counter() - tic)
                 finally:
-                    engine.LOOKUP_LOGITS_LIMIT = limit
+                    engine.LOOKUP_ROWS = limit
                 tokens.append([t.token_ids for t in traces])
             same = same and tokens[0] == tokens[1]
         ratios[str(batch)] = _median_ratio(times[False][1:], times[True][1:])
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = bench_inference_mode(demo, [1, 8], budget, 5 if quick else 15,
                                  world_prompts if demo_name == "world base model" else None)
     # Lookup at the length of the demo's traces (about 210 tokens), where they repeat themselves.
-    lookup = bench_lookup(demo, [1, 8], 256, 3 if quick else 9,
+    lookup = bench_lookup(demo, [1, 4], 256, 3 if quick else 9,
                           world_prompts if demo_name == "world base model" else None)
     del demo
     large = random_qwen2(768, 12, 32000)

@@ -159,6 +159,7 @@ def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts, monk
     reference = run(tiny, contexts, settings, rows=n, seed=11)
     if schedule:
         force_rounds(monkeypatch, schedule)
+        monkeypatch.setattr("dail.engine.LOOKUP_ROWS", n)  # lookup rounds at any batch size
     stats = EngineStats()
     engine = run(tiny, contexts, settings, rows=n, seed=12, engine="draft", draft_length=0 if schedule else 3,
                  stats=stats)

@@ -86,9 +86,11 @@ logger = logging.getLogger(__name__)
 DRAFT_CANDIDATES = (1, 2, 3, 4, 6, 8)
 GUESSES = 4  # tokens a lookup round guesses (see `_lookup_guesses`)
 LOOKUP_ORDERS = (2, 4)  # the shortest and longest n-grams a guess is looked up by
-# A lookup round's logits for both roles, (2n, GUESSES + 1, V) floats, stay under this many
-# elements (the decisions at every position need them at once); larger batches do without.
-LOOKUP_LOGITS_LIMIT = 2**25
+# Lookup rounds run on batches of at most this many rows. A forward over GUESSES + 1 tokens of
+# each row costs about what a one-token forward does only while the batch is small (on a CPU it
+# soon costs several times as much, and a round decides a few tokens at best); it also bounds
+# the logits of a lookup round, which are all held at once.
+LOOKUP_ROWS = 4
 PROBE_EVERY = 16  # rounds after which an unpromising lookup round is first tried again (then 2x, ... 8x)
 LOOKUP = -1  # the draft length that stands for a lookup round
 
@@ -536,7 +538,7 @@ def draft_rollout(
         n = batch.size
         rows = batch.rows
         t0 = length[rows]  # (n,) response position of the first token decided this round
-        lookup = lag == 0 and vocab is not None and 2 * n * (GUESSES + 1) * vocab <= LOOKUP_LOGITS_LIMIT
+        lookup = lag == 0 and n <= LOOKUP_ROWS and vocab is not None
         k = draft.choose(budget, lookup=lookup)
         if k > 1:  # no draft runs past the budget of every row
             k = draft.choose(int((budget - t0).max()))
