@@ -197,6 +197,12 @@ class _DraftLength:
             self.probe_every = PROBE_EVERY
         return best
 
+    def found_nothing(self) -> None:
+        """A lookup round was chosen but no row had a guess: it ran as a one-token round, and
+        counts as a lookup round that decided one token."""
+        self.lookup_tokens = _ema(self.lookup_tokens, 1.0)
+        self.since_lookup = 0
+
     def observe(self, k: int, *, accepted: int, verified: int, consulted: bool, student_seconds: float | None,
                 seconds: float, rows: int = 1, round_seconds: float | None = None) -> None:
         """One round over `rows` rows: `seconds` of its verify forward (k >= 1) or privileged
@@ -532,13 +538,12 @@ def draft_rollout(
 
     steps = torch.arange(longest, device=device)
     lag = 0  # tokens the students have not read beyond their pending one (`_student_feed`)
-    vocab = None  # known after the first round
     while batch.size:
         began = _clock(device)
         n = batch.size
         rows = batch.rows
         t0 = length[rows]  # (n,) response position of the first token decided this round
-        lookup = lag == 0 and n <= LOOKUP_ROWS and vocab is not None
+        lookup = lag == 0 and n <= LOOKUP_ROWS
         k = draft.choose(budget, lookup=lookup)
         if k > 1:  # no draft runs past the budget of every row
             k = draft.choose(int((budget - t0).max()))
@@ -548,6 +553,7 @@ def draft_rollout(
             guesses, exists = guesses[:, :g], exists[:, :g]
             if g == 0:  # nothing to guess from: the usual round
                 k = 1
+                draft.found_nothing()
         q = g + 1 if k == LOOKUP else max(k, 1)  # positions the round can decide
         idx = steps[:q]
         positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, q)
@@ -565,7 +571,6 @@ def draft_rollout(
                 scores = _draft_forwards(batch, k, feed, lagging, table, settings, pad_id)
             chosen, accepted, proposal, proposal_prob, first_ok, judged = _judge(scores, table, settings)
         caught_up = bool(scores.student_logits)  # the students have read everything
-        vocab = scores.privileged_logits.shape[-1]
 
         # 4. Emit the decided tokens; stop at eos or the budget.
         if q == 1:  # one token decided per row (a row at its budget has left the batch)
