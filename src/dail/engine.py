@@ -190,7 +190,8 @@ class _DraftLength:
                 best, best_rate = k, tokens / cost
         # A lookup round costs what its whole round costs against a whole one-token round, in
         # the units above; untimed, 1.5 of them (a small forward over a few more tokens costs
-        # little more). It must beat the rest by a margin: a wrong choice costs more than a missed one.
+        # little more). It must beat the rest by a margin: a wrong choice costs more than a
+        # missed one.
         relative = self.round_cost[LOOKUP] / self.round_cost[1] if LOOKUP in self.round_cost else 1.5
         if lookup and self.lookup_tokens / (relative * base) > 1.1 * best_rate:
             best = LOOKUP
@@ -223,8 +224,8 @@ class _DraftLength:
             self.student_cost = _ema(self.student_cost, student_seconds)
         if k == 0:
             self.privileged_cost = _ema(self.privileged_cost, seconds)
-            return
-        self.verify_cost[k] = _ema(self.verify_cost.get(k), seconds)
+        elif k > 0:  # a lookup round is timed whole (`round_cost`)
+            self.verify_cost[k] = _ema(self.verify_cost.get(k), seconds)
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -740,8 +741,8 @@ def _judge(scores: _Scores, table: torch.Tensor, settings: RolloutSettings) -> t
     if not scores.drafts:  # a privileged round nobody needed the student in: the fallback everywhere
         chosen = sample_inverse_cdf(sampling_distribution(logits[:, 0], settings), table[:, 0, -1])[:, None]
         never = torch.zeros_like(chosen, dtype=torch.bool)
-        return (chosen, never, torch.full_like(chosen, -1), torch.full(chosen.shape, float("nan"), device=chosen.device),
-                never, torch.ones_like(chosen[:, 0]))
+        unmade = torch.full(chosen.shape, float("nan"), device=chosen.device)
+        return chosen, never, torch.full_like(chosen, -1), unmade, never, torch.ones_like(chosen[:, 0])
     drafted = torch.stack(scores.drafts, dim=-1)  # (n, k)
     k = drafted.shape[1]
     raw = (logits.gather(-1, drafted[..., None]).squeeze(-1) - log_z).exp()  # raw privileged probs
