@@ -198,12 +198,6 @@ class _DraftLength:
             self.probe_every = PROBE_EVERY
         return best
 
-    def found_nothing(self) -> None:
-        """A lookup round was chosen but no row had a guess: it ran as a one-token round, and
-        counts as a lookup round that decided one token."""
-        self.lookup_tokens = _ema(self.lookup_tokens, 1.0)
-        self.since_lookup = 0
-
     def observe(self, k: int, *, accepted: int, verified: int, consulted: bool, student_seconds: float | None,
                 seconds: float, rows: int = 1, round_seconds: float | None = None) -> None:
         """One round over `rows` rows: `seconds` of its verify forward (k >= 1) or privileged
@@ -554,7 +548,6 @@ def draft_rollout(
             guesses, exists = guesses[:, :g], exists[:, :g]
             if g == 0:  # nothing to guess from: the usual round
                 k = 1
-                draft.found_nothing()
         q = g + 1 if k == LOOKUP else max(k, 1)  # positions the round can decide
         idx = steps[:q]
         positions = (t0[:, None] + idx).clamp(max=budget - 1)  # (n, q)
