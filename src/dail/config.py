@@ -108,7 +108,8 @@ class GenerateConfig:
         engine: "draft" (draft and verify with continuous batching) or "reference" (one
             forward over both contexts per token); both give the same traces for the same seeds.
         draft_length: Draft tokens per round of the "draft" engine (0 adapts it, and also lets
-            the engine skip the student where no proposal could pass tau).
+            the engine skip the student where no proposal could pass tau and check guessed
+            tokens in one forward).
         shard: "i/n": compute only problems k with k mod n == i (array jobs; see
             `dail.distributed`). Does not change any output.
     """

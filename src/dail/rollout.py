@@ -46,7 +46,8 @@ class RolloutSettings:
             traces for the same seeds, up to float noise between differently batched forwards.
         draft_length: Draft tokens per round for the "draft" engine; 0 adapts it to the
             observed acceptance rate and measured forward costs, and allows privileged rounds
-            (the student skipped where no proposal could pass; see `dail.engine`).
+            (the student skipped where no proposal could pass) and lookup rounds (guessed
+            tokens checked in one forward; both in `dail.engine`).
         max_batch: Sequences decoded at once by the "draft" engine (0 = all); the others wait
             and join as sequences finish.
     """
