@@ -46,10 +46,11 @@ grow, and whenever sequences finish: finished rows leave the batch and waiting r
 prefilled and join it (continuous batching), so one long trace does not hold a batch of short
 ones.
 
-Why the draft length is usually 1 here (lookup rounds aside): the draft model *is* the target model (same weights,
-other context) and both contexts already share one forward per token at k = 1. Drafting cannot
-cut the number of sequential student forwards (one per student token), so it only pays where a
-k-token verify call is cheaper than k single-token privileged passes riding along the student's.
+Why the draft length is usually 1 here (lookup rounds aside): the draft model *is* the target
+model (same weights, other context) and both contexts already share one forward per token at
+k = 1. Drafting cannot cut the number of sequential student forwards (one per student token), so
+it only pays where a k-token verify call is cheaper than k single-token privileged passes riding
+along the student's.
 The adaptive rule therefore maximises expected tokens per second: expected tokens per round
 (1 - a^k) / (1 - a) from the observed acceptance rate a, over the measured cost of a round; for
 lookup rounds, the tokens they have been deciding per row over their measured cost.
@@ -76,6 +77,7 @@ from dail.rollout import (
     RolloutSettings,
     Trace,
     accepts,
+    left_pad,
     sample_inverse_cdf,
     sampling_distribution,
     uniform_table,
@@ -516,11 +518,9 @@ def draft_rollout(
     width = budget + longest
     # The text lookup guesses from: each row's privileged prompt, right-aligned (-1 before it,
     # which matches no token), then its response, written by the rounds through `tokens`.
-    start = max(len(p) for p in privileged_prompts)
-    text = torch.full((total, start + width), -1, dtype=torch.long)
-    for row, prompt in enumerate(privileged_prompts):
-        text[row, start - len(prompt):start] = torch.tensor(prompt, dtype=torch.long)
-    text = text.to(device)
+    prompts, _ = left_pad(privileged_prompts, -1, device)
+    start = prompts.shape[1]
+    text = torch.cat([prompts, prompts.new_full((total, width), -1)], dim=-1)
     tokens = text[:, start:]
     from_student = torch.zeros((total, width), dtype=torch.bool, device=device)
     proposals = torch.zeros((total, width), dtype=torch.long, device=device)
@@ -660,7 +660,8 @@ class _Scores:
 
     privileged_logits: torch.Tensor  # (n, k, V): the privileged distributions at the round's positions
     log_z: torch.Tensor  # (n, k): their log normalisers
-    seconds: float  # the verify forward, or a privileged round's privileged forward
+    # The verify forward, or a privileged round's privileged forward (0: a lookup round, timed whole).
+    seconds: float
     student_logits: list[torch.Tensor] = field(default_factory=list)  # (n, V) per draft, or per lookup position
     drafts: list[torch.Tensor] = field(default_factory=list)  # (n,) per draft; none if the student did not run
     student_seconds: float | None = None  # one forward over the student rows, if one ran
@@ -738,7 +739,7 @@ def _judge(scores: _Scores, table: torch.Tensor, settings: RolloutSettings) -> t
         return chosen, never, torch.full_like(chosen, -1), unmade, never, torch.ones_like(chosen[:, 0])
     drafted = torch.stack(scores.drafts, dim=-1)  # (n, k)
     k = drafted.shape[1]
-    raw = (logits.gather(-1, drafted[..., None]).squeeze(-1) - log_z).exp()  # raw privileged probs
+    raw = _raw_probs(logits, log_z, drafted)
     ok = accepts(raw, settings.tau)
     rejected_at = ok.long().cumprod(-1).sum(-1)  # k if none
     judged = torch.clamp(rejected_at + 1, max=k)
@@ -819,7 +820,7 @@ def _judge_guesses(scores: _Scores, guesses: torch.Tensor, exists: torch.Tensor,
     student = torch.stack(scores.student_logits, dim=1)  # (n, q, V)
     n, q = log_z.shape
     proposal = _propose(student.flatten(0, 1), table[..., 0].flatten(), settings).view(n, q)
-    raw = (logits.gather(-1, proposal[..., None]).squeeze(-1) - log_z).exp()
+    raw = _raw_probs(logits, log_z, proposal)
     ok = accepts(raw, settings.tau)
     chosen, accepted, proposal_prob = proposal.clone(), ok.clone(), raw.clone()
     at = torch.nonzero(~ok, as_tuple=True)
@@ -829,6 +830,11 @@ def _judge_guesses(scores: _Scores, guesses: torch.Tensor, exists: torch.Tensor,
     right = (chosen[:, :-1] == guesses) & exists  # (n, g)
     judged = 1 + right.long().cumprod(-1).sum(-1)
     return chosen, accepted, proposal, proposal_prob, ok, judged
+
+
+def _raw_probs(privileged_logits: torch.Tensor, log_z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The raw (untempered) privileged probability of each id: (..., V), (...), (...) -> (...)."""
+    return (privileged_logits.gather(-1, ids[..., None]).squeeze(-1) - log_z).exp()
 
 
 def _askable(privileged_logits: torch.Tensor, log_z: torch.Tensor, tau: float) -> torch.Tensor:
@@ -894,7 +900,7 @@ def _decide(
         log_z = torch.logsumexp(privileged_logits, dim=-1)
         for r in range(1, settings.retries + 1):
             candidate = sample_inverse_cdf(dist, uniforms[:, r])
-            prob = (privileged_logits.gather(-1, candidate[:, None]).squeeze(-1) - log_z).exp()
+            prob = _raw_probs(privileged_logits, log_z, candidate)
             undecided = ~accepted
             proposal = torch.where(undecided, candidate, proposal)
             proposal_prob = torch.where(undecided, prob, proposal_prob)
