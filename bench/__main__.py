@@ -49,6 +49,7 @@ Writes bench/results.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import logging
@@ -256,63 +257,65 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
     return rows
 
 
-def bench_lookup(model, batches: list[int], budget: int, rounds: int,
-                 make_prompts: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """The default engine's time without lookup rounds / with them (the default), same prompts
-    and seeds, interleaved rounds; per batch, the median round, and the tokens right guesses
-    decided."""
-    from dail import engine
+def _time_engine_in(model, batches: list[int], budget: int, rounds: int, make_prompts: Callable[[int], Any] | None,
+                    slower: Callable[[], Any], faster: Callable[[], Any]) -> tuple[dict[str, float], bool, dict]:
+    """The default engine (without its own decorator) run inside two contexts, same prompts and
+    seeds, interleaved rounds (the first warms up). Returns, per batch, the median round's time
+    ratio slower / faster, whether both contexts gave the same tokens throughout, and per batch
+    the last stats of the faster one."""
+    from dail.engine import EngineStats, draft_rollout
     from dail.rollout import RolloutSettings, sequence_seed
 
     settings = RolloutSettings(tau=0.8, temperature=0.6, top_p=0.95, max_new_tokens=budget)
-    limit = engine.LOOKUP_ROWS
-    ratios, shares, same = {}, {}, True
+    engine = inspect.unwrap(draft_rollout)
+    ratios, stats, same = {}, {}, True
     for batch in batches:
         student, privileged = make_prompts(batch) if make_prompts else prompts(batch, model.config.vocab_size)
         seeds = [sequence_seed(0, str(i)) for i in range(batch)]
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(rounds + 1):  # the first round warms up
+        times: dict[Callable[[], Any], list[float]] = {slower: [], faster: []}
+        for _ in range(rounds + 1):
             tokens = []
-            for lookup, spent in times.items():
-                engine.LOOKUP_ROWS = limit if lookup else 0  # 0: no batch qualifies
-                stats = engine.EngineStats()
-                try:
+            for context, spent in times.items():
+                stats[str(batch)] = EngineStats()
+                with context():
                     tic = time.perf_counter()
-                    traces = engine.draft_rollout(model, student, privileged, seeds, settings, pad_id=0, stats=stats)
+                    traces = engine(model, student, privileged, seeds, settings, pad_id=0, stats=stats[str(batch)])
                     spent.append(time.perf_counter() - tic)
-                finally:
-                    engine.LOOKUP_ROWS = limit
                 tokens.append([t.token_ids for t in traces])
             same = same and tokens[0] == tokens[1]
-        ratios[str(batch)] = _median_ratio(times[False][1:], times[True][1:])
-        shares[str(batch)] = round(stats.guessed_right / stats.tokens, 3)
+        ratios[str(batch)] = _median_ratio(times[slower][1:], times[faster][1:])
+    return ratios, same, stats
+
+
+@contextlib.contextmanager
+def _without_lookup_rounds():
+    """The engine as it runs (inference mode), with no batch small enough for lookup rounds."""
+    from dail import engine
+
+    limit, engine.LOOKUP_ROWS = engine.LOOKUP_ROWS, 0
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        engine.LOOKUP_ROWS = limit
+
+
+def bench_lookup(model, batches: list[int], budget: int, rounds: int,
+                 make_prompts: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """The default engine's time without lookup rounds / with them (the default); per batch,
+    the median round, and the share of tokens right guesses decided."""
+    ratios, same, stats = _time_engine_in(model, batches, budget, rounds, make_prompts,
+                                          _without_lookup_rounds, torch.inference_mode)
+    shares = {b: round(s.guessed_right / s.tokens, 3) for b, s in stats.items()}
     return {"speedup": ratios, "guessed_share": shares, "same_traces": same, "budget": budget, "rounds": rounds}
 
 
 def bench_inference_mode(model, batches: list[int], budget: int, rounds: int,
                          make_prompts: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """The default engine's time under `torch.no_grad` / under `torch.inference_mode` (what the
-    rollouts run in), same prompts and seeds, interleaved rounds; per batch, the median round."""
-    from dail.engine import draft_rollout
-    from dail.rollout import RolloutSettings, sequence_seed
-
-    settings = RolloutSettings(tau=0.8, temperature=0.6, top_p=0.95, max_new_tokens=budget)
-    engine = inspect.unwrap(draft_rollout)  # without its own inference_mode decorator
-    ratios, same = {}, True
-    for batch in batches:
-        student, privileged = make_prompts(batch) if make_prompts else prompts(batch, model.config.vocab_size)
-        seeds = [sequence_seed(0, str(i)) for i in range(batch)]
-        times: dict[Any, list[float]] = {torch.no_grad: [], torch.inference_mode: []}
-        for _ in range(rounds + 1):  # the first round warms up
-            tokens = []
-            for mode, spent in times.items():
-                with mode():
-                    tic = time.perf_counter()
-                    traces = engine(model, student, privileged, seeds, settings, pad_id=0)
-                    spent.append(time.perf_counter() - tic)
-                tokens.append([t.token_ids for t in traces])
-            same = same and tokens[0] == tokens[1]
-        ratios[str(batch)] = _median_ratio(times[torch.no_grad][1:], times[torch.inference_mode][1:])
+    rollouts run in); per batch, the median round."""
+    ratios, same, _ = _time_engine_in(model, batches, budget, rounds, make_prompts,
+                                      torch.no_grad, torch.inference_mode)
     return {"speedup": ratios, "same_traces": same, "rounds": rounds}
 
 
