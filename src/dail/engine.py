@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
@@ -68,7 +68,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dail.rollout import (
@@ -82,6 +82,7 @@ from dail.rollout import (
     sampling_distribution,
     uniform_table,
 )
+from dail.shared_prompts import LayerKV, SharedPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class EngineStats:
     guessed_right: int = 0  # ... that were the token decided there: each decided one more token
     seconds: float = 0.0  # wall time of the call
     prefill_seconds: float = 0.0  # of which encoding prompts (both roles)
+    prompt_rows: int = 0  # prompts the rows read (two per row)
+    prompts_encoded: int = 0  # ... of which run through the model (the others shared an encoding)
 
     @property
     def acceptance_rate(self) -> float:
@@ -299,7 +302,7 @@ AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
 class _Batch:
     """Active sequences: a joint KV cache over [students; privileged] with a hole-aware mask."""
 
-    def __init__(self, model: torch.nn.Module, pad_id: int):
+    def __init__(self, model: torch.nn.Module, pad_id: int, prompts: Iterable[list[int]] = ()):
         self.model = model
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
@@ -314,6 +317,9 @@ class _Batch:
         self.pending = torch.zeros(0, dtype=torch.long, device=self.device)
         self.forwards = 0
         self.prefill_seconds = 0.0
+        # Every prompt the call's rows will read (minus the pending last token), counted so that
+        # an encoding is kept exactly until the last row reading it has joined.
+        self.prompts = SharedPrompts(self._encode, (p[:-1] for p in prompts))
 
     @property
     def size(self) -> int:
@@ -364,9 +370,8 @@ class _Batch:
 
     # ------------------------------------------------------------------ membership
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[Any, torch.Tensor]:
-        """Encode prompts minus their last token (it stays pending). Returns (cache, mask (m, L))."""
-        bodies = [p[:-1] for p in prompts]
+    def _encode(self, bodies: list[list[int]]) -> tuple[LayerKV, torch.Tensor]:
+        """Run the model over left-padded prompt bodies; returns per-layer (keys, values), mask."""
         width = max(1, max(len(b) for b in bodies))
         ids = torch.full((len(bodies), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -383,17 +388,19 @@ class _Batch:
         self.forwards += 1
         if any(getattr(layer, "is_sliding", False) for layer in out.past_key_values.layers):
             raise NotImplementedError("the draft engine needs full-attention KV caches")
-        return out.past_key_values, mask
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
 
     def admit(self, rows: list[int], student: list[list[int]], privileged: list[list[int]]) -> None:
-        """Prefill `rows` (each role separately, no cross-role padding) and join them to the batch."""
-        s_cache, s_mask = self._prefill([student[i] for i in rows])
-        p_cache, p_mask = self._prefill([privileged[i] for i in rows])
+        """Prefill `rows` (each role separately, no cross-role padding) and join them to the batch.
+
+        Prompts minus their last token (it stays pending) are encoded; rows that read the same
+        prompt share one encoding (`SharedPrompts`).
+        """
+        s_kv, s_mask = self.prompts.rows([student[i][:-1] for i in rows])
+        p_kv, p_mask = self.prompts.rows([privileged[i][:-1] for i in rows])
         pending = torch.tensor([student[i][-1] for i in rows] + [privileged[i][-1] for i in rows],
                                dtype=torch.long, device=self.device)
         n, m = self.size, len(rows)
-        s_kv = [(layer.keys, layer.values) for layer in s_cache.layers]
-        p_kv = [(layer.keys, layer.values) for layer in p_cache.layers]
         if self.cache is None:
             parts_kv, parts_mask = [s_kv, p_kv], [s_mask, p_mask]
             old_pending = [self.pending[:0], pending[:m], self.pending[:0], pending[m:]]
@@ -403,13 +410,14 @@ class _Batch:
             parts_mask = [self.mask[:n], s_mask, self.mask[n:], p_mask]
             old_pending = [self.pending[:n], pending[:m], self.pending[n:], pending[m:]]
         width = max(mask.shape[1] for mask in parts_mask)
-        for layer, target in enumerate(s_cache.layers):
-            target.keys = torch.cat([F.pad(part[layer][0], (0, 0, width - part[layer][0].shape[2], 0))
-                                     for part in parts_kv])
-            target.values = torch.cat([F.pad(part[layer][1], (0, 0, width - part[layer][1].shape[2], 0))
-                                       for part in parts_kv])
-        s_cache.layers = [_GrowingLayer(layer.keys, layer.values) for layer in s_cache.layers]
-        self.cache = s_cache
+        cache = DynamicCache()
+        cache.layers = [
+            _GrowingLayer(torch.cat([F.pad(part[layer][0], (0, 0, width - part[layer][0].shape[2], 0))
+                                     for part in parts_kv]),
+                          torch.cat([F.pad(part[layer][1], (0, 0, width - part[layer][1].shape[2], 0))
+                                     for part in parts_kv]))
+            for layer in range(len(s_kv))]
+        self.cache = cache
         self.mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)) for mask in parts_mask])
         self.rows = torch.cat([self.rows, torch.tensor(rows, dtype=torch.long, device=self.device)])
         self.pending = torch.cat(old_pending)  # (2n,): [students; privileged]
@@ -507,7 +515,7 @@ def draft_rollout(
     if total == 0:
         return traces
     budget = settings.max_new_tokens
-    batch = _Batch(model, pad_id)
+    batch = _Batch(model, pad_id, prompts=student_prompts + privileged_prompts)
     device = batch.device
     uniforms = uniform_table(seeds, settings, device)  # (N, budget, retries + 2)
     eos = torch.tensor(settings.eos_ids or [-1], device=device)
@@ -643,6 +651,8 @@ def draft_rollout(
             stats.compactions += 1
     stats.forwards += batch.forwards
     stats.prefill_seconds += batch.prefill_seconds
+    stats.prompt_rows += batch.prompts.requested
+    stats.prompts_encoded += batch.prompts.encoded
     stats.seconds += time.perf_counter() - started
     logger.debug("draft engine: %d rows, %d tokens in %.1f s; %d rounds of mean draft length %.2f, "
                  "acceptance %.3f, %d tokens decided without the student, %d of %d lookup guesses right",

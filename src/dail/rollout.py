@@ -189,19 +189,33 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts in first-seen order, and for each row the index of its own among them."""
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    return [list(p) for p in first], index
+
+
 class _Decoder:
     """A batch of contexts advanced one token per step over a shared KV cache."""
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]], pad_id: int):
         self.model = model
         device = next(model.parameters()).device
-        ids, self.mask = left_pad(prompts, pad_id, device)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp_(min=0)
-        out = model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions,
-                    use_cache=True, logits_to_keep=1)
+        # Samples of one problem share their prompt: encode each distinct prompt once and give
+        # every row a copy of its keys and values.
+        distinct, index = distinct_prompts(prompts)
+        ids, mask = left_pad(distinct, pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         self.cache = out.past_key_values
-        self.logits = out.logits[:, -1, :].float()  # (N, V)
-        self.positions = self.positions[:, -1:]
+        logits = out.logits[:, -1, :].float()
+        if len(distinct) < len(prompts):
+            index = torch.tensor(index, device=device)
+            self.cache.reorder_cache(index)
+            mask, positions, logits = mask[index], positions[index], logits[index]
+        self.mask, self.logits = mask, logits  # (N, L), (N, V)
+        self.positions = positions[:, -1:]
 
     def step(self, tokens: torch.Tensor) -> None:
         """Append `tokens` (N,) to every context and compute the next logits."""
