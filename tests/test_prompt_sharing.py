@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from dail.data import Problem
-from dail.models import eos_token_ids
 from dail.engine import EngineStats, draft_rollout
-from dail.rollout import RolloutSettings, distinct_prompts, mixed_rollout, sample_responses, sequence_seed
+from dail.models import eos_token_ids
+from dail.rollout import (
+    RolloutSettings,
+    distinct_prompts,
+    mixed_rollout,
+    sample_responses,
+    sequence_seed,
+)
 from dail.shared_prompts import SharedPrompts
 from tests.conftest import role_contexts
 
