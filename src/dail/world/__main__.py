@@ -1,4 +1,4 @@
-"""`python -m dail.world pretrain|validity|diagnose|export`: the world's command line."""
+"""`dail world pretrain|validity|diagnose|export` (or `python -m dail.world ...`): the world's command line."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import sys
 from dataclasses import fields
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command and dispatch; heavy modules are imported lazily."""
-    parser = argparse.ArgumentParser(prog="python -m dail.world", description=__doc__)
+def main(argv: list[str] | None = None, *, prog: str = "python -m dail.world") -> int:
+    """Parse the command and dispatch; heavy modules are imported lazily.
+
+    Args:
+        argv: The arguments after the program name.
+        prog: The name usage and help messages give the command (`dail world` from `dail`).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from dail.world.pretrain import PretrainConfig
