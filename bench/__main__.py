@@ -12,8 +12,8 @@ Writes bench/results.json.
 - rollout_vs_sampling: tokens/s of the mixed rollout (default engine) / tokens/s of
   `model.generate` sampling the student alone (same prompts, temperature 0.6, top-p 0.95, batch,
   budget; no eos so every row runs the full budget). The world model is given the demo's own
-  prompts (novel-type problems, the expert's solution in the privileged one); the random model,
-  which accepts nothing whatever it is shown, random tokens.
+  prompts (novel-type problems, the expert's solution in the privileged one); SmolLM2-135M-Instruct
+  CHAMP's problems with their human solutions (`bench/real_model.py`).
 - rollout_vs_reference: tokens/s of the default engine / the straightforward loop, one KV-cached,
   batched forward per role per token (`two_pass_rollout` below; the same traces). The draft-and-
   verify engine is measured against both and reported beside them.
@@ -31,7 +31,10 @@ Writes bench/results.json.
   budget grows: real traces run to thousands of tokens, these rows to 32-64.
 - inference_mode: the default engine's time under `torch.no_grad` / under `torch.inference_mode`
   (which every rollout uses), world model at batch 1 and 8, interleaved rounds.
-- train_step: seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch,
+- real_model: the rows of SmolLM2-135M-Instruct (rollout at batch 1, 8 and 32, budget 128; tau
+  0.8 and 0), prompt sharing (`shared_prompts_speedup`, see `bench/real_model.py`), its train
+  step and its loss memory at its vocabulary (49,152).
+- train_step: on SmolLM2-135M-Instruct (LoRA r 32 on the seven projections), seconds of a DAIL step (loss + backward, chunked loss) / an NLL step, same batch,
   without gradient checkpointing and (`with_checkpointing`) with it, as the trainer runs on a
   GPU. Its `floor` is (NLL step + the two teachers' forwards, logits included) / NLL step: what
   the ratio would be if the contrastive loss itself cost no more than the NLL. `cached_ratio` is
@@ -59,6 +62,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -336,16 +340,20 @@ def _set_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def bench_train_step(repeats: int, hidden: int = 256, layers: int = 4, vocab: int = 8192,
+def bench_train_step(repeats: int, base: torch.nn.Module | None = None, model_name: str = "",
                      response: int = 256) -> dict[str, Any]:
     """DAIL step / NLL step, without and with gradient checkpointing (the trainer's default on a
     GPU, and the paper's setting); the floor is what the ratio would be if the contrastive loss
-    cost no more than the NLL: (NLL step + the two teachers' forwards with their logits) / NLL."""
+    cost no more than the NLL: (NLL step + the two teachers' forwards with their logits) / NLL.
+    `base` defaults to a random Qwen2 (hidden 256, 4 layers, vocabulary 8192)."""
     from peft import LoraConfig, get_peft_model
 
     from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_logits
 
-    model = get_peft_model(random_qwen2(hidden, layers, vocab), LoraConfig(r=32, lora_alpha=32, target_modules=[
+    if base is None:
+        base, model_name = random_qwen2(256, 4, 8192), "random Qwen2 hidden 256, 4 layers, vocab 8192"
+    vocab = base.config.vocab_size
+    model = get_peft_model(base, LoraConfig(r=32, lora_alpha=32, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     g = torch.Generator().manual_seed(0)
     examples = [{"prompt_ids": {"student": torch.randint(3, vocab, (32,), generator=g).tolist(),
@@ -383,8 +391,8 @@ def bench_train_step(repeats: int, hidden: int = 256, layers: int = 4, vocab: in
                         "cached_ratio": round(statistics.median(c / n for _, n, _, c in rounds), 3),
                         "dail_s": round(dail, 3), "nll_s": round(nll, 3), "teacher_forwards_s": round(teachers, 3)}
     _set_checkpointing(model, False)
-    return {**results["plain"], "with_checkpointing": results["checkpointing"],
-            "model": f"random Qwen2 hidden {hidden}, {layers} layers, vocab {vocab}, LoRA r=32",
+    model.unload()  # the base model as it was given
+    return {**results["plain"], "with_checkpointing": results["checkpointing"], "model": f"{model_name}, LoRA r=32",
             "batch": f"2 x {response} response tokens; prompts: student 32, privileged 160, negative 48 tokens"}
 
 
@@ -483,6 +491,41 @@ def bench_teacher_memory(tokens: int, hidden: int = 512, layers: int = 12, vocab
             "method": "peak RSS (VmHWM) minus RSS before the forward, fresh subprocess each, fixed mmap threshold"}
 
 
+# --------------------------------------------------------------------------- real model
+
+
+def bench_real_model(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """SmolLM2-135M-Instruct on CHAMP prompts: rollout rows at tau 0.8 (and 0 in the full run),
+    prompt sharing, the train step and the loss's memory at its vocabulary."""
+    from bench.real_model import bench_shared_prompts, champ_prompts, smollm2
+
+    model, tokenizer = smollm2()
+    name = f"SmolLM2-135M-Instruct {params(model)}"
+    make = partial(champ_prompts, tokenizer)
+    budget = 32 if quick else 128
+    rows = bench_rollout(model, name, [1, 8] if quick else [1, 8, 32], budget, [0.8], repeats, make)
+    if not quick:  # the student at every position: what the joint forward costs on real text
+        rows += bench_rollout(model, name, [1, 8], budget, [0.0], repeats, make)
+    shared = bench_shared_prompts(model, tokenizer, budget, 2 if quick else 5)
+    train = bench_train_step(2 if quick else 5, model, "SmolLM2-135M-Instruct")
+    memory = bench_loss_memory(512 if quick else 2048, vocab=model.config.vocab_size, hidden=model.config.hidden_size)
+    main = [r for r in rows if r["tau"] == 0.8]
+    section = {
+        "model": name, "prompts": "CHAMP problems, paper's format, the model's chat template", "budget": budget,
+        "rollout_vs_sampling": {str(r["batch"]): r["vs_sampling"] for r in main},
+        "rollout_vs_reference": {str(r["batch"]): r["vs_reference"] for r in main},
+        "spread": {str(r["batch"]): r["spread"] for r in main},
+        "acceptance": {str(r["batch"]): r["acceptance"] for r in main},
+        "draft_length": {str(r["batch"]): r["draft_length"] for r in main},
+        "guessed_share": {str(r["batch"]): r["guessed_share"] for r in main},
+        "prefill_share": {str(r["batch"]): r["prefill_share"] for r in main},
+        "shared_prompts_speedup": shared["speedup"], "shared_prompts": shared,
+        "train_step": {"ratio": train["ratio"], "with_checkpointing": train["with_checkpointing"]["ratio"]},
+        "train_step_detail": train, "loss_memory": memory,
+    }
+    return rows, section
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -504,7 +547,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(True)
     quick = args.quick
     if args.only == "train_step":
-        print(json.dumps(bench_train_step(4 if quick else 15), indent=2))
+        from bench.real_model import smollm2
+
+        print(json.dumps(bench_train_step(2 if quick else 5, smollm2()[0], "SmolLM2-135M-Instruct"), indent=2))
         return
     demo, demo_name = demo_model()
     budget = 32 if quick else 64
@@ -520,13 +565,9 @@ def main(argv: list[str] | None = None) -> None:
     lookup = bench_lookup(demo, [1, 4], 256, 3 if quick else 9,
                           world_prompts if demo_name == "world base model" else None)
     del demo
-    large = random_qwen2(768, 12, 32000)
-    rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1] if quick else [1, 8, 64],
-                          16 if quick else 64, [0.8], repeats)
-    if not quick:  # tau 0 needs the student at every position: the joint forward's cost at this size
-        rows += bench_rollout(large, f"random Qwen2 {params(large)}", [1], 64, [0.0], repeats)
-    del large
-    train = bench_train_step(4 if quick else 15)
+    real_rows, real = bench_real_model(quick, repeats)
+    rows += real_rows
+    train = real.pop("train_step_detail")
     memory = bench_loss_memory(512 if quick else 2048)
     teacher = bench_teacher_memory(1024 if quick else 2048)
     main_rows = [r for r in rows if r["tau"] == 0.8 and r["model"] == rows[0]["model"]]
@@ -539,6 +580,7 @@ def main(argv: list[str] | None = None) -> None:
         "rollout_draft_length": {str(r["batch"]): r["draft_length"] for r in main_rows},
         "rollout_double_rows_cost": {str(r["batch"]): r["double_rows_cost"] for r in main_rows},
         "rollout_details": rows,
+        "real_model": real,
         "inference_mode": modes,
         "lookup": lookup,
         "train_step": train,
@@ -559,17 +601,23 @@ def main(argv: list[str] | None = None) -> None:
           + f"; same traces: {lookup['same_traces']}")
     print(f"inference_mode (engine time under no_grad / under inference_mode, {demo_name}): "
           + ", ".join(f"batch {b} {r}" for b, r in modes["speedup"].items()) + f"; same traces: {modes['same_traces']}")
+    shared = real["shared_prompts"]
+    print(f"shared_prompts ({shared['samples']} samples of one CHAMP problem, engine time without sharing / with it, "
+          f"budget {shared['budget']}): {shared['speedup']} (spread {shared['spread']}; prefill share "
+          f"{shared['prefill_share']['unshared']} -> {shared['prefill_share']['shared']}; "
+          f"same traces: {shared['same_traces']})")
     ckpt = train["with_checkpointing"]
-    print(f"train_step (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s), "
+    print(f"train_step on {train['model']} (DAIL / NLL step time): {train['ratio']}  ({train['dail_s']} s / {train['nll_s']} s), "
           f"floor {train['floor']}, teacher cache filled {train['cached_ratio']}; with gradient checkpointing: "
           f"{ckpt['ratio']}, floor {ckpt['floor']}, cached {ckpt['cached_ratio']}  "
           "(floor: (NLL step + the teachers' forwards) / NLL step)")
-    print(f"loss_memory (chunked / plain peak): {memory['ratio']}  ({memory['chunked_mib']} MiB / "
-          f"{memory['plain_mib']} MiB at {memory['tokens']} tokens; |dloss| {memory['loss_abs_diff']:.2e})")
+    for m in (memory, real["loss_memory"]):
+        print(f"loss_memory at vocabulary {m['vocab']} (chunked / plain peak): {m['ratio']}  ({m['chunked_mib']} MiB / "
+              f"{m['plain_mib']} MiB at {m['tokens']} tokens; |dloss| {m['loss_abs_diff']:.2e})")
     print(f"teacher_memory (hook / all layers' outputs, peak): {teacher['ratio']}  ({teacher['hook_mib']} MiB / "
           f"{teacher['all_layers_mib']} MiB at {teacher['tokens']} tokens; same states: {teacher['same_hidden_states']})")
     if quick:
-        print("quick mode: budgets 32/16 tokens, batches 1 and 8 (demo) and 1 (100M), loss memory at 512 tokens")
+        print("quick mode: budget 32 tokens, batches 1 and 8, tau 0.8 only on SmolLM2, loss memory at 512 tokens")
 
 
 if __name__ == "__main__":

@@ -69,11 +69,11 @@ def test_teacher_memory_row_compares_the_same_hidden_states():
 
 @pytest.mark.slow
 def test_train_step_row_times_plain_cached_and_checkpointed_steps():
-    row = bench.bench_train_step(1, hidden=64, layers=2, vocab=300, response=16)
+    row = bench.bench_train_step(1, bench.random_qwen2(64, 2, 300), "toy", response=16)
     for mode in (row, row["with_checkpointing"]):
         assert {"ratio", "floor", "cached_ratio", "dail_s", "nll_s", "teacher_forwards_s"} <= mode.keys()
         assert all(mode[k] > 0 for k in ("ratio", "floor", "cached_ratio"))
-    assert "hidden 64" in row["model"] and "2 x 16" in row["batch"]
+    assert row["model"] == "toy, LoRA r=32" and "2 x 16" in row["batch"]
 
 
 @pytest.mark.slow
@@ -103,3 +103,28 @@ def test_lookup_row_times_the_engine_with_and_without_lookup_on_the_same_traces(
     assert set(row["speedup"]) == {"1", "2"} and all(r > 0 for r in row["speedup"].values())
     assert row["same_traces"] is True and 0 <= row["guessed_share"]["1"] <= 1
     assert engine.LOOKUP_ROWS > 0  # restored
+
+
+def test_shared_prompts_row_times_both_ways_on_the_same_traces(tiny):
+    from bench.real_model import bench_shared_prompts
+
+    model, tokenizer = tiny
+    row = bench_shared_prompts(model, tokenizer, budget=4, rounds=1, samples=3)
+    assert row["same_traces"] is True
+    assert row["prompts_encoded"] == {"unshared": 6, "shared": 2}  # two prompts per row, or per problem
+    assert row["speedup"] > 0 and row["spread"] >= 1.0
+    assert row["privileged_prompt_tokens"] > row["student_prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_real_model_prompts_hold_champ_problems_and_their_solutions(smollm2_dir):
+    from bench.real_model import champ_prompts, smollm2
+
+    _, tokenizer = smollm2()
+    student, privileged = champ_prompts(tokenizer, 3)
+    assert len({tuple(s) for s in student}) == 3  # three different problems
+    for s, p in zip(student, privileged, strict=True):
+        text = tokenizer.decode(p)
+        assert "You are a helpful AI assistant named SmolLM" in text and len(p) > len(s)
+    same, _ = champ_prompts(tokenizer, 2, one_problem=True)
+    assert same[0] == same[1]
