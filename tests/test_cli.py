@@ -227,3 +227,26 @@ def test_train_flags_land_in_the_training_arguments_over_the_config(tmp_path):
                                       str(cfg_file), "--teacher-cache-gb", "2.5", "--epochs", "3"])
     cfg = stage_config(TrainConfig, args, ("data", "traces", "out", "loss", "gamma"))
     assert cfg.training == {"teacher_cache_gb": 2.5, "lora_r": 4, "learning_rate": 0.1, "num_train_epochs": 3.0}
+
+
+@pytest.mark.parametrize("command, cls", [("generate", "GenerateConfig"), ("train", "TrainConfig"),
+                                          ("eval", "EvalConfig")])
+def test_shipped_stage_configs_load_with_a_model_name(command, cls):
+    """One example file per stage; `model: NAME` works there as in a pipeline file, and a model
+    flag adds to it instead of replacing it."""
+    from pathlib import Path
+
+    from dail import cli, config
+
+    path = Path(__file__).parent.parent / "configs" / f"{command}.yaml"
+    assert f"#   dail {command} --config configs/{command}.yaml" in path.read_text()  # the header's command
+    args = cli.build_parser().parse_args([command, "--config", str(path), "--dtype", "bfloat16"])
+    top = {"generate": ("data", "out", "tau", "samples", "keep", "grader"),
+           "train": ("data", "traces", "out", "loss", "gamma"),
+           "eval": ("data", "out", "adapter", "n", "grader")}[command]
+    cfg = cli.stage_config(getattr(config, cls), args, top)
+    assert cfg.model.model == "Qwen/Qwen2.5-7B-Instruct" and cfg.model.dtype == "bfloat16"
+    if command == "train":
+        from dail.trainer import DAILConfig
+
+        DAILConfig(output_dir="unused", loss=cfg.loss, **cfg.training)

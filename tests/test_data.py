@@ -72,6 +72,43 @@ def test_bad_input_names_file_line_and_field(tmp_path, lines, message):
     assert str(path) + message in str(err.value)
 
 
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    row = {"id": "a", "problem": "p", "solution": "s \\boxed{1}"}
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\r\n")
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([row]).encode())
+    for path in (jsonl, tmp_path / "bom.json"):
+        (problem,) = load_problems(path)
+        assert (problem.id, problem.answer) == ("a", "1")
+
+
+@pytest.mark.parametrize("line, column", [
+    ('{"id": "b", "problem": "p"', "column 27 (the line ends at column 26: truncated?)"),
+    ('{"id": "b", "problem": "a long stat', "column 24 (the line ends at column 35: truncated?)"),
+    ('{"id": "b" "problem": "p"}', "column 12"),
+])
+def test_malformed_json_is_located_where_it_breaks(tmp_path, line, column):
+    path = write_lines(tmp_path / "cut.jsonl", ['{"id": "a", "problem": "p", "solution": "s"}', line])
+    with pytest.raises(DataError) as err:
+        load_problems(path)
+    assert str(err.value).startswith(f"{path}:2: malformed JSON: ")
+    assert str(err.value).endswith(f" at {column}")
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        write_jsonl_atomic(tmp_path / "a.jsonl", [{"a": 1}])
+        os.umask(0o022)
+        write_jsonl_atomic(tmp_path / "b.jsonl", [{"a": 1}])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o644
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_problems(tmp_path / "nope.jsonl")

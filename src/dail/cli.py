@@ -20,6 +20,7 @@ from dail.config import (
     from_dict,
     load_yaml,
     merge,
+    model_shorthand,
 )
 
 logger = logging.getLogger("dail")
@@ -253,7 +254,7 @@ def flags_to_dict(args: argparse.Namespace, top_keys: tuple[str, ...]) -> dict[s
 
 
 def stage_config(cls: type, args: argparse.Namespace, top_keys: tuple[str, ...]) -> Any:
-    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    base = model_shorthand(load_yaml(args.config)) if getattr(args, "config", None) else {}
     values = merge(base, flags_to_dict(args, top_keys))
     if cls is not TrainConfig:
         values.pop("training", None)

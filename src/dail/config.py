@@ -207,6 +207,8 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a (nested) dict, rejecting unknown keys by name."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    if cls is not ModelConfig:
+        values = model_shorthand(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -219,6 +221,13 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def model_shorthand(values: dict[str, Any]) -> dict[str, Any]:
+    """`model: NAME` stands for `model: {model: NAME}` (the other model settings at defaults)."""
+    if isinstance(values.get("model"), str):
+        return {**values, "model": {"model": values["model"]}}
+    return values
 
 
 # Sections shared by several stages: a key of this name is always this dataclass.

@@ -149,20 +149,33 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[str, Any]]:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                # Editors on Windows start files with a byte-order mark; it is not part of the JSON.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+            # Without its line ending, a cut-off line breaks where it ends, not at column 1 of
+            # the next line.
+            line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from None
+                raise DataError(f"{where}: malformed JSON: {_json_problem(e, line)}") from None
+
+
+def _json_problem(error: json.JSONDecodeError, line: str) -> str:
+    """The parser's complaint and where on the line it arose; a line that simply stops is
+    called truncated."""
+    where = f"column {error.colno}"
+    if error.pos >= len(line.rstrip()) or error.msg.startswith("Unterminated string"):
+        where += f" (the line ends at column {len(line)}: truncated?)"
+    return f"{error.msg} at {where}"
 
 
 def _rows_from_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except json.JSONDecodeError as e:
@@ -278,6 +291,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file readable by its owner only; the final file gets the mode
+        # any other new file would (0644 under the usual umask 022).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -286,6 +302,13 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (only readable by setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
