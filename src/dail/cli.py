@@ -112,6 +112,13 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="sequences decoded together")
 
 
+def _report_to(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--report-to", metavar="{tensorboard,wandb,none}",
+                   help="where the training curves also go: tensorboard (into OUT/tensorboard; "
+                        "pip install 'dail[tensorboard]'), wandb, none, or a comma-separated list"
+                        + (f" (default: {default})" if default else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dail", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -148,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kl-direction", choices=["reverse", "forward"],
                    help="reverse = KL(student || teacher), forward = KL(teacher || student)")
     t.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
+    _report_to(t)
     t.add_argument("--teacher-cache-gb", type=float,
                    help="host memory per process for the teachers' hidden states, reused after the first epoch")
 
@@ -177,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate -> select -> train -> eval from one YAML config",
                        formatter_class=_help_with_defaults())
     r.add_argument("--config", required=True, help="the pipeline's YAML file (see configs/)")
+    _report_to(r, default="the config's train.training.report_to, else none")
 
     d = sub.add_parser("demo", help="the whole comparison on the embedded default",
                        formatter_class=_help_with_defaults())
@@ -232,7 +241,8 @@ _MODEL_KEYS = ("model", "dtype", "device", "trust_remote_code")
 _PROMPT_KEYS = ("student_template", "privileged_template", "negative_template", "waypoints",
                 "thinking", "max_prompt_tokens")
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size")
-_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "kl_direction", "merge", "teacher_cache_gb")
+_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "kl_direction", "merge", "teacher_cache_gb",
+                  "report_to")
 
 
 def flags_to_dict(args: argparse.Namespace, top_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -306,7 +316,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from dail import pipeline
 
-    pipeline.run(load_yaml(args.config), where=args.config)
+    config = load_yaml(args.config)
+    if args.report_to is not None:
+        config = merge(config, {"train": {"training": {"report_to": args.report_to}}})
+    pipeline.run(config, where=args.config)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

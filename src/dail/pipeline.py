@@ -58,9 +58,12 @@ def stage_configs(config: dict[str, Any], *, where: str = "config") -> dict[str,
 
 def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     """Run every stage that is not complete; returns `{"base": summary, "trained": summary}`."""
-    from dail import evaluate, generate, train
+    from dail import evaluate, generate, reporting, train
 
     stages = stage_configs(config, where=where)
+    # Hours of generation must not end in "tensorboard is not installed".
+    reporting.check_report_to(stages["train"].training.get("report_to"),
+                              where=f"{where}: train.training.report_to")
     out = Path(config["out"])
     gen_cfg, train_cfg = stages["generate"], stages["train"]
 

@@ -32,10 +32,11 @@ def run(cfg: TrainConfig) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from dail import distributed, models
+    from dail import distributed, models, reporting
     from dail.trainer import DAILCollator, DAILTrainer
 
     out = Path(cfg.out)
+    reporting.check_report_to(cfg.training.get("report_to"), where="report_to")
     strategy = distributed.check_training_strategy(cfg.training, loss=cfg.loss)
     args = _training_args(cfg, out)
     sharded = strategy["deepspeed_stage"] == 3 or strategy["fsdp_version"] is not None
@@ -56,6 +57,7 @@ def run(cfg: TrainConfig) -> Path:
         ("student", "privileged") if args.uses_teacher else ("student",))
     trainer = DAILTrainer(model=model, args=args, train_dataset=examples,
                           data_collator=DAILCollator(tokenizer.pad_token_id, roles))
+    reporting.send_tensorboard_to(trainer, out / "tensorboard")
     last = last_complete_checkpoint(Path(args.output_dir), remove_incomplete=trainer.is_world_process_zero())
     if last:
         logger.info("resuming from %s", last)
