@@ -93,13 +93,3 @@ def test_markdown_contains_table_rows():
     assert "| 512 | 0.2500 |" in md
     assert "verifiable: 2" in md
     assert md.endswith("\n")
-
-
-def test_plot_summaries_writes_both_figures(tmp_path):
-    from dail.report import plot_summaries
-
-    runs = {"base": {"pass@1": 0.1, "pass@2": 0.2, "accuracy_under_budget": {"64": 0.05, "128": 0.1}},
-            "dail": {"pass@1": 0.3, "pass@2": 0.5, "accuracy_under_budget": {"64": 0.2, "128": None}}}
-    written = plot_summaries(runs, tmp_path / "plots")
-    assert [p.name for p in written] == ["pass_at_k.png", "accuracy_vs_budget.png"]
-    assert all(p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)

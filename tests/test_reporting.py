@@ -68,7 +68,7 @@ def test_run_refuses_a_missing_package_before_generating(
 
 
 @pytest.mark.slow
-def test_tensorboard_receives_the_training_curves(tiny_model_dir, problems_file, tmp_path):
+def test_training_curves_reach_tensorboard_and_dail_plot(tiny_model_dir, problems_file, tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -79,3 +79,6 @@ def test_tensorboard_receives_the_training_curves(tiny_model_dir, problems_file,
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/learning_rate", "train/nll"} <= tags
     assert len(events.Scalars("train/loss")) >= 1
+    # The same curves, from train_summary.json, drawn by `dail plot`.
+    assert run_cli("plot", out, "--out", tmp_path / "figs") == 0
+    assert (tmp_path / "figs" / "training_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -201,9 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None,
                    help="a replicate of the whole comparison: new problems, rollouts and training (default 0)")
 
-    pl = sub.add_parser("plot", help="pass@k and token-budget plots of several eval summaries",
+    pl = sub.add_parser("plot", help="pass@k and token-budget plots of eval summaries; training curves",
                         formatter_class=_help_with_defaults())
-    pl.add_argument("summaries", nargs="+", help="summary.json files (or eval output folders)")
+    pl.add_argument("summaries", nargs="+",
+                    help="eval summary.json or train_summary.json files, or the folders holding them")
     pl.add_argument("--out", required=True, help="folder for the PNG files")
     pl.add_argument("--labels", nargs="*", help="one name per summary (default: folder names)")
 
@@ -332,24 +333,46 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
+    from dail.plots import plot_summaries, plot_training
+
+    labels = args.labels or [None] * len(args.summaries)
+    if len(labels) != len(args.summaries):
+        raise ConfigError(f"--labels gives {len(labels)} names for {len(args.summaries)} summaries")
+    evals, trainings = {}, {}
+    for given, label in zip(args.summaries, labels, strict=True):
+        path, summary = _read_summary(given)
+        (trainings if "log_history" in summary else evals)[label or path.parent.name] = summary
+    written = []
+    if evals:
+        written += plot_summaries(evals, args.out)
+    if trainings:
+        written.append(plot_training(trainings, args.out))
+    for path in written:
+        print(path)
+
+
+def _read_summary(given: str) -> tuple[Any, dict[str, Any]]:
+    """An eval `summary.json` or a `train_summary.json`, given as the file or its folder."""
     import json
     from pathlib import Path
 
     from dail.data import DataError
-    from dail.report import plot_summaries
 
-    paths = [Path(p) / "summary.json" if Path(p).is_dir() else Path(p) for p in args.summaries]
-    labels = args.labels or [p.parent.name for p in paths]
-    if len(labels) != len(paths):
-        raise ConfigError(f"--labels gives {len(labels)} names for {len(paths)} summaries")
-    summaries = {}
-    for label, path in zip(labels, paths, strict=True):
-        try:
-            summaries[label] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: cannot read an eval summary ({e})") from None
-    for written in plot_summaries(summaries, args.out):
-        print(written)
+    path = Path(given)
+    if path.is_dir():
+        found = [path / name for name in ("summary.json", "train_summary.json") if (path / name).exists()]
+        if not found:
+            raise DataError(f"{path}: holds neither summary.json (dail eval) nor train_summary.json (dail train)")
+        path = found[0]
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read a summary ({e})") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{path}: not a summary of dail eval or dail train")
+    if "log_history" in summary and not summary["log_history"]:
+        raise DataError(f"{path}: its log_history is empty, so there is no training curve to draw")
+    return path, summary
 
 
 COMMANDS = {"plot": cmd_plot, "generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,

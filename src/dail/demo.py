@@ -507,6 +507,6 @@ def report(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], root: Path) -> None:
     """pass@k curves and accuracy against token budget of every method, as PNG."""
-    from dail.report import plot_summaries
+    from dail.plots import plot_summaries
 
     plot_summaries(results["methods"], root, title="(held-out novel problems)")

@@ -45,6 +45,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     summary = summarize(samples, budgets=cfg.budgets)
     summary["model"] = cfg.model.model
     summary["adapter"] = cfg.adapter
+    # The responses' token budget (unknown for samples made elsewhere): plots stop there.
+    summary["max_new_tokens"] = None if cfg.samples_file else cfg.sampling.max_new_tokens
     out = Path(cfg.out)
     if shard.writes_merged:  # summary.json after samples.jsonl: its presence marks completion
         write_jsonl_atomic(out / "samples.jsonl", samples)
