@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     _prompts(i)
     i.add_argument("--id", required=True, help="problem id")
     i.add_argument("--traces", help="a traces file whose trace of this problem is shown aligned "
-                                    "(default: a fresh trace of at most 32 tokens)")
+                                    "(default: a fresh trace of --tokens tokens)")
+    i.add_argument("--sample", type=int, help="which of the problem's traces in --traces (default: its first)")
+    i.add_argument("--tokens", type=int, default=24, help="response tokens shown, 0 for all (default: 24)")
     i.add_argument("--tau", type=float, help="threshold of the fresh trace shown when --traces is not given")
     _sampling(i)
 
@@ -310,8 +312,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from dail import inspect as inspect_mod
 
     args.out = "-"  # prints; writes nothing
+    if args.tokens < 0:
+        raise ConfigError(f"--tokens {args.tokens}: must be >= 0 (0 shows every token)")
+    if args.sample is not None and args.sample < 0:
+        raise ConfigError(f"--sample {args.sample}: must be >= 0 (samples are numbered from 0)")
     cfg = stage_config(GenerateConfig, args, ("data", "out", "tau"))
-    print(inspect_mod.describe(cfg, problem_id=args.id, traces=args.traces))
+    print(inspect_mod.describe(cfg, problem_id=args.id, traces=args.traces, sample=args.sample,
+                               max_rows=args.tokens))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
