@@ -210,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True, help="folder for the PNG files")
     pl.add_argument("--labels", nargs="*", help="one name per summary (default: folder names)")
 
+    v = sub.add_parser("view", help="an HTML page of traces: each token coloured by its source",
+                       formatter_class=_help_with_defaults())
+    v.add_argument("traces", help="a traces file (traces.jsonl or selected.jsonl from `dail generate`)")
+    v.add_argument("--out", required=True, help="the HTML file to write")
+    v.add_argument("--model", help="whose tokenizer decodes the tokens (default: the model in the "
+                                   "generate_config.json beside the traces)")
+    v.add_argument("--per-problem", type=int, default=None,
+                   help="traces shown per problem, 0 for all (default: 4)")
+
     # `dail world ...` is handed whole to `python -m dail.world` (see main).
     sub.add_parser("world", help="the didactic world: pretrain, validity, export", add_help=False)
     return parser
@@ -382,8 +391,17 @@ def _read_summary(given: str) -> tuple[Any, dict[str, Any]]:
     return path, summary
 
 
+def cmd_view(args: argparse.Namespace) -> None:
+    from dail import view
+
+    per_problem = view.DEFAULT_PER_PROBLEM if args.per_problem is None else args.per_problem
+    if per_problem < 0:
+        raise ConfigError(f"--per-problem {per_problem}: must be >= 0 (0 shows every trace)")
+    print(view.run(args.traces, args.out, model=args.model, per_problem=per_problem))
+
+
 COMMANDS = {"plot": cmd_plot, "generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
-            "run": cmd_run, "demo": cmd_demo}
+            "run": cmd_run, "demo": cmd_demo, "view": cmd_view}
 
 
 def main(argv: list[str] | None = None) -> int:
