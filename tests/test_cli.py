@@ -99,9 +99,9 @@ def test_bad_config_is_refused(tmp_path, capsys, problems_file):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tau: 0.8\nsamplez: 3\n")
     assert run_cli("generate", "--config", cfg, "--model", "m", "--data", problems_file, "--out", tmp_path / "o") == 2
-    assert "unknown key(s) ['samplez']" in capsys.readouterr().err
+    assert "unknown key(s) 'samplez' (did you mean 'samples'?)" in capsys.readouterr().err
     assert run_cli("generate", "--model", "m", "--data", problems_file, "--out", tmp_path / "o", "--tau", 1.5) == 2
-    assert "tau must be in [0, 1]" in capsys.readouterr().err
+    assert "--tau 1.5: out of range; allowed: [0, 1]" in capsys.readouterr().err
     assert run_cli("eval", "--data", problems_file, "--out", tmp_path / "o") == 2
     assert "--model is required" in capsys.readouterr().err
 
@@ -250,3 +250,53 @@ def test_shipped_stage_configs_load_with_a_model_name(command, cls):
         from dail.trainer import DAILConfig
 
         DAILConfig(output_dir="unused", loss=cfg.loss, **cfg.training)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["generate", "--tau", "1.5"], "--tau 1.5: out of range; allowed: [0, 1]"),
+    (["generate", "--samples", "-3"], "--samples -3: out of range; allowed: >= 1"),
+    (["generate", "--top-p", "0"], "--top-p 0.0: out of range; allowed: (0, 1]"),
+    (["generate", "--temperature", "-1"], "--temperature -1.0: out of range; allowed: >= 0"),
+    (["generate", "--max-new-tokens", "0"], "--max-new-tokens 0: out of range; allowed: >= 1"),
+    (["train", "--gamma", "-1"], "--gamma -1.0: out of range; allowed: >= 0"),
+    (["train", "--learning-rate", "0"], "--learning-rate 0.0: out of range; allowed: > 0"),
+    (["train", "--epochs", "-2"], "--epochs -2.0: out of range; allowed: > 0"),
+    (["eval", "--n", "0"], "--n 0: out of range; allowed: >= 1"),
+])
+def test_a_number_out_of_range_is_one_line_naming_flag_value_and_range(tmp_path, capsys, argv, line):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"id": "a", "problem": "p", "solution": "s"}\n')
+    command, *flags = argv
+    where = ["--traces", data] if command == "train" else ["--data", data]
+    code = run_cli(command, "--model", "m", *where, "--out", tmp_path / "o", *flags)
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"dail {command}: error: {line}"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("section, value, message", [
+    ("train", {"training": {"lora_rank": 8}}, "unknown key(s) 'lora_rank' (did you mean 'lora_r'?)"),
+    ("train", {"training": {"learning_rate": "fast"}}, "training: learning_rate: 'fast' is not a number"),
+    ("train", {"training": {"lora_r": 0}}, "lora_r 0: out of range; allowed: >= 1"),
+    ("train", {"training": {"lr_scheduler_type": "cosine_decay"}}, "training: cosine_decay is not a valid"),
+    ("generate", {"tau": "high"}, "generate: tau: 'high' is not a number"),
+    ("generate", {"grader": "maths"}, "--grader: unknown grader 'maths'"),
+    ("eval", {"budgets": [512, 0]}, "budgets 0: out of range; allowed: >= 1"),
+    ("eval", {"grader": "mymodule_that_is_missing:grade"}, "cannot import module"),
+    ("prompts", {"student_template": "no/such/template.txt"}, "--student-template no/such/template.txt: no such"),
+    ("trian", {"loss": "nll"}, "unknown key(s) 'trian' (did you mean 'train'?)"),
+])
+def test_dail_run_checks_every_stage_before_any_work(tiny_model_dir, problems_file, tmp_path, capsys,
+                                                     section, value, message):
+    """A mistake in any stage's settings stops `dail run` before the first stage starts."""
+    out = tmp_path / "run"
+    config = {"model": str(tiny_model_dir), "data": str(problems_file), "out": str(out),
+              "sampling": {"max_new_tokens": 4}, "generate": {"samples": 1},
+              "train": {"loss": "kl", "training": {"max_steps": 1}}}
+    config[section] = value if section in ("prompts", "trian") else {**config.get(section, {}), **value}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run_cli("run", "--config", path) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

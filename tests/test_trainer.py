@@ -306,14 +306,14 @@ def test_teacher_cache_keeps_rows_only_up_to_its_capacity():
 def test_teacher_cache_needs_the_chunked_loss():
     with pytest.raises(ValueError, match="loss_chunk_size"):
         DAILConfig(output_dir="x", teacher_cache_gb=1.0, loss_chunk_size=0)
-    with pytest.raises(ValueError, match="teacher_cache_gb"):
+    with pytest.raises(ValueError, match="--teacher-cache-gb -1.0: out of range"):
         DAILConfig(output_dir="x", teacher_cache_gb=-1.0)
 
 
 @pytest.mark.skipif(has_accelerator(), reason="the defaults without an accelerator")
 def test_training_without_an_accelerator_does_not_pin_memory(tmp_path):
-    from dail.train import _training_args
+    from dail.train import training_arguments
 
-    args = _training_args(TrainConfig(data="unused", out=str(tmp_path), loss="dail"), tmp_path)
+    args = training_arguments(TrainConfig(data="unused", out=str(tmp_path), loss="dail"), tmp_path)
     assert args.dataloader_pin_memory is False and not args.gradient_checkpointing and not args.bf16
     assert DAILConfig(output_dir=str(tmp_path), dataloader_pin_memory=True).dataloader_pin_memory is False

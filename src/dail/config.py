@@ -8,6 +8,9 @@ with a message that says how to fix them. The training stage's config (`DAILConf
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +22,120 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used."""
+
+
+# The flag of each numeric setting that has one (errors name the flag; other settings by key).
+_FLAGS = {"num_train_epochs": "--epochs"} | {key: "--" + key.replace("_", "-") for key in (
+    "tau", "samples", "retries", "keep", "draft_length", "max_new_tokens", "temperature", "top_p",
+    "top_k", "seed", "batch_size", "max_prompt_tokens", "gamma", "learning_rate", "max_length",
+    "teacher_cache_gb", "n")}
+
+
+def check_range(key: str, value: float | None, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Refuse a number outside its allowed range, in one line naming flag, value and range.
+
+    Raises:
+        ConfigError: e.g. "--tau 1.5: out of range; allowed: [0, 1]".
+    """
+    if value is None:
+        return
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if above and below:
+        return
+    if low is not None and high is not None:
+        allowed = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = f"{'<' if high_open else '<='} {high:g}"
+    raise ConfigError(f"{_FLAGS.get(key, key)} {value}: out of range; allowed: {allowed}")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{_FLAGS.get(key, key)} {value!r}: not one of {', '.join(choices)}")
+
+
+def unknown_keys(where: str, given: Any, known: Any, *, shown: str | None = None,
+                 first: Any = ()) -> ConfigError | None:
+    """The error for keys that are not settings, with the closest known key for each (looked
+    for among `first` before the rest); `shown` replaces the list of known keys when it is long."""
+    unknown = sorted(set(given) - set(known))
+    if not unknown:
+        return None
+    hints = []
+    for key in unknown:
+        close = (difflib.get_close_matches(key, list(first), n=1, cutoff=0.6)
+                 or difflib.get_close_matches(key, list(known), n=1, cutoff=0.6))
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return ConfigError(f"{where}: unknown key(s) {', '.join(hints)}; known keys: {shown or sorted(known)}")
+
+
+def type_problem(value: Any, hint: Any) -> str | None:
+    """What `value` should have been for the annotation `hint`, or None when it fits. Only
+    plain types are judged (numbers, strings, booleans, lists, mappings); others pass."""
+    if hint is Any or value is None and _allows_none(hint):
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [h for h in typing.get_args(hint) if h is not type(None)]
+        problems = [type_problem(value, h) for h in options]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+    if origin is typing.Literal:
+        return None if value in typing.get_args(hint) else f"one of {list(typing.get_args(hint))}"
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            return "a list"
+        (item,) = typing.get_args(hint) or (Any,)
+        problems = [type_problem(v, item) for v in value]
+        return next((f"a list of {p.removeprefix('a ').removeprefix('an ')}s" for p in problems if p), None)
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def _allows_none(hint: Any) -> bool:
+    return hint is type(None) or type(None) in typing.get_args(hint)
+
+
+def check_types(where: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a value whose type does not fit its dataclass field, naming key and value.
+
+    YAML 1.1 reads `2e-4` (no dot) as text, so a number field takes a string that is a number.
+
+    Returns:
+        The values, such strings as numbers.
+
+    Raises:
+        ConfigError: e.g. "train.yaml: training: learning_rate: 'fast' is not a number".
+    """
+    hints = typing.get_type_hints(cls)
+    values = {key: _number_from_text(value, hints.get(key, Any)) for key, value in values.items()}
+    for key, value in values.items():
+        problem = "a mapping" if hints.get(key) is _NESTED.get(key) and not isinstance(value, dict) else \
+            type_problem(value, hints.get(key, Any))
+        if problem:
+            raise ConfigError(f"{where}: {key}: {value!r} is not {problem}")
+    return values
+
+
+def _number_from_text(value: Any, hint: Any) -> Any:
+    if isinstance(value, str) and (hint is float or float in typing.get_args(hint)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 @dataclass
@@ -40,8 +157,7 @@ class ModelConfig:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ConfigError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
+        check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
 
 
 @dataclass
@@ -67,6 +183,9 @@ class PromptConfig:
     system_prompt: str | None = None
     max_prompt_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        check_range("max_prompt_tokens", self.max_prompt_tokens, low=1)
+
 
 @dataclass
 class SamplingConfig:
@@ -80,16 +199,11 @@ class SamplingConfig:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError("temperature must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ConfigError("top_k must be >= 0 (0 disables it)")
-        if self.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size must be >= 1")
+        check_range("temperature", self.temperature, low=0)  # 0 is greedy
+        check_range("top_p", self.top_p, low=0, high=1, low_open=True)
+        check_range("top_k", self.top_k, low=0)  # 0 disables it
+        check_range("max_new_tokens", self.max_new_tokens, low=1)
+        check_range("batch_size", self.batch_size, low=1)
 
 
 @dataclass
@@ -131,10 +245,12 @@ class GenerateConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.tau <= 1:
-            raise ConfigError(f"tau must be in [0, 1], not {self.tau}")
-        if self.samples < 1 or self.keep < 1 or self.retries < 0:
-            raise ConfigError("samples and keep must be >= 1, retries >= 0")
+        check_range("tau", self.tau, low=0, high=1)
+        check_range("samples", self.samples, low=1)
+        check_range("keep", self.keep, low=1)
+        check_range("retries", self.retries, low=0)
+        check_range("draft_length", self.draft_length, low=0)
+        check_choice("engine", self.engine, ("draft", "reference"))
         _check_shard(self.shard)
 
 
@@ -163,8 +279,9 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ConfigError("n must be >= 1")
+        check_range("n", self.n, low=1)
+        for budget in self.budgets:
+            check_range("budgets", budget, low=1)
         _check_shard(self.shard)
 
 
@@ -196,8 +313,8 @@ class TrainConfig:
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.loss not in ("dail", "kl", "nll", "sft"):
-            raise ConfigError(f"loss must be dail, kl, nll or sft, not {self.loss!r}")
+        check_choice("loss", self.loss, ("dail", "kl", "nll", "sft"))
+        check_range("gamma", self.gamma, low=0)  # it weights a term that is subtracted
 
 
 # --------------------------------------------------------------------------- loading
@@ -210,9 +327,10 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     if cls is not ModelConfig:
         values = model_shorthand(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    error = unknown_keys(where, values, fields)
+    if error:
+        raise error
+    values = check_types(where, cls, values)
     kwargs = {}
     for name, value in values.items():
         sub = _NESTED.get(name)

@@ -18,7 +18,6 @@ from dail.config import EvalConfig, to_dict
 from dail.data import (
     DataError,
     iter_jsonl,
-    resolve_problems,
     write_json_atomic,
     write_jsonl_atomic,
     write_text_atomic,
@@ -29,10 +28,10 @@ logger = logging.getLogger(__name__)
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and return the summary (also written to `<out>/summary.json`)."""
-    from dail import distributed
+    from dail import distributed, preflight
     from dail.report import score_samples, summarize, to_markdown
 
-    problems = resolve_problems(cfg.data)
+    problems = preflight.check_eval(cfg)
     gold = {p.id: p.answer for p in problems}
     shard = distributed.current_shard(cfg.shard)
     if cfg.samples_file:

@@ -21,7 +21,6 @@ from dail.config import GenerateConfig, PromptConfig, to_dict
 from dail.data import (
     Problem,
     group_by_problem,
-    resolve_problems,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -42,10 +41,10 @@ class PreparedProblem:
 
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces and select from them; returns the summary also written to disk."""
-    from dail import distributed, models
+    from dail import distributed, models, preflight
     from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
 
-    problems = resolve_problems(cfg.data)
+    problems = preflight.check_generate(cfg)
     out = Path(cfg.out)
     model, tokenizer = models.load(cfg.model)
     budget = cfg.sampling.max_new_tokens

@@ -19,7 +19,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dail.config import ConfigError, EvalConfig, GenerateConfig, TrainConfig, from_dict, merge
+from dail.config import (
+    ConfigError,
+    EvalConfig,
+    GenerateConfig,
+    TrainConfig,
+    from_dict,
+    merge,
+    unknown_keys,
+)
 from dail.data import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -29,9 +37,9 @@ _SECTIONS = {"model", "data", "eval_data", "out", "prompts", "sampling", "genera
 
 def stage_configs(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     """Validate a pipeline config; return the generate, train and per-eval stage configs."""
-    unknown = sorted(set(config) - _SECTIONS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(_SECTIONS)}")
+    error = unknown_keys(where, config, _SECTIONS)
+    if error:
+        raise error
     for key in ("model", "data", "out"):
         if not config.get(key):
             raise ConfigError(f"{where}: '{key}' is required")
@@ -56,6 +64,23 @@ def stage_configs(config: dict[str, Any], *, where: str = "config") -> dict[str,
     return stages
 
 
+def check_stages(stages: dict[str, Any]) -> None:
+    """Every stage's checks (`dail.preflight`) before the first stage starts; inputs that an
+    earlier stage is still to write are checked by that stage's settings instead."""
+    from dail import preflight
+
+    gen_cfg, train_cfg = stages["generate"], stages["train"]
+    preflight.check_model(gen_cfg.model)
+    if train_cfg.loss != "sft":
+        preflight.check_generate(gen_cfg)
+    traces = Path(train_cfg.traces) if train_cfg.traces else None
+    preflight.check_train(train_cfg, traces_pending=traces is not None and not traces.exists()
+                          and traces.parent == Path(gen_cfg.out))
+    for name in ("base", "trained"):
+        cfg = stages[f"eval_{name}"]
+        preflight.check_eval(cfg, adapter_pending=cfg.adapter == str(Path(train_cfg.out) / "adapter"))
+
+
 def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     """Run every stage that is not complete; returns `{"base": summary, "trained": summary}`."""
     from dail import evaluate, generate, reporting, train
@@ -64,6 +89,7 @@ def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     # Hours of generation must not end in "tensorboard is not installed".
     reporting.check_report_to(stages["train"].training.get("report_to"),
                               where=f"{where}: train.training.report_to")
+    check_stages(stages)
     out = Path(config["out"])
     gen_cfg, train_cfg = stages["generate"], stages["train"]
 

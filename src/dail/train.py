@@ -10,6 +10,7 @@ model is loaded on the CPU and the Trainer places one replica per process. See d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 
-from dail.config import TrainConfig, to_dict
+from dail.config import ConfigError, TrainConfig, check_types, to_dict, unknown_keys
 from dail.data import DataError, iter_jsonl, load_problems, save_dir_atomic, write_json_atomic
 from dail.prompts import ROLES
 
@@ -32,13 +34,13 @@ def run(cfg: TrainConfig) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from dail import distributed, models, reporting
+    from dail import distributed, models, preflight, reporting
     from dail.trainer import DAILCollator, DAILTrainer
 
     out = Path(cfg.out)
     reporting.check_report_to(cfg.training.get("report_to"), where="report_to")
-    strategy = distributed.check_training_strategy(cfg.training, loss=cfg.loss)
-    args = _training_args(cfg, out)
+    args = preflight.check_train(cfg)
+    strategy = distributed.training_strategy(cfg.training)
     sharded = strategy["deepspeed_stage"] == 3 or strategy["fsdp_version"] is not None
     tokenizer = models.load_tokenizer(cfg.model)
     examples = load_examples(cfg, tokenizer, max_length=args.max_length)
@@ -149,11 +151,24 @@ def _merge_from_disk(cfg: TrainConfig, adapter: Path) -> Any:
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
-def _training_args(cfg: TrainConfig, out: Path) -> Any:
+def training_arguments(cfg: TrainConfig, out: Path | None = None) -> Any:
+    """The Trainer's arguments (`DAILConfig`) for the stage, checked before anything loads.
+
+    Raises:
+        ConfigError: a key that is no `TrainingArguments`/`DAILConfig` field (with the closest
+            one), a value of the wrong type or out of range, or one `TrainingArguments` refuses.
+    """
     from dail.trainer import DAILConfig
 
+    out = Path(cfg.out) if out is None else out
+    known = {f.name for f in dataclasses.fields(DAILConfig) if f.init}
+    own = sorted({f.name for f in dataclasses.fields(DAILConfig)} - _TRAINING_ARGUMENT_FIELDS)
+    error = unknown_keys("training", cfg.training, known, first=own,
+                         shown=f"{own} and any transformers.TrainingArguments field")
+    if error:
+        raise error
     values: dict[str, Any] = {"output_dir": str(out / "checkpoints"), "loss": cfg.loss,
-                              "gamma": cfg.gamma, **cfg.training}
+                              "gamma": cfg.gamma, **check_types("training", DAILConfig, cfg.training)}
     if torch.cuda.is_available():
         # The release trains in bf16 with gradient checkpointing; on a CPU both only cost time.
         values.setdefault("bf16", torch.cuda.is_bf16_supported())
@@ -165,7 +180,15 @@ def _training_args(cfg: TrainConfig, out: Path) -> Any:
         values.setdefault("use_cpu", True)  # several CPU processes: DDP over gloo
     # Every LoRA parameter takes part in every step; searching for unused ones costs a graph walk.
     values.setdefault("ddp_find_unused_parameters", False)
-    return DAILConfig(**values)
+    try:
+        return DAILConfig(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # TrainingArguments' own checks
+        raise ConfigError(f"training: {e}") from None
+
+
+_TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
 def _lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainingArguments
 
+from dail.config import ConfigError, check_choice, check_range
 from dail.loss import chunked_contrastive_kl_terms, chunked_nll_sum, contrastive_kl_terms, nll
 from dail.teacher_cache import TeacherCache
 
@@ -85,21 +86,24 @@ class DAILConfig(TrainingArguments):
     report_to: str | list[str] = "none"
 
     def __post_init__(self) -> None:
-        if self.loss not in ("dail", "kl", "nll", "sft"):
-            raise ValueError(f"loss must be dail, kl, nll or sft, not {self.loss!r}")
-        if self.kl_direction not in ("reverse", "forward"):
-            raise ValueError(f"kl_direction must be reverse or forward, not {self.kl_direction!r}")
+        check_choice("loss", self.loss, ("dail", "kl", "nll", "sft"))
+        check_choice("kl_direction", self.kl_direction, ("reverse", "forward"))
         if self.loss == "kl":
             self.gamma = 0.0
-        if self.loss_chunk_size < 0:
-            raise ValueError("loss_chunk_size must be >= 0 (0 = plain full-logit loss)")
-        if self.teacher_cache_gb < 0:
-            raise ValueError("teacher_cache_gb must be >= 0 (0 = no cache)")
+        check_range("gamma", self.gamma, low=0)  # it weights a term that is subtracted
+        check_range("loss_chunk_size", self.loss_chunk_size, low=0)  # 0 = plain full-logit loss
+        check_range("teacher_cache_gb", self.teacher_cache_gb, low=0)  # 0 = no cache
         if self.teacher_cache_gb > 0 and self.loss_chunk_size == 0:
-            raise ValueError("teacher_cache_gb needs the chunked loss (loss_chunk_size > 0): "
-                             "the cache holds hidden states, not full-vocabulary logits")
-        if self.gamma < 0:
-            raise ValueError("gamma must be >= 0 (it weights a term that is subtracted)")
+            raise ConfigError("teacher_cache_gb needs the chunked loss (loss_chunk_size > 0): "
+                              "the cache holds hidden states, not full-vocabulary logits")
+        check_range("lora_r", self.lora_r, low=1)
+        check_range("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        check_range("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        check_range("max_length", self.max_length, low=2)
+        check_range("learning_rate", self.learning_rate, low=0, low_open=True)
+        check_range("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
+        check_range("per_device_train_batch_size", self.per_device_train_batch_size, low=1)
+        check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, low=1)
         if not has_accelerator():
             self.dataloader_pin_memory = False  # pinned memory only serves an accelerator (else a warning)
         super().__post_init__()
