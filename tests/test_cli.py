@@ -15,11 +15,12 @@ def run_cli(*argv):
 
 
 @pytest.mark.slow
-def test_dail_run_end_to_end(tiny_model_dir, problems_file, tmp_path):
+def test_dail_run_end_to_end(tiny_model_dir, problems_file, tmp_path, capsys):
     out = tmp_path / "run"
     config = {
         "model": str(tiny_model_dir),
         "data": str(problems_file),
+        "eval_data": str(problems_file),
         "out": str(out),
         "sampling": {"max_new_tokens": 8, "batch_size": 8},
         "generate": {"samples": 2, "tau": 0.5},
@@ -31,6 +32,15 @@ def test_dail_run_end_to_end(tiny_model_dir, problems_file, tmp_path):
     assert run_cli("run", "--config", path) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"base", "trained"}
+    # The base-versus-trained table is printed and written with the plots.
+    printed = capsys.readouterr().out
+    assert "| | base | trained | trained - base |" in printed
+    base, trained = results["base"]["pass@1"], results["trained"]["pass@1"]
+    assert f"| pass@1 | {base:.4f} | {trained:.4f} | {trained - base:+.4f} |" in printed
+    assert "| accuracy within 8 tokens |" in printed
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert table == [line for line in (out / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert {p.name for p in (out / "plots").iterdir()} == {"pass_at_k.png", "accuracy_vs_budget.png"}
     for summary in results.values():
         assert {"pass@1", "pass@2", "mean_tokens"} <= set(summary)
     traces = [json.loads(line) for line in (out / "generate" / "traces.jsonl").read_text().splitlines()]

@@ -100,3 +100,14 @@ def test_plot_summaries_writes_png_files(tmp_path):
     written = plot_summaries(RUNS, tmp_path / "plots")
     assert [p.name for p in written] == ["pass_at_k.png", "accuracy_vs_budget.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_comparison_table_stops_at_max_new_tokens_and_shows_the_difference():
+    from dail.report import comparison_table
+
+    trained = {**RUNS["dail"], "pass@1": 0.25, "mean_tokens": 40.0}
+    table = comparison_table({"base": {**RUNS["base"], "mean_tokens": 50.0}, "trained": trained})
+    assert "| pass@1 | 0.1000 | 0.2500 | +0.1500 |" in table
+    assert "| pass@8 | 0.4000 | 0.4000 | +0.0000 |" in table
+    assert "| mean tokens | 50.0000 | 40.0000 | -10.0000 |" in table
+    assert "within 128 tokens" in table and "within 256 tokens" not in table

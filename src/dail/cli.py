@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from dail.config import (
@@ -336,7 +337,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = load_yaml(args.config)
     if args.report_to is not None:
         config = merge(config, {"train": {"training": {"report_to": args.report_to}}})
-    pipeline.run(config, where=args.config)
+    results = pipeline.run(config, where=args.config)
+    from dail.report import comparison_table
+
+    out = Path(config["out"])
+    print(comparison_table(results), end="")
+    print(f"table and plots: {out / 'results.md'}, {out / 'plots'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -370,7 +376,6 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def _read_summary(given: str) -> tuple[Any, dict[str, Any]]:
     """An eval `summary.json` or a `train_summary.json`, given as the file or its folder."""
     import json
-    from pathlib import Path
 
     from dail.data import DataError
 

@@ -169,6 +169,7 @@ def smoke(root: Path) -> dict[str, Any]:
         build_tiny_model(model_dir)
     config = {
         "model": {"model": str(model_dir), "device": "cpu"}, "data": "champ", "out": str(root / "run"),
+        "eval_on_train": True,  # a plumbing check, not a measurement
         "sampling": {"max_new_tokens": 32, "batch_size": 64},
         "generate": {"samples": 2, "tau": 0.05},
         # A random model solves nothing, so selection keeps no trace: train on all of them.

@@ -5,7 +5,8 @@ already there, so rerunning the same command after an interruption picks up wher
 
 Config keys (all optional but `model`, `data`, `out`):
     model: a model id/path, or a mapping of `ModelConfig` fields
-    data: training problems; eval_data: test problems (default: data)
+    data: training problems; eval_data: held-out test problems (required unless
+        `eval_on_train: true`, which evaluates on the training problems instead)
     prompts, sampling: shared by every stage
     generate: GenerateConfig fields (tau, samples, keep, ...)
     train: TrainConfig fields (loss, gamma, training: {TrainingArguments fields})
@@ -32,7 +33,8 @@ from dail.data import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-_SECTIONS = {"model", "data", "eval_data", "out", "prompts", "sampling", "generate", "train", "eval"}
+_SECTIONS = {"model", "data", "eval_data", "eval_on_train", "out", "prompts", "sampling", "generate", "train",
+             "eval"}
 
 
 def stage_configs(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
@@ -43,6 +45,11 @@ def stage_configs(config: dict[str, Any], *, where: str = "config") -> dict[str,
     for key in ("model", "data", "out"):
         if not config.get(key):
             raise ConfigError(f"{where}: '{key}' is required")
+    if config.get("eval_on_train", False) not in (True, False):
+        raise ConfigError(f"{where}: eval_on_train must be true or false, not {config['eval_on_train']!r}")
+    if not config.get("eval_data") and config.get("eval_on_train") is not True:
+        raise ConfigError(f"{where}: 'eval_data' (held-out problems) is missing; set it, or set "
+                          "eval_on_train: true to evaluate on the training problems")
     out = Path(config["out"])
     model = config["model"] if isinstance(config["model"], dict) else {"model": config["model"]}
     shared = {"model": model, "prompts": config.get("prompts", {})}
@@ -113,4 +120,19 @@ def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
         else:
             results[name] = evaluate.run(cfg)
     write_json_atomic(out / "results.json", results)
+    write_results_markdown(out, results, eval_data=stages["eval_base"].data,
+                           on_train=not config.get("eval_data"))
     return results
+
+
+def write_results_markdown(out: Path, results: dict[str, Any], *, eval_data: str, on_train: bool) -> None:
+    """`results.md` (the base-versus-trained table) and the pass@k and budget plots in `plots/`."""
+    from dail.data import write_text_atomic
+    from dail.plots import plot_summaries
+    from dail.report import comparison_table
+
+    plots = plot_summaries(results, out / "plots", title="(base vs trained)")
+    where = f"{eval_data} (the training problems)" if on_train else eval_data
+    text = [f"# Base versus trained on {where}", "", comparison_table(results)]
+    text += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    write_text_atomic(out / "results.md", "\n".join(text) + "\n")

@@ -174,3 +174,33 @@ def pass_at_k_keys(summary: Mapping[str, Any]) -> list[str]:
     """The summary's "pass@k" keys in increasing k."""
     keys = [k for k in summary if k.startswith("pass@") and k[5:].isdigit()]
     return sorted(keys, key=lambda k: int(k[5:]))
+
+
+def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table of several runs' summaries side by side: pass@k, mean tokens, accuracy
+    under each token budget up to the runs' `max_new_tokens`; with two runs, also their
+    difference (second minus first).
+
+    Args:
+        summaries: Run name -> summary, in column order (e.g. base, trained).
+    """
+    names = list(summaries)
+    runs = list(summaries.values())
+    ks = sorted({int(k[5:]) for s in runs for k in pass_at_k_keys(s)})
+    limit = max((s.get("max_new_tokens") or 0 for s in runs), default=0) or None
+    budgets = sorted({int(b) for s in runs for b in (s.get("accuracy_under_budget") or {})
+                      if limit is None or int(b) <= limit})
+    rows = [(f"pass@{k}", [s.get(f"pass@{k}") for s in runs]) for k in ks]
+    rows.append(("mean tokens", [s.get("mean_tokens") for s in runs]))
+    rows += [(f"accuracy within {b} tokens", [(s.get("accuracy_under_budget") or {}).get(str(b)) for s in runs])
+             for b in budgets]
+    delta = len(runs) == 2
+    header = "| | " + " | ".join(names) + (f" | {names[1]} - {names[0]} |" if delta else " |")
+    lines = [header, "|---|" + "---:|" * (len(names) + delta)]
+    for label, values in rows:
+        cells = [_fmt(v) for v in values]
+        if delta:
+            a, b = values
+            cells.append(f"{b - a:+.4f}" if isinstance(a, int | float) and isinstance(b, int | float) else "n/a")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
