@@ -300,8 +300,8 @@ def test_dail_run_checks_every_stage_before_any_work(tiny_model_dir, problems_fi
                                                      section, value, message):
     """A mistake in any stage's settings stops `dail run` before the first stage starts."""
     out = tmp_path / "run"
-    config = {"model": str(tiny_model_dir), "data": str(problems_file), "out": str(out),
-              "sampling": {"max_new_tokens": 4}, "generate": {"samples": 1},
+    config = {"model": str(tiny_model_dir), "data": str(problems_file), "eval_data": str(problems_file),
+              "out": str(out), "sampling": {"max_new_tokens": 4}, "generate": {"samples": 1},
               "train": {"loss": "kl", "training": {"max_steps": 1}}}
     config[section] = value if section in ("prompts", "trian") else {**config.get(section, {}), **value}
     path = tmp_path / "run.yaml"
