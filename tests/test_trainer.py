@@ -317,3 +317,55 @@ def test_training_without_an_accelerator_does_not_pin_memory(tmp_path):
     args = training_arguments(TrainConfig(data="unused", out=str(tmp_path), loss="dail"), tmp_path)
     assert args.dataloader_pin_memory is False and not args.gradient_checkpointing and not args.bf16
     assert DAILConfig(output_dir=str(tmp_path), dataloader_pin_memory=True).dataloader_pin_memory is False
+
+
+@pytest.mark.parametrize("architecture, adapted", [
+    ("qwen2", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),  # the paper's
+    ("gpt-neox", {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+    ("phi3", {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}),
+])
+def test_default_lora_targets_are_every_linear_layer_but_the_head(tmp_path, architecture, adapted):
+    from dail.models import load_model
+    from dail.testing import build_tiny_model
+    from dail.train import check_lora_targets
+
+    path = build_tiny_model(tmp_path / "m", architecture=architecture)
+    model = load_model(ModelConfig(model=str(path)), for_training=True)
+    targets = DAILConfig(output_dir=str(tmp_path)).lora_target_modules
+    check_lora_targets(model, targets)
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=2, target_modules=targets))
+    assert {name.rsplit(".", 1)[-1] for name, module in peft.named_modules() if hasattr(module, "lora_A")} == adapted
+
+
+@pytest.mark.parametrize("given, kept", [("all-linear", "all-linear"), (["all-linear"], "all-linear"),
+                                         ("q_proj", ["q_proj"]), (["q_proj", "v_proj"], ["q_proj", "v_proj"])])
+def test_lora_targets_are_all_linear_or_a_list_of_names(tmp_path, given, kept):
+    assert DAILConfig(output_dir=str(tmp_path), lora_target_modules=given).lora_target_modules == kept
+
+
+@pytest.mark.parametrize("given", [[], ["q_proj", "all-linear"], [""]])
+def test_lora_targets_refuse_empty_or_mixed_lists(tmp_path, given):
+    with pytest.raises(ValueError, match="lora_target_modules .*: must be all-linear or a list of linear layer names"):
+        DAILConfig(output_dir=str(tmp_path), lora_target_modules=given)
+
+
+def test_named_lora_targets_the_model_lacks_are_refused_before_it_loads(tiny_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    from dail import models
+    from dail.cli import main
+
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text(json.dumps({"prompt_ids": {"student": [5], "privileged": [5], "negative": [5]},
+                                  "token_ids": [6]}) + "\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", never)
+    code = main(["train", "--model", str(tiny_model_dir), "--traces", str(traces), "--out", str(tmp_path / "o"),
+                 "--lora-target-modules", "q_proj", "wq", "query_key_value"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "lora_target_modules: wq, query_key_value are no linear layer of this model; its linear layers " \
+           "are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in err
+    assert not (tmp_path / "o").exists()

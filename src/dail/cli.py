@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kl-direction", choices=["reverse", "forward"],
                    help="reverse = KL(student || teacher), forward = KL(teacher || student)")
     t.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
+    t.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
+                   help="linear layers the LoRA adapter wraps, by name (e.g. q_proj v_proj), or all-linear: "
+                        "every linear layer but the output head, which on Qwen are the q, k, v, o, gate, up "
+                        "and down projections the paper adapts")
     _report_to(t)
     t.add_argument("--teacher-cache-gb", type=float,
                    help="host memory per process for the teachers' hidden states, reused after the first epoch")
@@ -255,7 +259,7 @@ _PROMPT_KEYS = ("student_template", "privileged_template", "negative_template", 
                 "thinking", "max_prompt_tokens")
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size")
 _TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "kl_direction", "merge", "teacher_cache_gb",
-                  "report_to")
+                  "report_to", "lora_target_modules")
 
 
 def flags_to_dict(args: argparse.Namespace, top_keys: tuple[str, ...]) -> dict[str, Any]:

@@ -289,6 +289,21 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False) -> Any:
     return model
 
 
+def skeleton(cfg: ModelConfig) -> Any | None:
+    """The model's modules without weights (on the meta device, built in a moment), for checks
+    that need only its layout; None when its config cannot be read (loading will say why)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        source = resolve_model(cfg.model)
+        check_loadable(source, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

@@ -49,6 +49,7 @@ def check_train(cfg: TrainConfig, *, traces_pending: bool = False) -> Any:
 
     distributed.check_training_strategy(cfg.training, loss=cfg.loss)  # before DeepSpeed is imported
     args = training_arguments(cfg)
+    check_lora_targets(cfg.model, args.lora_target_modules)
     check_prompts(cfg.prompts)
     if cfg.loss == "sft":
         if not (cfg.data or cfg.traces):
@@ -60,6 +61,19 @@ def check_train(cfg: TrainConfig, *, traces_pending: bool = False) -> Any:
     elif not traces_pending and not Path(cfg.traces).is_file():
         raise DataError(f"{cfg.traces}: no such traces file (--traces)")
     return args
+
+
+def check_lora_targets(cfg: ModelConfig, wanted: str | list[str]) -> None:
+    """Named LoRA targets must be linear layers of the model (read from its config alone)."""
+    from dail.models import skeleton
+    from dail.train import check_lora_targets as check
+    from dail.trainer import ALL_LINEAR
+
+    if wanted == ALL_LINEAR or not cfg.model:
+        return
+    model = skeleton(cfg)
+    if model is not None:
+        check(model, wanted)
 
 
 def check_eval(cfg: EvalConfig, *, adapter_pending: bool = False) -> list[Problem]:

@@ -1,8 +1,9 @@
 """Tiny Hugging Face models built locally, for tests and smoke runs.
 
-They are standard Qwen2 models with a byte-level BPE tokenizer trained on the spot and a ChatML
-chat template (plain, or Qwen3-style with thinking), saved with `save_pretrained` so they load
-through exactly the code path a user's model takes. Their weights are random.
+They are standard `transformers` models (Qwen2 unless another architecture is asked for) with a
+byte-level BPE tokenizer trained on the spot and a ChatML chat template (plain, or Qwen3-style
+with thinking), saved with `save_pretrained` so they load through exactly the code path a user's
+model takes. Their weights are random.
 """
 
 from __future__ import annotations
@@ -61,26 +62,59 @@ def build_tokenizer(thinking: bool = False, vocab_size: int = 512):
     )
 
 
+# Tiny random models of the architectures dail is tested on: the `transformers` model type and
+# what differs from the shared sizes. "WINDOW" stands for the `window` argument of
+# `build_tiny_model`; where a layer type list is given, the first layer slides and the second
+# attends to everything. Logit transforms are set far from neutral, so that a loss that skipped
+# them would see other logits.
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "qwen2": ("qwen2", {}),
+    "qwen2-window": ("qwen2", {"use_sliding_window": True, "sliding_window": "WINDOW", "max_window_layers": 1}),
+    "llama": ("llama", {}),
+    "qwen3": ("qwen3", {}),
+    "qwen3-moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "mistral": ("mistral", {"sliding_window": "WINDOW"}),
+    "gemma": ("gemma", {}),
+    "gemma2": ("gemma2", {"sliding_window": "WINDOW", "final_logit_softcapping": 2.0,
+                          "layer_types": ["sliding_attention", "full_attention"]}),
+    "gemma3": ("gemma3_text", {"sliding_window": "WINDOW", "final_logit_softcapping": 2.0,
+                               "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {"logits_scaling": 4.0}),
+    "gpt-neox": ("gpt_neox", {}),
+    "smollm3": ("smollm3", {}),
+    "cohere": ("cohere", {"logit_scale": 0.25}),
+}
+
+
 def build_tiny_model(out_dir: str | Path, *, thinking: bool = False, seed: int = 0,
-                     hidden_size: int = 64, layers: int = 2) -> Path:
-    """Save a random tiny Qwen2 model and its tokenizer to `out_dir`; return the path."""
+                     hidden_size: int = 64, layers: int = 2, architecture: str = "qwen2",
+                     window: int = 4096) -> Path:
+    """Save a random tiny model and its tokenizer to `out_dir`; return the path.
+
+    Args:
+        architecture: A key of `ARCHITECTURES` (default a Qwen2 model).
+        window: The sliding window of the architectures that have one (in tokens).
+    """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(thinking=thinking)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    model_type, specific = ARCHITECTURES[architecture]
+    heads = 4
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
+        head_dim=hidden_size // heads, max_position_embeddings=4096, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        **{key: window if value == "WINDOW" else value for key, value in specific.items()})
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     # Random logits that are not all alike, so proposals and fallbacks both occur.
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+        model.get_output_embeddings().weight.mul_(8.0)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out_dir)

@@ -47,8 +47,9 @@ def run(cfg: TrainConfig) -> Path:
 
     model = models.load_model(cfg.model, for_training=True)
     models.check_compatible(model, tokenizer, name=cfg.model.model)
+    check_lora_targets(model, args.lora_target_modules)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=_lora_targets(model, args.lora_target_modules),
+                      target_modules=args.lora_target_modules,
                       task_type="CAUSAL_LM")
     set_seed(args.seed)  # LoRA's random init: the same adapter in every process and every run
     model = get_peft_model(model, lora)
@@ -191,14 +192,22 @@ def training_arguments(cfg: TrainConfig, out: Path | None = None) -> Any:
 _TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
-def _lora_targets(model: torch.nn.Module, wanted: list[str]) -> list[str]:
-    """The wanted module names that exist in the model; an error listing choices otherwise."""
+def check_lora_targets(model: torch.nn.Module, wanted: str | list[str]) -> None:
+    """Refuse target names that are no linear layer of `model` ("all-linear" fits any model).
+
+    Raises:
+        ConfigError: naming the missing layers and the model's linear layers.
+    """
+    from dail.trainer import ALL_LINEAR
+
+    if wanted == ALL_LINEAR:
+        return
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    present = [w for w in wanted if w in names]
-    if not present:
-        raise ValueError(f"none of the LoRA target modules {wanted} exist in this model; "
-                         f"its linear layers are named {sorted(names)}")
-    return present
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise ConfigError(f"lora_target_modules: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          f"no linear layer of this model; its linear layers are named {', '.join(sorted(names))} "
+                          f"(or give {ALL_LINEAR})")
 
 
 # --------------------------------------------------------------------------- examples

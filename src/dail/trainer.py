@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -26,7 +26,9 @@ from dail.teacher_cache import TeacherCache
 logger = logging.getLogger(__name__)
 
 LossMode = Literal["dail", "kl", "nll", "sft"]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# PEFT's name for every linear layer but the output head, whatever the architecture calls them
+# (on Qwen: q, k, v, o, gate, up and down projections, the layers the paper adapts).
+ALL_LINEAR = "all-linear"
 IGNORE = -100
 
 
@@ -45,7 +47,10 @@ class DAILConfig(TrainingArguments):
             "sft" (next-token loss on the expert solutions; the baseline).
         gamma: Weight of the negative-reference term (used by "dail").
         kl_direction: "reverse" = KL(student || teacher) (release default) or "forward".
-        lora_r / lora_alpha / lora_dropout / lora_target_modules: The LoRA adapter.
+        lora_r / lora_alpha / lora_dropout: The LoRA adapter.
+        lora_target_modules: The linear layers LoRA adapts: "all-linear" (every one but the
+            output head) or a list of layer names (e.g. [q_proj, v_proj]; on GPT-NeoX
+            [query_key_value, dense]); a single name may be given as a string.
         max_length: Longest sequence (any role's prompt + response); responses are cut to fit.
         merge: Also save the adapter merged into the base weights.
         loss_chunk_size: Response positions per chunk of the memory-bounded loss: the output
@@ -66,7 +71,7 @@ class DAILConfig(TrainingArguments):
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_target_modules: str | list[str] = ALL_LINEAR
     max_length: int = 12288
     merge: bool = False
     loss_chunk_size: int = 64  # 3.0% of the plain peak at 2,048 tokens x 151,936 (make bench)
@@ -96,6 +101,7 @@ class DAILConfig(TrainingArguments):
         if self.teacher_cache_gb > 0 and self.loss_chunk_size == 0:
             raise ConfigError("teacher_cache_gb needs the chunked loss (loss_chunk_size > 0): "
                               "the cache holds hidden states, not full-vocabulary logits")
+        self.lora_target_modules = _target_names(self.lora_target_modules)
         check_range("lora_r", self.lora_r, low=1)
         check_range("lora_alpha", self.lora_alpha, low=0, low_open=True)
         check_range("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
@@ -115,6 +121,16 @@ class DAILConfig(TrainingArguments):
     @property
     def uses_teacher(self) -> bool:
         return self.loss in ("dail", "kl")
+
+
+def _target_names(value: str | list[str]) -> str | list[str]:
+    """"all-linear", or the list of layer names (one name may be given as a string)."""
+    names = [value] if isinstance(value, str) else value
+    if names == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if not names or not all(isinstance(n, str) and n and n != ALL_LINEAR for n in names):
+        raise ConfigError(f"lora_target_modules {value!r}: must be {ALL_LINEAR} or a list of linear layer names")
+    return list(names)
 
 
 class DAILCollator:
