@@ -45,17 +45,17 @@ def _zero(head, hs):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("direction", ["reverse", "forward"])
+@pytest.mark.parametrize("divergence", ["reverse", "forward", "jsd:0.5", "jsd:0.2"])
 @pytest.mark.parametrize("chunk", [1, 8, 100])
-def test_chunked_contrastive_equals_plain(lora, direction, chunk):
+def test_chunked_contrastive_equals_plain(lora, divergence, chunk):
     head, teacher, hs, hp, hn = _setup(lora)
     gamma = 0.3
     positive, negative = contrastive_kl_terms(head(hs), teacher(hp).detach(), teacher(hn).detach(),
-                                              torch.ones(hs.shape[0]), direction=direction)
+                                              torch.ones(hs.shape[0]), divergence=divergence)
     (positive - gamma * negative).backward()
     expected = _grads(head, hs)
     _zero(head, hs)
-    combined, pos, neg = chunked_contrastive_kl_terms(hs, hp, hn, head, gamma=gamma, direction=direction,
+    combined, pos, neg = chunked_contrastive_kl_terms(hs, hp, hn, head, gamma=gamma, divergence=divergence,
                                                       chunk_size=chunk, teacher_head=teacher)
     (combined * 1.0).backward()
     assert float(combined.detach()) == pytest.approx(float((positive - gamma * negative).detach()), abs=1e-5, rel=1e-6)

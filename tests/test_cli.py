@@ -221,8 +221,10 @@ def test_demo_flags_reach_the_settings(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(demo, "run", lambda **kw: seen.update(kw))
-    assert main(["demo", "--seed", "1", "--kl-direction", "forward", "--gamma", "0", "--out", "x"]) in (0, None)
-    assert seen["settings"] == demo.DemoSettings(seed=1, kl_direction="forward", gamma=0.0) and seen["out"] == "x"
+    assert main(["demo", "--seed", "1", "--divergence", "jsd:0.25", "--gamma", "0", "--out", "x"]) in (0, None)
+    assert seen["settings"] == demo.DemoSettings(seed=1, divergence="jsd:0.25", gamma=0.0) and seen["out"] == "x"
+    main(["demo", "--kl-direction", "forward"])  # the older name
+    assert seen["settings"] == demo.DemoSettings(divergence="forward")
     main(["demo", "--quick"])
     assert seen["settings"] == demo.QUICK and seen["quick"]
 
@@ -284,11 +286,32 @@ def test_a_number_out_of_range_is_one_line_naming_flag_value_and_range(tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "demo"])
+@pytest.mark.parametrize("flags, line", [
+    (["--divergence", "jsd:1.5"], "--divergence 'jsd:1.5': not a divergence; allowed: reverse, forward, or "
+                                  "jsd:BETA with BETA in [0, 1]"),
+    (["--divergence", "foo"], "--divergence 'foo': not a divergence; allowed: reverse, forward, or "
+                              "jsd:BETA with BETA in [0, 1]"),
+    (["--divergence", "jsd:0.5", "--kl-direction", "forward"],
+     "--kl-direction 'forward' (the older name of --divergence) contradicts --divergence 'jsd:0.5'; "
+     "give --divergence alone"),
+])
+def test_a_bad_divergence_is_one_line_before_any_work(tmp_path, capsys, command, flags, line):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"id": "a", "problem": "p", "solution": "s"}\n')
+    where = ["--model", "m", "--traces", data] if command == "train" else []
+    code = run_cli(command, *where, "--out", tmp_path / "o", *flags)
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"dail {command}: error: {line}"
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("section, value, message", [
     ("train", {"training": {"lora_rank": 8}}, "unknown key(s) 'lora_rank' (did you mean 'lora_r'?)"),
     ("train", {"training": {"learning_rate": "fast"}}, "training: learning_rate: 'fast' is not a number"),
     ("train", {"training": {"lora_r": 0}}, "lora_r 0: out of range; allowed: >= 1"),
     ("train", {"training": {"lora_target_modules": ["q_proj", "wq"]}}, "lora_target_modules: wq is no linear layer"),
+    ("train", {"training": {"divergence": "jsd:2"}}, "--divergence 'jsd:2': not a divergence"),
     ("train", {"training": {"lr_scheduler_type": "cosine_decay"}}, "training: cosine_decay is not a valid"),
     ("generate", {"tau": "high"}, "generate: tau: 'high' is not a number"),
     ("generate", {"grader": "maths"}, "--grader: unknown grader 'maths'"),

@@ -70,7 +70,8 @@ def test_report_names_the_command_that_gives_its_settings():
 
     assert command_of(asdict(DemoSettings())) == "dail demo"
     assert command_of(asdict(QUICK)) == "dail demo --quick"
-    assert command_of(asdict(replace(DemoSettings(), kl_direction="forward"))) == "dail demo --kl-direction forward"
+    assert command_of(asdict(replace(DemoSettings(), divergence="forward"))) == "dail demo --divergence forward"
+    assert command_of(asdict(replace(DemoSettings(), divergence="jsd:0.50"))) == "dail demo --divergence jsd:0.5"
     assert command_of(asdict(replace(DemoSettings(), seed=1))) == "dail demo --seed 1"
     assert command_of(asdict(replace(DemoSettings(), gamma=0.0))) == "dail demo --gamma 0.0"
     # A setting without a flag is named through the Python API, never silently dropped.

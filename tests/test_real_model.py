@@ -194,8 +194,8 @@ def dail_run(one_trace, tmp_path_factory) -> Path:
     return train(tmp_path_factory.mktemp("train") / "dail", "--loss", "dail", "--traces", one_trace)
 
 
-@pytest.mark.parametrize("loss, direction", [("dail", "reverse"), ("dail", "forward"), ("kl", "reverse"),
-                                             ("kl", "forward"), ("nll", None), ("sft", None)])
+@pytest.mark.parametrize("loss, direction", [("dail", "reverse"), ("dail", "forward"), ("dail", "jsd:0.5"),
+                                             ("kl", "reverse"), ("kl", "forward"), ("nll", None), ("sft", None)])
 def test_each_loss_lowers_itself_and_moves_only_the_adapter(loss, direction, one_trace, one_problem, dail_run,
                                                             tmp_path):
     from safetensors import safe_open
@@ -204,9 +204,9 @@ def test_each_loss_lowers_itself_and_moves_only_the_adapter(loss, direction, one
         out = dail_run  # the default loss, trained once for this test and the next
     else:
         data = ["--data", one_problem] if loss == "sft" else ["--traces", one_trace]
-        out = train(tmp_path / loss, "--loss", loss, "--kl-direction", direction or "reverse", *data)
+        out = train(tmp_path / loss, "--loss", loss, "--divergence", direction or "reverse", *data)
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["loss"] == loss and summary["kl_direction"] == (direction or "reverse")
+    assert summary["loss"] == loss and summary["divergence"] == (direction or "reverse")
     history = summary["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0], losses

@@ -148,7 +148,23 @@ def test_config_validation():
     assert DAILConfig(output_dir="x", loss="kl").gamma == 0.0
     defaults = DAILConfig(output_dir="x")
     assert (defaults.lora_r, defaults.lora_alpha, defaults.learning_rate, defaults.gradient_accumulation_steps,
-            defaults.gamma, defaults.kl_direction) == (32, 32, 2e-4, 4, 0.1, "reverse")
+            defaults.gamma, defaults.divergence) == (32, 32, 2e-4, 4, 0.1, "reverse")
+
+
+def test_divergence_setting_and_its_older_name():
+    from dail.config import ConfigError
+
+    assert DAILConfig(output_dir="x", divergence="jsd:0.50").divergence == "jsd:0.5"
+    # Configs written before --divergence existed keep working.
+    older = DAILConfig(output_dir="x", kl_direction="forward")
+    assert (older.divergence, older.kl_direction) == ("forward", None)
+    assert DAILConfig(output_dir="x", divergence="jsd:1", kl_direction="reverse").divergence == "jsd:1"
+    with pytest.raises(ConfigError, match="contradicts"):
+        DAILConfig(output_dir="x", divergence="reverse", kl_direction="forward")
+    with pytest.raises(ConfigError, match="kl_direction 'jsd:0.5': not one of reverse, forward"):
+        DAILConfig(output_dir="x", kl_direction="jsd:0.5")
+    with pytest.raises(ConfigError, match="--divergence 'sideways': not a divergence"):
+        DAILConfig(output_dir="x", divergence="sideways")
 
 
 # --------------------------------------------------------------------------- the stage
@@ -202,10 +218,15 @@ def test_sft_trains_on_expert_solutions(tiny_model_dir, traces_file, tmp_path):
     assert len(short[0]["response_ids"]) == 3
 
 
-@pytest.mark.parametrize("loss", ["dail", "nll"])
-def test_chunked_loss_equals_full_logit_loss_with_lora_on_lm_head(tiny_model_dir, tmp_path, loss):
-    """compute_loss from hidden states (chunked head) == from full logits, value and gradients."""
+@pytest.mark.parametrize("loss, divergence", [("dail", "reverse"), ("dail", "jsd:0.3"), ("dail", "forward"),
+                                              ("nll", "reverse")])
+def test_chunked_loss_equals_full_logit_loss_with_lora_on_lm_head(tiny_model_dir, tmp_path, loss, divergence):
+    """compute_loss from hidden states (chunked head) == from full logits, value and gradients,
+    and both are the divergence asked for."""
     from transformers import AutoModelForCausalLM
+
+    from dail.loss import contrastive_kl
+    from dail.trainer import response_logits
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -218,7 +239,7 @@ def test_chunked_loss_equals_full_logit_loss_with_lora_on_lm_head(tiny_model_dir
     results = []
     for chunk in (0, 2):
         args = DAILConfig(output_dir=str(tmp_path / f"c{chunk}"), loss=loss, gamma=0.3, loss_chunk_size=chunk,
-                          use_cpu=True)
+                          divergence=divergence, use_cpu=True)
         trainer = DAILTrainer(model=model, args=args)
         model.zero_grad()
         value = trainer.compute_loss(model, batch)
@@ -228,6 +249,14 @@ def test_chunked_loss_equals_full_logit_loss_with_lora_on_lm_head(tiny_model_dir
         results.append((float(value.detach()), grads))
     (v0, g0), (v1, g1) = results
     assert v1 == pytest.approx(v0, abs=1e-5)
+    if loss == "dail":
+        with torch.no_grad():
+            student = response_logits(model, batch, "student")
+            with model.disable_adapter():
+                privileged, negative = (response_logits(model, batch, role) for role in ("privileged", "negative"))
+        expected = contrastive_kl(student, privileged, negative, batch["response_mask"], gamma=0.3,
+                                  divergence=divergence)
+        assert v0 == pytest.approx(float(expected), abs=1e-5)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4)
 

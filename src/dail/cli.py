@@ -22,6 +22,7 @@ from dail.config import (
     load_yaml,
     merge,
     model_shorthand,
+    resolve_divergence,
 )
 
 logger = logging.getLogger("dail")
@@ -113,6 +114,15 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="sequences decoded together")
 
 
+def _divergence(p: argparse.ArgumentParser, *, whose: str = "both loss terms") -> None:
+    p.add_argument("--divergence", metavar="{reverse,forward,jsd:BETA}",
+                   help=f"divergence of {whose}: reverse = KL(student || teacher), forward = KL(teacher || "
+                        "student), jsd:BETA = generalized Jensen-Shannon, BETA in [0, 1] from forward (0) to "
+                        "reverse (1) (default: reverse, the paper's)")
+    p.add_argument("--kl-direction", choices=["reverse", "forward"],
+                   help="the older name of --divergence (default: reverse)")
+
+
 def _report_to(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--report-to", metavar="{tensorboard,wandb,none}",
                    help="where the training curves also go: tensorboard (into OUT/tensorboard; "
@@ -153,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=float, dest="num_train_epochs", help="passes over the examples")
     t.add_argument("--learning-rate", type=float, help="peak learning rate of the LoRA weights")
     t.add_argument("--max-length", type=int, help="longest sequence (prompt + response) of any role")
-    t.add_argument("--kl-direction", choices=["reverse", "forward"],
-                   help="reverse = KL(student || teacher), forward = KL(teacher || student)")
+    _divergence(t)
     t.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
     t.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
                    help="linear layers the LoRA adapter wraps, by name (e.g. q_proj v_proj), or all-linear: "
@@ -200,8 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None,
                    help="world base model directory (default: the committed one; see `dail world pretrain`)")
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
-    d.add_argument("--kl-direction", choices=("reverse", "forward"), default=None,
-                   help="KL direction of the contrastive runs (default: reverse, the paper's)")
+    _divergence(d, whose="the contrastive runs' loss terms")
     d.add_argument("--gamma", type=float, default=None,
                    help="weight of the negative term of the contrastive runs (default: 0.1, the paper's)")
     d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method (default: 1e-3)")
@@ -258,8 +266,8 @@ _MODEL_KEYS = ("model", "dtype", "device", "trust_remote_code")
 _PROMPT_KEYS = ("student_template", "privileged_template", "negative_template", "waypoints",
                 "thinking", "max_prompt_tokens")
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size")
-_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "kl_direction", "merge", "teacher_cache_gb",
-                  "report_to", "lora_target_modules")
+_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "divergence", "kl_direction", "merge",
+                  "teacher_cache_gb", "report_to", "lora_target_modules")
 
 
 def flags_to_dict(args: argparse.Namespace, top_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -352,8 +360,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dail import demo
 
-    changes = {k: v for k in ("kl_direction", "gamma", "learning_rate", "seed")
-               if (v := getattr(args, k)) is not None}
+    changes = {k: v for k in ("gamma", "learning_rate", "seed") if (v := getattr(args, k)) is not None}
+    if args.divergence is not None or args.kl_direction is not None:
+        changes["divergence"] = resolve_divergence(args.divergence, args.kl_direction)
     settings = dataclasses.replace(demo.QUICK if args.quick else demo.DemoSettings(), **changes)
     demo.run(out=args.out, quick=args.quick, settings=settings, model_dir=args.model)
 

@@ -58,6 +58,29 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{_FLAGS.get(key, key)} {value!r}: not one of {', '.join(choices)}")
 
 
+def resolve_divergence(divergence: str | None, kl_direction: str | None = None) -> str:
+    """The divergence named by the setting or by its older name `kl_direction`, in one spelling
+    ("jsd:0.50" -> "jsd:0.5"); "reverse" when neither is given.
+
+    Raises:
+        ConfigError: e.g. "--divergence 'jsd:1.5': not a divergence; allowed: reverse, forward,
+            or jsd:BETA with BETA in [0, 1]", or the two names asking for different divergences.
+    """
+    from dail.loss import DIVERGENCES, canonical_divergence, divergence_beta
+
+    if kl_direction is not None:
+        check_choice("kl_direction", kl_direction, ("reverse", "forward"))
+    given = divergence if divergence is not None else kl_direction or "reverse"
+    try:
+        resolved = canonical_divergence(given)
+    except ValueError:
+        raise ConfigError(f"--divergence {given!r}: not a divergence; allowed: {DIVERGENCES}") from None
+    if kl_direction is not None and divergence_beta(resolved) != divergence_beta(kl_direction):
+        raise ConfigError(f"--kl-direction {kl_direction!r} (the older name of --divergence) contradicts "
+                          f"--divergence {divergence!r}; give --divergence alone")
+    return resolved
+
+
 def unknown_keys(where: str, given: Any, known: Any, *, shown: str | None = None,
                  first: Any = ()) -> ConfigError | None:
     """The error for keys that are not settings, with the closest known key for each (looked

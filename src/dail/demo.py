@@ -28,6 +28,7 @@ from dail.config import (
     PromptConfig,
     SamplingConfig,
     TrainConfig,
+    resolve_divergence,
 )
 from dail.data import write_json_atomic, write_text_atomic
 from dail.prompts import NEGATIVE_TEMPLATE
@@ -62,7 +63,7 @@ class DemoSettings:
     gamma: float = 0.1
     epochs: float = 5.0
     learning_rate: float = 1e-3
-    kl_direction: str = "reverse"  # of the contrastive loss; "forward" is the variant
+    divergence: str = "reverse"  # of the contrastive loss (dail.loss.divergence_beta); the paper's
     lora_r: int = 32
     batch_size: int = 64
     train_batch_size: int = 1
@@ -71,6 +72,10 @@ class DemoSettings:
     validity_problems: int = 16
     validity_samples: int = 64
     budgets: tuple[int, ...] = (64, 128, 192, 256, 320)
+
+    def __post_init__(self) -> None:
+        # Checked (and spelled one way, as cache keys want) before any stage runs.
+        object.__setattr__(self, "divergence", resolve_divergence(self.divergence))
 
 
 QUICK = DemoSettings(n_train=6, n_test=6, n_known=4, n_train_eval=4, samples=4, eval_n=4, train_eval_n=4,
@@ -344,9 +349,9 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
                 "gradient_accumulation_steps": s.grad_accum, "seed": s.seed, "save_steps": 10_000,
                 "max_length": 2048, "logging_steps": 10, "dataloader_pin_memory": False}
     extra = {}
-    if loss == "dail":  # the other runs ignore gamma and the KL direction, and keep their cache
+    if loss == "dail":  # the other runs ignore gamma and the divergence, and keep their cache
         extra["gamma"] = s.gamma
-        training["kl_direction"] = s.kl_direction
+        training["divergence"] = s.divergence
         training["teacher_cache_gb"] = 1.0  # later epochs skip both teachers' forwards (same loss)
     cfg = TrainConfig(traces=traces, data=train_file if loss == "sft" else None, loss=loss,
                       model=_model(model_dir), training=training, **extra)
@@ -426,7 +431,7 @@ def command_of(settings: dict[str, Any]) -> str:
     """The `dail demo` command line that gives these settings (Python API beyond its flags)."""
     quick = settings["n_train"] < 50
     default = json.loads(json.dumps(asdict(QUICK if quick else DemoSettings())))  # tuples as lists
-    flags = {"kl_direction": "--kl-direction", "gamma": "--gamma", "learning_rate": "--learning-rate",
+    flags = {"divergence": "--divergence", "gamma": "--gamma", "learning_rate": "--learning-rate",
              "seed": "--seed"}
     changed = {k: v for k, v in json.loads(json.dumps(settings)).items() if default.get(k) != v}
     if set(changed) - set(flags):

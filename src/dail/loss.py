@@ -2,12 +2,13 @@
 
 The contrastive objective (the paper's Stage 2 training loss):
 
-    L = mean_t [ KL(M_theta(.|x, r<t) || M_PS(.|x, s, r<t)) - gamma * KL(M_theta(.|x, r<t) || M_NR(.|x, s~, r<t)) ]
+    L = mean_t [ D(M_theta(.|x, r<t), M_PS(.|x, s, r<t)) - gamma * D(M_theta(.|x, r<t), M_NR(.|x, s~, r<t)) ]
 
 over the response tokens t of a synthetic trace r, where M_theta is the student, M_PS the
 privileged student and M_NR the negative reference. All three distributions are over the full
-vocabulary and are taken at the same response positions. "reverse" KL puts the student first
-(the release's default); "forward" puts the teacher first.
+vocabulary and are taken at the same response positions. The paper's D is the reverse KL,
+KL(student || teacher); `divergence` also offers the forward KL, KL(teacher || student), and
+the generalized Jensen-Shannon divergence between the two (see `divergence_beta`).
 
 Logits are (B, T, V): position t holds the distribution of response token t (the caller aligns
 the three contexts, whose prompts differ in length). `mask` is (B, T), 1 for real response
@@ -16,34 +17,82 @@ tokens and 0 for padding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-Direction = Literal["reverse", "forward"]
+DIVERGENCES = "reverse, forward, or jsd:BETA with BETA in [0, 1]"
 
 
-def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
-             direction: Direction = "reverse") -> torch.Tensor:
-    """Per-position KL between the student's and a teacher's distributions.
+def divergence_beta(divergence: str) -> float:
+    """The generalized-JSD weight BETA that a divergence name stands for.
+
+    With S the student's and T a teacher's distribution, and for 0 < BETA < 1 the mixture
+    M = (1 - BETA) S + BETA T, the generalized Jensen-Shannon divergence (Agarwal et al. 2024,
+    GKD, eq. 1; TRL's `beta` in its GKD and self-distillation trainers) is
+
+        JSD_BETA(S, T) = BETA KL(T || M) + (1 - BETA) KL(S || M),
+
+    and its endpoints are defined as the two KLs: BETA = 0 is the forward KL(T || S) and BETA = 1
+    the reverse KL(S || T). Near the endpoints the mixture formula itself shrinks to zero
+    (JSD_BETA ~ BETA KL(T || S) as BETA -> 0, ~ (1 - BETA) KL(S || T) as BETA -> 1), so an interior
+    BETA also scales the loss down; 0.5 is the symmetric JSD, at most log 2 per position.
+
+    Args:
+        divergence: "reverse" (the paper's), "forward", or "jsd:BETA".
+
+    Returns:
+        BETA: 1.0 for "reverse", 0.0 for "forward", else the given BETA.
+
+    Raises:
+        ValueError: an unknown name, or BETA not a number in [0, 1].
+    """
+    if divergence == "reverse":
+        return 1.0
+    if divergence == "forward":
+        return 0.0
+    name, _, value = str(divergence).partition(":")
+    try:
+        beta = float(value) if name == "jsd" else math.nan
+    except ValueError:
+        beta = math.nan
+    if not 0.0 <= beta <= 1.0:  # also false for NaN
+        raise ValueError(f"{divergence!r}: not a divergence; allowed: {DIVERGENCES}")
+    return beta
+
+
+def canonical_divergence(divergence: str) -> str:
+    """The divergence's name in one spelling ("jsd:0.50" -> "jsd:0.5"); ValueError if unknown."""
+    beta = divergence_beta(divergence)
+    return divergence if divergence in ("reverse", "forward") else f"jsd:{beta:g}"
+
+
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+                     divergence: str = "reverse") -> torch.Tensor:
+    """Per-position divergence between the student's and a teacher's distributions.
 
     Args:
         student_logits: (..., V) logits of the trained model.
         teacher_logits: (..., V) logits of a frozen reference.
-        direction: "reverse" = KL(student || teacher), "forward" = KL(teacher || student).
+        divergence: "reverse" = KL(student || teacher), "forward" = KL(teacher || student), or
+            "jsd:BETA", the generalized Jensen-Shannon divergence (`divergence_beta`).
 
     Returns:
-        (...) KL divergence in nats, computed in float32.
+        (...) divergence in nats, computed in float32.
     """
+    beta = divergence_beta(divergence)
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    if direction == "reverse":
+    if beta == 1.0:
         return (log_s.exp() * (log_s - log_t)).sum(-1)
-    if direction == "forward":
+    if beta == 0.0:
         return (log_t.exp() * (log_t - log_s)).sum(-1)
-    raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
+    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+    return (beta * (log_t.exp() * (log_t - log_m)).sum(-1)
+            + (1.0 - beta) * (log_s.exp() * (log_s - log_m)).sum(-1))
 
 
 def contrastive_kl_terms(
@@ -52,18 +101,18 @@ def contrastive_kl_terms(
     negative_logits: torch.Tensor | None,
     mask: torch.Tensor,
     *,
-    direction: Direction = "reverse",
+    divergence: str = "reverse",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed (not averaged) positive and negative KL over masked tokens.
+    """Summed (not averaged) positive and negative divergence over masked tokens.
 
     Returns:
         (positive_sum, negative_sum): scalars; negative_sum is 0 when `negative_logits` is None.
     """
     weights = mask.to(torch.float32)
-    positive = (token_kl(student_logits, privileged_logits, direction=direction) * weights).sum()
+    positive = (token_divergence(student_logits, privileged_logits, divergence=divergence) * weights).sum()
     if negative_logits is None:
         return positive, positive.new_zeros(())
-    negative = (token_kl(student_logits, negative_logits, direction=direction) * weights).sum()
+    negative = (token_divergence(student_logits, negative_logits, divergence=divergence) * weights).sum()
     return positive, negative
 
 
@@ -74,18 +123,19 @@ def contrastive_kl(
     mask: torch.Tensor,
     *,
     gamma: float = 0.1,
-    direction: Direction = "reverse",
+    divergence: str = "reverse",
     num_tokens: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """The DAIL loss: mean over masked tokens of KL(student||privileged) - gamma * KL(student||negative).
+    """The DAIL loss: mean over masked tokens of D(student, privileged) - gamma * D(student, negative).
 
     Args:
         student_logits: (B, T, V) student logits at the response positions (with gradients).
         privileged_logits: (B, T, V) privileged-student logits at the same positions.
         negative_logits: (B, T, V) negative-reference logits, or None when gamma is 0.
         mask: (B, T) 1 for response tokens, 0 for padding.
-        gamma: Weight of the negative (shortcut-repelling) term; 0 gives plain KL distillation.
-        direction: "reverse" (student first, default) or "forward".
+        gamma: Weight of the negative (shortcut-repelling) term; 0 gives plain distillation.
+        divergence: D: "reverse" = KL(student || teacher) (the paper's, default), "forward" =
+            KL(teacher || student), or "jsd:BETA" (`divergence_beta`).
         num_tokens: Divide by this instead of `mask.sum()`, e.g. the number of response tokens
             in a whole gradient-accumulation batch.
 
@@ -96,7 +146,7 @@ def contrastive_kl(
         raise ValueError("negative_logits is required when gamma != 0")
     positive, negative = contrastive_kl_terms(
         student_logits, privileged_logits, negative_logits if gamma != 0 else None, mask,
-        direction=direction)
+        divergence=divergence)
     denominator = mask.sum() if num_tokens is None else num_tokens
     return (positive - gamma * negative) / torch.clamp(torch.as_tensor(denominator, dtype=torch.float32,
                                                                          device=positive.device), min=1.0)
@@ -217,42 +267,54 @@ def contrastive_kl_with_grad(
     negative_logits: torch.Tensor | None,
     *,
     gamma: float,
-    direction: Direction = "reverse",
+    divergence: str = "reverse",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed KL terms of (c, V) logits and the gradient of positive - gamma * negative.
+    """Summed divergence terms of (c, V) logits and the gradient of positive - gamma * negative.
 
-    With s, t the student's and a teacher's log-probabilities and p = exp(s):
-    reverse, f = sum p (s - t): df/dz = p * (d - f) where d = s - t (per position);
-    forward, f = sum exp(t) (t - s): df/dz = p - exp(t). The combination is linear in the two
+    With s, t the student's and a teacher's log-probabilities, p = exp(s), q = exp(t):
+    reverse, f = sum p (s - t): df/dz = p * (d - sum p d) where d = s - t (per position);
+    forward, f = sum q (t - s): df/dz = p - q;
+    jsd:BETA, with m = log((1 - BETA) p + BETA q), f = BETA sum q (t - m) + (1 - BETA) sum p (s - m):
+    df/dz = (1 - BETA) p * (d - sum p d) where d = s - m (the mixture's own dependence on p
+    cancels), which is the reverse form with m for t. The combination is linear in the two
     terms, so its gradient is the same combination of theirs.
 
     Returns:
         (positive_sum, negative_sum, grad (c, V) float32); negative_sum is 0 without negatives.
     """
+    beta = divergence_beta(divergence)
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     p_s = log_s.exp()
     teachers = [(1.0, privileged_logits)] + ([(-gamma, negative_logits)] if negative_logits is not None else [])
-    if direction not in ("reverse", "forward"):
-        raise ValueError(f"direction must be 'reverse' or 'forward', not {direction!r}")
+    log_s_mixed = log_s + math.log1p(-beta) if 0.0 < beta < 1.0 else None
     # Vocabulary-wide passes dominate the cost, so the teachers' terms are summed into one
-    # (c, V) buffer and the shared factor is applied once: reverse, grad = p * (sum_i w_i d_i -
-    # sum_i w_i f_i); forward, grad = (sum_i w_i) p - sum_i w_i exp(t_i).
+    # (c, V) buffer and the shared factor is applied once: reverse and jsd, grad = scale * p *
+    # (sum_i w_i d_i - sum_i w_i sum p d_i); forward, grad = (sum_i w_i) p - sum_i w_i q_i.
     sums, grad, offset = [], None, 0.0
     for weight, teacher in teachers:
         log_t = F.log_softmax(teacher.float(), dim=-1)
-        if direction == "reverse":
-            term = torch.sub(log_s, log_t, out=log_t)  # d = s - t
-            kl = torch.linalg.vecdot(p_s, term)
-            offset = offset + weight * kl
+        if beta == 0.0:
+            term = log_t.exp()  # q
+            value = torch.linalg.vecdot(term, log_t) - torch.linalg.vecdot(term, log_s)
         else:
-            term = log_t.exp()
-            kl = torch.linalg.vecdot(term, log_t) - torch.linalg.vecdot(term, log_s)
+            if beta == 1.0:
+                term = torch.sub(log_s, log_t, out=log_t)  # d = s - t
+                value = student_part = torch.linalg.vecdot(p_s, term)
+            else:
+                log_m = torch.logaddexp(log_s_mixed, log_t + math.log(beta))
+                teacher_part = torch.linalg.vecdot(log_t.exp(), torch.sub(log_t, log_m, out=log_t))
+                term = torch.sub(log_s, log_m, out=log_m)  # d = s - m
+                student_part = torch.linalg.vecdot(p_s, term)
+                value = beta * teacher_part + (1.0 - beta) * student_part
+            offset = offset + weight * student_part
         grad = (term if weight == 1.0 else term.mul_(weight)) if grad is None else grad.add_(term, alpha=weight)
-        sums.append(kl.sum())
-    if direction == "reverse":
-        grad.sub_(offset[:, None]).mul_(p_s)
-    else:
+        sums.append(value.sum())
+    if beta == 0.0:
         grad.neg_().add_(p_s, alpha=sum(weight for weight, _ in teachers))
+    else:
+        grad.sub_(offset[:, None]).mul_(p_s)
+        if beta < 1.0:
+            grad.mul_(1.0 - beta)
     negative_sum = sums[1] if len(sums) > 1 else sums[0].new_zeros(())
     return sums[0], negative_sum, grad
 
@@ -264,7 +326,7 @@ def chunked_contrastive_kl_terms(
     head: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor],
     *,
     gamma: float,
-    direction: Direction = "reverse",
+    divergence: str = "reverse",
     chunk_size: int = 256,
     teacher_head: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,7 +340,7 @@ def chunked_contrastive_kl_terms(
             negative_hidden may be None (then the negative term is 0).
         head: The student's output projection (maybe LoRA-wrapped).
         gamma: Weight of the negative term in the differentiated combination.
-        direction: "reverse" (student first) or "forward".
+        divergence: "reverse" (the paper's), "forward" or "jsd:BETA" (`divergence_beta`).
         chunk_size: Positions per chunk.
         teacher_head: The teachers' output projection (the adapter-free head); defaults to `head`.
 
@@ -286,6 +348,7 @@ def chunked_contrastive_kl_terms(
         (combined, positive_sum, negative_sum): combined = positive_sum - gamma * negative_sum is
         differentiable; the two sums are detached, for logging.
     """
+    divergence_beta(divergence)  # an unknown name fails here, before any forward
     teacher_head = head if teacher_head is None else teacher_head
 
     def loss_fn(student_logits: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, ...]:
@@ -293,7 +356,7 @@ def chunked_contrastive_kl_terms(
             privileged = teacher_head(privileged_hidden[start:end])
             negative = teacher_head(negative_hidden[start:end]) if negative_hidden is not None else None
         positive, neg, grad = contrastive_kl_with_grad(student_logits, privileged, negative, gamma=gamma,
-                                                       direction=direction)
+                                                       divergence=divergence)
         return positive - gamma * neg, torch.stack([positive, neg]), grad
 
     combined, extra = chunked_head_loss(loss_fn, head, student_hidden, chunk_size=chunk_size)

@@ -85,7 +85,7 @@ def run(cfg: TrainConfig) -> Path:
                                                        tokenizer.save_pretrained(d)))
         write_json_atomic(out / "train_summary.json", {
             "config": to_dict(cfg), "examples": len(examples), "loss": args.loss,
-            "gamma": args.gamma, "kl_direction": args.kl_direction,
+            "gamma": args.gamma, "divergence": args.divergence,
             "metrics": result.metrics, "log_history": trainer.state.log_history,
         })
     trainer.accelerator.wait_for_everyone()  # no rank moves on before the adapter exists

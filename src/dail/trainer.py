@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from transformers import Trainer, TrainingArguments
 
-from dail.config import ConfigError, check_choice, check_range
+from dail.config import ConfigError, check_choice, check_range, resolve_divergence
 from dail.loss import chunked_contrastive_kl_terms, chunked_nll_sum, contrastive_kl_terms, nll
 from dail.teacher_cache import TeacherCache
 
@@ -46,7 +46,12 @@ class DAILConfig(TrainingArguments):
         loss: "dail" (contrastive), "kl" (gamma 0), "nll" (next-token loss on traces) or
             "sft" (next-token loss on the expert solutions; the baseline).
         gamma: Weight of the negative-reference term (used by "dail").
-        kl_direction: "reverse" = KL(student || teacher) (release default) or "forward".
+        divergence: Of both terms: "reverse" = KL(student || teacher) (the paper's, and the
+            default), "forward" = KL(teacher || student), or "jsd:BETA", the generalized
+            Jensen-Shannon divergence with BETA in [0, 1] (0 forward, 1 reverse;
+            `dail.loss.divergence_beta`).
+        kl_direction: The older name of `divergence`, kept for configs that use it: "reverse" or
+            "forward". Read into `divergence` (and then cleared).
         lora_r / lora_alpha / lora_dropout: The LoRA adapter.
         lora_target_modules: The linear layers LoRA adapts: "all-linear" (every one but the
             output head) or a list of layer names (e.g. [q_proj, v_proj]; on GPT-NeoX
@@ -67,7 +72,8 @@ class DAILConfig(TrainingArguments):
     output_dir: str | None = None
     loss: str = "dail"
     gamma: float = 0.1
-    kl_direction: str = "reverse"
+    divergence: str | None = None  # None: "reverse", or kl_direction when that is given
+    kl_direction: str | None = None
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -92,7 +98,8 @@ class DAILConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         check_choice("loss", self.loss, ("dail", "kl", "nll", "sft"))
-        check_choice("kl_direction", self.kl_direction, ("reverse", "forward"))
+        self.divergence = resolve_divergence(self.divergence, self.kl_direction)
+        self.kl_direction = None
         if self.loss == "kl":
             self.gamma = 0.0
         check_range("gamma", self.gamma, low=0)  # it weights a term that is subtracted
@@ -276,7 +283,7 @@ class DAILTrainer(Trainer):
             return loss, {"logits": student}
         privileged, negative = self._teacher_logits(model, inputs)
         positive_sum, negative_sum = contrastive_kl_terms(
-            student, privileged, negative, mask, direction=self.args.kl_direction)
+            student, privileged, negative, mask, divergence=self.args.divergence)
         self._record("kl_privileged", positive_sum / num_tokens)
         if negative is not None:
             self._record("kl_negative", negative_sum / num_tokens)
@@ -296,7 +303,7 @@ class DAILTrainer(Trainer):
         privileged, negative = self._teacher_hidden(model, inputs, keep)  # (N, H) each
         teacher_head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
         combined, positive_sum, negative_sum = chunked_contrastive_kl_terms(
-            student, privileged, negative, head, gamma=self.args.gamma, direction=self.args.kl_direction,
+            student, privileged, negative, head, gamma=self.args.gamma, divergence=self.args.divergence,
             chunk_size=chunk, teacher_head=teacher_head)
         self._record("kl_privileged", positive_sum / num_tokens)
         if negative is not None:
