@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -189,14 +190,20 @@ def test_train_stage_resumes_from_its_last_checkpoint(tiny_model_dir, traces_fil
 
     traces, _ = traces_file
     base = dict(traces=str(traces), out=str(tmp_path / "run"), model=ModelConfig(model=str(tiny_model_dir)))
-    steps = {"max_steps": 2, "save_steps": 1, "gradient_accumulation_steps": 1, "lora_r": 4}
+    steps = {"max_steps": 3, "save_steps": 1, "gradient_accumulation_steps": 1, "lora_r": 4,
+             "save_total_limit": None}
     train.run(TrainConfig(**base, training=steps))
-    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_config.json").exists()
+    # As if stopped after its second checkpoint: the summary, the adapter and step 3 are gone.
+    for name in ("train_summary.json", "adapter", "checkpoints/checkpoint-3"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
     with caplog.at_level("INFO"):
-        train.run(TrainConfig(**base, training={**steps, "max_steps": 3}))
+        train.run(TrainConfig(**base, training=steps))
     assert any("resuming from" in r.message and "checkpoint-2" in r.message for r in caplog.records)
-    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    summary = json.loads((run / "train_summary.json").read_text())
     assert max(h.get("step", 0) for h in summary["log_history"]) == 3
+    assert summary["resumed_from"] == "checkpoint-2"
 
 
 def test_sft_trains_on_expert_solutions(tiny_model_dir, traces_file, tmp_path):

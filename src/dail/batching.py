@@ -18,7 +18,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dail.config import ConfigError
 from dail.data import iter_jsonl, write_jsonl_atomic
 from dail.distributed import Shard, is_main_process, wait_for
 
@@ -88,33 +87,3 @@ def run_per_problem(
                     "command once all have finished)", desc, shard.describe(), missing, len(items))
         return None
     return [record for path in paths for _, record in iter_jsonl(path)]
-
-
-# Settings that cannot change what a finished part holds.
-_NEUTRAL_KEYS = {"out", "batch_size", "device", "dtype", "shard", "engine", "draft_length"}
-
-
-def check_resumable(config_path: Path, config: dict[str, Any]) -> None:
-    """Record a stage's settings beside its outputs; refuse to resume under other settings.
-
-    Raises:
-        ValueError: `config_path` exists with settings that would change the outputs.
-    """
-    from dail.data import write_json_atomic
-
-    if config_path.exists():
-        import json
-
-        old = json.loads(config_path.read_text(encoding="utf-8"))
-        changed = sorted(_diff(old, config))
-        if changed:
-            raise ConfigError(f"{config_path.parent} holds outputs made with other settings "
-                             f"({', '.join(changed)}); use another --out, or delete it to start over")
-    write_json_atomic(config_path, config)
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) if k not in _NEUTRAL_KEYS
-                for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]

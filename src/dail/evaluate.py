@@ -9,11 +9,12 @@ the final files are written once every part exists (see `dail.distributed`).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from dail.batching import check_resumable, run_per_problem
+from dail.batching import run_per_problem
 from dail.config import EvalConfig, to_dict
 from dail.data import (
     DataError,
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and return the summary (also written to `<out>/summary.json`)."""
     from dail import distributed, preflight
+    from dail.provenance import for_summary
     from dail.report import score_samples, summarize, to_markdown
 
     problems = preflight.check_eval(cfg)
@@ -44,6 +46,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     summary = summarize(samples, budgets=cfg.budgets)
     summary["model"] = cfg.model.model
     summary["adapter"] = cfg.adapter
+    # What made these samples: the record the sampling run checked, or the samples file's.
+    record = Path(cfg.out) / "eval_config.json"
+    summary["settings"] = for_summary(eval_settings(cfg, problems, None) if cfg.samples_file
+                                      else json.loads(record.read_text(encoding="utf-8")))
     # The responses' token budget (unknown for samples made elsewhere): plots stop there.
     summary["max_new_tokens"] = None if cfg.samples_file else cfg.sampling.max_new_tokens
     out = Path(cfg.out)
@@ -84,17 +90,19 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
     Returns:
         All problems' samples, or None when other array-job shards are still running.
     """
-    from dail import models
+    from dail import models, provenance
     from dail.generate import prompt_builder
     from dail.rollout import RolloutSettings, sample_responses, sequence_seed
     from dail.train import encode_prompt
 
-    model, tokenizer = models.load(cfg.model)
-    if cfg.adapter:
-        model = apply_adapter(model, cfg.adapter)
+    tokenizer = models.load_tokenizer(cfg.model)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out / "eval_config.json", to_dict(cfg))
+    provenance.check_resumable(out / "eval_config.json", eval_settings(cfg, problems, tokenizer))
+    model = models.load_model(cfg.model)
+    models.check_compatible(model, tokenizer, name=cfg.model.model)
+    if cfg.adapter:
+        model = apply_adapter(model, cfg.adapter)
     builder = prompt_builder(cfg.prompts)
     prompts = {p.id: encode_prompt(tokenizer, builder.render(p, tokenizer)["student"]) for p in problems}
     settings = RolloutSettings(
@@ -113,6 +121,21 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
     return run_per_problem(problems, cfg.n, key=lambda p: p.id, parts=out / "parts",
                            batch_size=cfg.sampling.batch_size, generate=generate, desc="eval",
                            shard=shard)
+
+
+def eval_settings(cfg: EvalConfig, problems: list[Any], tokenizer: Any | None) -> dict[str, Any]:
+    """The stage's config, the problems' contents, the tokenizer and the adapter's weights."""
+    from dail import provenance
+
+    record = {**to_dict(cfg), "problems_sha256": provenance.problems_fingerprint(problems)}
+    if tokenizer is not None:
+        record["tokenizer"] = provenance.tokenizer_fingerprint(tokenizer)
+    if cfg.samples_file:
+        record["samples_sha256"] = provenance.file_fingerprint(cfg.samples_file)
+    if cfg.adapter:
+        weights = sorted(Path(cfg.adapter).glob("adapter_model.*"))
+        record["adapter_sha256"] = provenance.file_fingerprint(weights[0]) if weights else None
+    return record
 
 
 def apply_adapter(model: Any, adapter: str) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dail.batching import check_resumable, run_per_problem
+from dail.batching import run_per_problem
 from dail.config import GenerateConfig, PromptConfig, to_dict
 from dail.data import (
     Problem,
@@ -41,17 +41,20 @@ class PreparedProblem:
 
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces and select from them; returns the summary also written to disk."""
-    from dail import distributed, models, preflight
+    from dail import distributed, models, preflight, provenance
     from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
 
     problems = preflight.check_generate(cfg)
     out = Path(cfg.out)
-    model, tokenizer = models.load(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model)
+    settings_record = generate_settings(cfg, problems, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    provenance.check_resumable(out / "generate_config.json", settings_record)
+    model = models.load_model(cfg.model)
+    models.check_compatible(model, tokenizer, name=cfg.model.model)
     budget = cfg.sampling.max_new_tokens
     prepared, skipped = prepare_problems(problems, tokenizer, cfg.prompts,
                                          max_prompt_tokens=_max_prompt_tokens(cfg, model))
-    out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out / "generate_config.json", to_dict(cfg))
 
     settings = RolloutSettings(
         tau=cfg.tau, retries=cfg.retries, temperature=cfg.sampling.temperature,
@@ -75,7 +78,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     if records is None:  # an array-job shard whose siblings are still running
         return {"shard": shard.describe(), "complete": False}
     selected = select_traces(records, keep=cfg.keep, seed=cfg.sampling.seed)
-    summary = _summary(problems, prepared, skipped, records, selected)
+    summary = {**_summary(problems, prepared, skipped, records, selected), "settings": provenance.for_summary(settings_record)}
     if shard.writes_merged:  # the summary last: its presence marks the stage complete
         write_jsonl_atomic(out / "traces.jsonl", records)
         write_jsonl_atomic(out / "selected.jsonl", selected)
@@ -85,6 +88,14 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
                 summary["problems_selected"], summary["problems"], len(skipped),
                 summary["mean_acceptance_rate"])
     return summary
+
+
+def generate_settings(cfg: GenerateConfig, problems: list[Problem], tokenizer: Any) -> dict[str, Any]:
+    """The stage's config, the problems' contents and the tokenizer that writes the token ids."""
+    from dail import provenance
+
+    return {**to_dict(cfg), "problems_sha256": provenance.problems_fingerprint(problems),
+            "tokenizer": provenance.tokenizer_fingerprint(tokenizer)}
 
 
 def _max_prompt_tokens(cfg: GenerateConfig, model: Any) -> int:

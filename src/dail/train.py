@@ -1,7 +1,8 @@
 """Stage 2: `dail train` -- LoRA fine-tuning with the DAIL, KL, NLL or SFT loss.
 
-Reads top to bottom: refuse broken distributed strategies -> load examples -> load model and
-wrap it with LoRA -> train with `DAILTrainer` (resuming from the last *complete* checkpoint, with
+Reads top to bottom: refuse broken distributed strategies -> load examples -> record the
+settings in `train_config.json` (a folder made with other settings is refused; a finished run
+with the same settings is skipped) -> load model and wrap it with LoRA -> train with `DAILTrainer` (resuming from the last *complete* checkpoint, with
 the same data order) -> save the adapter (and a merged model), each swapped in atomically.
 
 Under `accelerate launch` the Trainer runs data-parallel (DDP, FSDP2, DeepSpeed ZeRO-2); the
@@ -34,7 +35,7 @@ def run(cfg: TrainConfig) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from dail import distributed, models, preflight, reporting
+    from dail import distributed, models, preflight, provenance, reporting
     from dail.trainer import DAILCollator, DAILTrainer
 
     out = Path(cfg.out)
@@ -44,6 +45,13 @@ def run(cfg: TrainConfig) -> Path:
     sharded = strategy["deepspeed_stage"] == 3 or strategy["fsdp_version"] is not None
     tokenizer = models.load_tokenizer(cfg.model)
     examples = load_examples(cfg, tokenizer, max_length=args.max_length)
+    settings = train_settings(cfg, args, tokenizer)
+    if record_settings(out, settings):
+        logger.info("train: %s is complete with these settings, skipped", out)
+        if args.merge and not (out / "merged").is_dir() and distributed.is_main_process():
+            merged = _merge_from_disk(cfg, out / "adapter")
+            save_dir_atomic(out / "merged", lambda d: (merged.save_pretrained(d), tokenizer.save_pretrained(d)))
+        return out / "adapter"
 
     model = models.load_model(cfg.model, for_training=True)
     models.check_compatible(model, tokenizer, name=cfg.model.model)
@@ -84,12 +92,68 @@ def run(cfg: TrainConfig) -> Path:
             save_dir_atomic(out / "merged", lambda d: (merged.save_pretrained(d),
                                                        tokenizer.save_pretrained(d)))
         write_json_atomic(out / "train_summary.json", {
-            "config": to_dict(cfg), "examples": len(examples), "loss": args.loss,
-            "gamma": args.gamma, "divergence": args.divergence,
+            "settings": provenance.for_summary(settings, provenance.TRAIN_NEUTRAL_KEYS),
+            "examples": len(examples), "loss": args.loss, "gamma": args.gamma, "divergence": args.divergence,
+            "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * settings["world_size"],
+            "resumed_from": last.name if last else None,
             "metrics": result.metrics, "log_history": trainer.state.log_history,
         })
     trainer.accelerator.wait_for_everyone()  # no rank moves on before the adapter exists
     return out / "adapter"
+
+
+# Training arguments that shape the adapter, recorded with their effective values (defaults
+# included); any other key the user sets is recorded too.
+_EFFECTIVE_TRAINING_KEYS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "num_train_epochs",
+    "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed",
+    "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "bf16", "fp16",
+    "divergence", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "max_length")
+
+
+def train_settings(cfg: TrainConfig, args: Any, tokenizer: Any) -> dict[str, Any]:
+    """What the adapter depends on: the config with every training argument at its effective
+    value, the world size (it multiplies the batch), the tokenizer, and the input's contents."""
+    from dail import provenance
+
+    record = to_dict(cfg)
+    keys = [k for k in (*_EFFECTIVE_TRAINING_KEYS, *cfg.training)
+            if k not in provenance.TRAIN_NEUTRAL_KEYS and k not in ("loss", "gamma") and hasattr(args, k)]
+    record["training"] = {k: _plain(getattr(args, k)) for k in dict.fromkeys(keys)}
+    record["world_size"] = int(os.environ.get("WORLD_SIZE", 1))
+    record["tokenizer"] = provenance.tokenizer_fingerprint(tokenizer)
+    if cfg.loss == "sft":
+        record["problems_sha256"] = provenance.problems_fingerprint(load_problems(cfg.data or cfg.traces))
+    else:
+        record["traces_sha256"] = provenance.file_fingerprint(cfg.traces)
+    return record
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value for a training argument (enums by their value)."""
+    import enum
+
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def record_settings(out: Path, settings: dict[str, Any]) -> bool:
+    """Write `train_config.json`, or check it against an earlier run's; True when that run
+    finished (its summary is written after the adapter).
+
+    Raises:
+        ConfigError: the folder holds a run with other settings, or an unrecorded one.
+    """
+    from dail import provenance
+
+    path = out / "train_config.json"
+    earlier = (out / "adapter").is_dir() or last_complete_checkpoint(out / "checkpoints") is not None
+    if not path.exists() and earlier:
+        raise ConfigError(f"{out} holds a training run without a record of its settings "
+                          f"(no train_config.json); use another --out, or delete it to start over")
+    out.mkdir(parents=True, exist_ok=True)
+    provenance.check_resumable(path, settings, neutral=provenance.TRAIN_NEUTRAL_KEYS)
+    return (out / "train_summary.json").is_file() and (out / "adapter").is_dir()
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
