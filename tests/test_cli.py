@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -43,7 +44,8 @@ def test_dail_run_end_to_end(tiny_model_dir, problems_file, tmp_path, capsys):
     assert {p.name for p in (out / "plots").iterdir()} == {"pass_at_k.png", "accuracy_vs_budget.png"}
     for summary in results.values():
         assert {"pass@1", "pass@2", "mean_tokens"} <= set(summary)
-    traces = [json.loads(line) for line in (out / "generate" / "traces.jsonl").read_text().splitlines()]
+    stages = json.loads((out / "stages.json").read_text())
+    traces = [json.loads(line) for line in (Path(stages["generate"]) / "traces.jsonl").read_text().splitlines()]
     assert len(traces) == 6
     record = traces[0]
     for key in ("id", "sample", "prompts", "prompt_ids", "text", "token_ids", "sources", "proposal_ids",
@@ -146,15 +148,13 @@ def test_inspect_shows_prompts_waypoints_and_alignment(tiny_model_dir, problems_
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b-instruct.yaml", "qwen3-8b-proofs.yaml", "champ-smoke.yaml"])
 def test_shipped_configs_are_valid(name):
-    from pathlib import Path
-
     from dail.config import load_yaml
     from dail.pipeline import stage_configs
 
     path = Path(__file__).parent.parent / "configs" / name
     stages = stage_configs(load_yaml(path), where=str(path))
     assert stages["generate"].tau == pytest.approx(0.8 if "qwen" in name else 0.05)
-    assert stages["eval_trained"].adapter.endswith("train/adapter")
+    assert stages["eval_trained"].adapter == f"{stages['train'].out}/adapter"
     from dail.trainer import DAILConfig
 
     DAILConfig(output_dir="unused", loss=stages["train"].loss, **stages["train"].training)
