@@ -14,9 +14,9 @@ from dail.trainer import (
     DAILCollator,
     DAILConfig,
     DAILTrainer,
-    _response_states,
     response_hidden,
     response_logits,
+    response_states,
 )
 
 ROLES = ("student", "privileged", "negative")
@@ -98,7 +98,7 @@ def test_the_head_check_passes_in_bfloat16(architecture_dir, architecture):
     model.to(torch.bfloat16)
     batch = DAILCollator(tokenizer.pad_token_id, ROLES)(EXAMPLES)
     with torch.no_grad():
-        _, last_hidden, last_logits = _response_states(model, batch, "student")
+        _, last_hidden, last_logits = response_states(model, batch, "student")
     check_model_head(model_head(model), last_hidden, last_logits, model_type=architecture)
     with pytest.raises(ConfigError):
         check_model_head(ModelHead(model.get_output_embeddings(), LogitTransform()), last_hidden, last_logits,

@@ -186,13 +186,13 @@ def test_merged_model_evaluates_like_base_plus_adapter(tiny_model_dir, problems_
 
 def test_reasoning_model_rollout_suppresses_end_of_thinking(thinking_model_dir, problems_file, tmp_path):
     from dail.config import GenerateConfig, ModelConfig
-    from dail.generate import _suppressed
+    from dail.generate import suppressed_tokens
     from dail.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig(model=str(thinking_model_dir)))
     cfg = GenerateConfig(model=ModelConfig(model=str(thinking_model_dir)))
-    assert _suppressed(tokenizer, cfg) == (tokenizer.convert_tokens_to_ids("</think>"),)
-    assert _suppressed(tokenizer, GenerateConfig(suppress_end_of_thinking=False)) == ()
+    assert suppressed_tokens(tokenizer, cfg) == (tokenizer.convert_tokens_to_ids("</think>"),)
+    assert suppressed_tokens(tokenizer, GenerateConfig(suppress_end_of_thinking=False)) == ()
     out = tmp_path / "gen"
     assert run_cli("generate", "--model", thinking_model_dir, "--data", problems_file, "--out", out,
                    "--samples", 2, "--max-new-tokens", 12, "--tau", 0.5) == 0

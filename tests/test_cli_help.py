@@ -39,6 +39,8 @@ def option_help(entries: dict[str, str], flag: str) -> str:
                                     "--max-new-tokens": "max_new_tokens", "--temperature": "temperature",
                                     "--batch-size": "batch_size", "--draft-length": "draft_length"}),
     ("eval", "EvalConfig", {"--n": "n", "--grader": "grader", "--top-p": "top_p", "--seed": "seed"}),
+    ("probe", "ProbeConfig", {"--problems": "problems", "--samples": "samples", "--tau": "tau",
+                              "--max-new-tokens": "max_new_tokens"}),
 ])
 def test_help_shows_the_configs_defaults(capsys, command, config, flags):
     from dail import config as config_module
@@ -62,7 +64,7 @@ def test_train_help_shows_the_training_arguments_defaults(capsys):
     assert "(default: 0.1)" in option_help(text, "--gamma")
 
 
-@pytest.mark.parametrize("command", ["generate", "train", "eval", "inspect", "plot", "demo", "run"])
+@pytest.mark.parametrize("command", ["generate", "train", "eval", "inspect", "probe", "plot", "demo", "run"])
 def test_every_option_says_its_default_or_that_it_is_required(capsys, command):
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))

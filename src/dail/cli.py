@@ -17,6 +17,7 @@ from dail.config import (
     ConfigError,
     EvalConfig,
     GenerateConfig,
+    ProbeConfig,
     TrainConfig,
     from_dict,
     load_yaml,
@@ -198,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tau", type=float, help="threshold of the fresh trace shown when --traces is not given")
     _sampling(i)
 
+    pr = sub.add_parser("probe", help="does Stage 1 work here? student, mixed and direct traces and the "
+                                      "expert solutions, scored under the student's prompt",
+                        formatter_class=_help_with_defaults(ProbeConfig))
+    _common(pr)
+    _prompts(pr)
+    _sampling(pr)
+    pr.add_argument("--problems", type=int, help="at most this many problems (a sample drawn with --seed)")
+    pr.add_argument("--samples", type=int, help="traces per problem and source")
+    pr.add_argument("--tau", type=float, help="acceptance threshold of the mixed traces, in (0, 1)")
+    pr.add_argument("--grader", help="math, exact, world, or module:function")
+    pr.add_argument("--engine", choices=["reference", "draft"],
+                    help="draft-and-verify (default) or token-by-token scheduling; same traces")
+
     r = sub.add_parser("run", help="generate -> select -> train -> eval from one YAML config",
                        formatter_class=_help_with_defaults())
     r.add_argument("--config", required=True, help="the pipeline's YAML file (see configs/)")
@@ -343,6 +357,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                                max_rows=args.tokens))
 
 
+def cmd_probe(args: argparse.Namespace) -> None:
+    from dail import probe
+
+    cfg = stage_config(ProbeConfig, args, ("data", "out", "problems", "samples", "tau", "grader", "engine"))
+    summary = probe.run(cfg)
+    print(probe.summary_table(summary))
+    print(f"details and one example trace per source: {Path(cfg.out) / 'probe.md'}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from dail import pipeline
 
@@ -419,7 +442,7 @@ def cmd_view(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"plot": cmd_plot, "generate": cmd_generate, "train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
-            "run": cmd_run, "demo": cmd_demo, "view": cmd_view}
+            "probe": cmd_probe, "run": cmd_run, "demo": cmd_demo, "view": cmd_view}
 
 
 def main(argv: list[str] | None = None) -> int:

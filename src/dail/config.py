@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 _FLAGS = {"num_train_epochs": "--epochs"} | {key: "--" + key.replace("_", "-") for key in (
     "tau", "samples", "retries", "keep", "draft_length", "max_new_tokens", "temperature", "top_p",
     "top_k", "seed", "batch_size", "max_prompt_tokens", "gamma", "learning_rate", "max_length",
-    "teacher_cache_gb", "n")}
+    "teacher_cache_gb", "n", "problems")}
 
 
 def check_range(key: str, value: float | None, *, low: float | None = None, high: float | None = None,
@@ -306,6 +306,46 @@ class EvalConfig:
         for budget in self.budgets:
             check_range("budgets", budget, low=1)
         _check_shard(self.shard)
+
+
+@dataclass
+class ProbeConfig:
+    """`dail probe`: does Stage 1 work for this model and these problems?
+
+    The same problems are rolled out at tau 0 (the student alone), at `tau` (mixed) and at tau 1
+    (direct sampling from the privileged prompt), and every text, the expert solutions included,
+    is scored under the student's problem-only prompt (see `dail.probe`).
+
+    Attributes:
+        data: Problems (JSONL, JSON, `datasets` directory, or "champ").
+        out: Output directory (probe.json, probe.md, traces/, parts/).
+        problems: At most this many problems, a sample drawn with `sampling.seed` when the data
+            holds more.
+        samples: Traces per problem and source.
+        tau: Acceptance threshold of the mixed source, strictly between 0 and 1 (0 and 1 are
+            the student and direct sources themselves).
+        grader: Answer checker for `answer_match` (see `GenerateConfig.grader`).
+        suppress_end_of_thinking: For reasoning models, forbid </think> (as `dail generate`).
+        engine: Scheduling of the mixed rollout (see `GenerateConfig.engine`); same traces.
+    """
+
+    data: str = ""
+    out: str = ""
+    problems: int = 20
+    samples: int = 4
+    tau: float = 0.8
+    grader: str = "math"
+    suppress_end_of_thinking: bool = True
+    engine: str = "draft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        check_range("problems", self.problems, low=1)
+        check_range("samples", self.samples, low=1)
+        check_range("tau", self.tau, low=0, high=1, low_open=True, high_open=True)
+        check_choice("engine", self.engine, ("draft", "reference"))
 
 
 def _check_shard(shard: str | None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dail.batching import run_per_problem
-from dail.config import GenerateConfig, PromptConfig, to_dict
+from dail.config import GenerateConfig, ProbeConfig, PromptConfig, to_dict
 from dail.data import (
     Problem,
     group_by_problem,
@@ -54,13 +54,13 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     models.check_compatible(model, tokenizer, name=cfg.model.model)
     budget = cfg.sampling.max_new_tokens
     prepared, skipped = prepare_problems(problems, tokenizer, cfg.prompts,
-                                         max_prompt_tokens=_max_prompt_tokens(cfg, model))
+                                         max_prompt_tokens=prompt_token_limit(cfg, model))
 
     settings = RolloutSettings(
         tau=cfg.tau, retries=cfg.retries, temperature=cfg.sampling.temperature,
         top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k, max_new_tokens=budget,
         eos_ids=tuple(models.eos_token_ids(model, tokenizer)),
-        suppress_ids=_suppressed(tokenizer, cfg), engine=cfg.engine, draft_length=cfg.draft_length)
+        suppress_ids=suppressed_tokens(tokenizer, cfg), engine=cfg.engine, draft_length=cfg.draft_length)
 
     def generate(rows: list[tuple[PreparedProblem, int]]) -> list[dict[str, Any]]:
         traces = mixed_rollout(
@@ -98,14 +98,15 @@ def generate_settings(cfg: GenerateConfig, problems: list[Problem], tokenizer: A
             "tokenizer": provenance.tokenizer_fingerprint(tokenizer)}
 
 
-def _max_prompt_tokens(cfg: GenerateConfig, model: Any) -> int:
+def prompt_token_limit(cfg: GenerateConfig | ProbeConfig, model: Any) -> int:
+    """The longest privileged prompt: the setting, else the model's context minus the budget."""
     if cfg.prompts.max_prompt_tokens is not None:
         return cfg.prompts.max_prompt_tokens
     context = getattr(model.config, "max_position_embeddings", None) or 32768
     return max(1, context - cfg.sampling.max_new_tokens)
 
 
-def _suppressed(tokenizer: Any, cfg: GenerateConfig) -> tuple[int, ...]:
+def suppressed_tokens(tokenizer: Any, cfg: GenerateConfig | ProbeConfig) -> tuple[int, ...]:
     """The end-of-thinking token of a reasoning model, which the rollout never emits."""
     from dail.prompts import uses_thinking
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics: unbiased pass@k, its bootstrap interval, accuracy under a token budget.
+"""Evaluation metrics: unbiased pass@k, bootstrap intervals, accuracy under a token budget.
 
 Pure Python and numpy; no torch.
 """
@@ -120,11 +120,34 @@ def bootstrap_ci(counts: Sequence[tuple[int, int]], k: int, *, resamples: int = 
     """
     n_min = _check_counts(counts)
     _check_ks([k], n_min)
+    return bootstrap_mean_ci([pass_at_k(n, c, k) for n, c in counts], resamples=resamples, seed=seed,
+                             level=level)
+
+
+def bootstrap_mean_ci(values: Sequence[float], *, resamples: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (one per problem), resampling them
+    with replacement.
+
+    Args:
+        values: One number per unit that varies (a problem).
+        resamples: Bootstrap replicates.
+        seed: Seed of the resampling generator (same seed, same interval).
+        level: Coverage, strictly between 0 and 1.
+
+    Returns:
+        `(low, high)`.
+
+    Raises:
+        ValueError: on no values, `resamples < 1`, or `level` outside (0, 1).
+    """
+    if len(values) == 0:
+        raise ValueError("no values to resample")
     if resamples < 1:
         raise ValueError(f"resamples must be at least 1, got {resamples}")
     if not 0 < level < 1:
         raise ValueError(f"level must be strictly between 0 and 1, got {level}")
-    values = np.array([pass_at_k(n, c, k) for n, c in counts])
+    values = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(values), size=(resamples, len(values)))
     means = values[idx].mean(axis=1)

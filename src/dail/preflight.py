@@ -18,6 +18,7 @@ from dail.config import (
     EvalConfig,
     GenerateConfig,
     ModelConfig,
+    ProbeConfig,
     PromptConfig,
     TrainConfig,
 )
@@ -92,6 +93,16 @@ def check_eval(cfg: EvalConfig, *, adapter_pending: bool = False) -> list[Proble
     check_prompts(cfg.prompts)
     if cfg.adapter and not adapter_pending and not (Path(cfg.adapter) / "adapter_config.json").is_file():
         raise DataError(f"{cfg.adapter}: not a PEFT adapter directory (no adapter_config.json; --adapter)")
+    return problems
+
+
+def check_probe(cfg: ProbeConfig) -> list[Problem]:
+    """Returns:
+        The problems, read and validated.
+    """
+    problems = resolve_problems(cfg.data)
+    check_prompts(cfg.prompts)
+    check_grader(cfg.grader)
     return problems
 
 

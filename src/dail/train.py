@@ -327,9 +327,14 @@ def _sft_examples(path: str, cfg: TrainConfig, tokenizer: Any) -> list[dict[str,
     for problem in load_problems(path):
         prompt = builder.render(problem, tokenizer)["student"]
         prompt_ids = encode_prompt(tokenizer, prompt)
-        response = tokenizer(problem.solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        examples.append({"prompt_ids": {"student": prompt_ids}, "response_ids": response, "id": problem.id})
+        examples.append({"prompt_ids": {"student": prompt_ids}, "response_ids": solution_ids(tokenizer, problem.solution),
+                         "id": problem.id})
     return examples
+
+
+def solution_ids(tokenizer: Any, solution: str) -> list[int]:
+    """An expert solution as a response: its tokens, then EOS (what the sft loss trains on)."""
+    return tokenizer(solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

@@ -220,10 +220,10 @@ def response_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor], role
     forward hook: `output_hidden_states=True` would keep every layer's output alive until the
     forward returns, which in a no-grad teacher forward is memory nothing else needs.
     """
-    return _response_states(model, batch, role)[0]
+    return response_states(model, batch, role)[0]
 
 
-def _response_states(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+def response_states(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                      role: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`response_hidden`, and the last column's hidden state (B, H) with the logits (B, V) the
     model computed from it (to check the loss's head against)."""
@@ -298,7 +298,7 @@ class DAILTrainer(Trainer):
                       num_tokens: torch.Tensor) -> torch.Tensor:
         """The same loss from hidden states, applying the (maybe LoRA-wrapped) head chunk-wise."""
         keep = mask.bool()
-        student, last_hidden, last_logits = _response_states(model, inputs, "student")
+        student, last_hidden, last_logits = response_states(model, inputs, "student")
         student = student[keep]  # (N, H), with gradients
         lm = _causal_lm(self.accelerator.unwrap_model(model))
         head = model_head(lm)  # the (maybe LoRA-wrapped) head and the model's logit transform
