@@ -27,6 +27,7 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
         assert m["pass@1"] <= m["pass@2"] <= m["pass@4"]
         assert list(m["train_pass@k"]) == ["pass@1", "pass@2"], name  # train_eval_n samples
         assert 0.0 <= m["retention"] <= 1.0
+        assert (m["trainable_share"] is None) if name == "base" else (0 < m["trainable_share"] < 1), name
         assert m["mean_tokens"] is None or 0 < m["mean_tokens"] <= TINY.max_new_tokens
         # Per type: both novel types, and they average to the overall figure (equal counts).
         assert set(m["by_type"]) == {"matmul", "poly"}, name
@@ -40,6 +41,11 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
     report = (out / "report.md").read_text()
     assert f"Mixed and direct traces are the same for {shared['identical']} of the {shared['problems']}" in report
     assert "Validity of the world" in report and "| base |" in report
+    assert "| mean tokens | retention (known pass@1) | trainable share |" in report
+    trained = next(name for name in saved["methods"] if name != "base")  # sft always trains
+    share = saved["methods"][trained]["trainable_share"]
+    assert any(line.startswith(f"| {trained} |") and line.endswith(f" | {100 * share:.2f}% |")
+               for line in report.splitlines())
     assert "student NLL/token" in report
     assert "| method | train pass@1 | test pass@1 | train pass@2 | test pass@2 |" in report
     assert "| method | matmul pass@1 | matmul pass@4 | poly pass@1 | poly pass@4 |" in report

@@ -206,6 +206,26 @@ def test_train_stage_resumes_from_its_last_checkpoint(tiny_model_dir, traces_fil
     assert summary["resumed_from"] == "checkpoint-2"
 
 
+def test_train_summary_and_log_give_the_trainable_share(tiny_model_dir, traces_file, tmp_path, caplog):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dail import train
+
+    traces, _ = traces_file
+    with caplog.at_level("INFO"):
+        train.run(TrainConfig(traces=str(traces), out=str(tmp_path / "run"), model=ModelConfig(model=str(tiny_model_dir)),
+                              training={"max_steps": 1, "lora_r": 4}))
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    adapter = sum(t.numel() for t in load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").values())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    assert (summary["trainable_parameters"], summary["all_parameters"]) == (adapter, base + adapter)
+    assert summary["trainable_share"] == pytest.approx(adapter / (base + adapter))
+    assert 0 < summary["trainable_share"] < 1
+    assert any(f"{adapter} of {base + adapter} parameters" in r.message and "trainable share" in r.message
+               for r in caplog.records)
+
+
 def test_sft_trains_on_expert_solutions(tiny_model_dir, traces_file, tmp_path):
     from transformers import AutoTokenizer
 

@@ -144,7 +144,8 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
 
     methods: dict[str, Any] = {}
     for name, adapter in adapters.items():
-        methods[name] = evaluate_method(root, model_dir, adapter, data, settings) | {"adapter": adapter}
+        methods[name] = evaluate_method(root, model_dir, adapter, data, settings) | {
+            "adapter": adapter, "trainable_share": trainable_share(adapter)}
         source = METHODS.get(name, (None, None))[0]
         if source is not None:
             methods[name]["rollout"] = rollouts[source]
@@ -362,6 +363,14 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
     return str(Path(cfg.out) / "adapter")
 
 
+def trainable_share(adapter: str | None) -> float | None:
+    """The share of the model's parameters its adapter trained (from the run's
+    train_summary.json); None for the base model, and for runs cached before it was recorded."""
+    if adapter is None:
+        return None
+    return json.loads((Path(adapter).parent / "train_summary.json").read_text()).get("trainable_share")
+
+
 def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict[str, str],
                     s: DemoSettings) -> dict[str, Any]:
     """Test pass@k, token efficiency, retention on known types and training-set pass@k."""
@@ -460,16 +469,19 @@ def report(results: dict[str, Any]) -> str:
                      f"{x['forced_didactic_error_rate']:.3f} | {x['forced_detailed_error_rate']:.3f} |")
     ks = _ks(results)
     lines += ["", f"## Held-out novel problems ({s['n_test']} problems x {s['eval_n']} samples)", "",
-              "| method | " + " | ".join(ks) + " | mean tokens | retention (known pass@1) |",
-              "|---" * (len(ks) + 3) + "|"]
+              "| method | " + " | ".join(ks) + " | mean tokens | retention (known pass@1) | trainable share |",
+              "|---" * (len(ks) + 4) + "|"]
     for name, m in results["methods"].items():
         cells = []
         for k in ks:
             ci = (m.get("pass@k_ci") or {}).get(k[5:])
             cells.append(f"{m[k]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
         tokens = f"{m['mean_tokens']:.1f}" if m["mean_tokens"] is not None else "n/a"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {m['retention']:.3f} |")
-    lines += ["", "Brackets: 95% bootstrap interval over problems."]
+        share = m.get("trainable_share")
+        share = "n/a" if share is None else f"{100 * share:.2f}%"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {m['retention']:.3f} | {share} |")
+    lines += ["", "Brackets: 95% bootstrap interval over problems. Trainable share: the adapter's parameters "
+              "over all the model's (the paper's LoRA trains about 0.5% of a 7B model)."]
     first = next(iter(results["methods"].values()))
     if first.get("by_type"):
         cols = [(t, k) for t, row in first["by_type"].items() for k in row]

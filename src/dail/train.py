@@ -61,6 +61,9 @@ def run(cfg: TrainConfig) -> Path:
                       task_type="CAUSAL_LM")
     set_seed(args.seed)  # LoRA's random init: the same adapter in every process and every run
     model = get_peft_model(model, lora)
+    trainable = trainable_parameters(model)
+    logger.info("LoRA trains %d of %d parameters: a trainable share of %.4g%%", trainable["trainable_parameters"],
+                trainable["all_parameters"], 100 * trainable["trainable_share"])
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
 
@@ -94,6 +97,7 @@ def run(cfg: TrainConfig) -> Path:
         write_json_atomic(out / "train_summary.json", {
             "settings": provenance.for_summary(settings, provenance.TRAIN_NEUTRAL_KEYS),
             "examples": len(examples), "loss": args.loss, "gamma": args.gamma, "divergence": args.divergence,
+            **trainable,
             "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
             * settings["world_size"],
             "resumed_from": last.name if last else None,
@@ -154,6 +158,16 @@ def record_settings(out: Path, settings: dict[str, Any]) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     provenance.check_resumable(path, settings, neutral=provenance.TRAIN_NEUTRAL_KEYS)
     return (out / "train_summary.json").is_file() and (out / "adapter").is_dir()
+
+
+def trainable_parameters(model: Any) -> dict[str, Any]:
+    """Trainable parameters (the adapter's), all parameters (the adapter's included) and the
+    share of the first in the second (PEFT's count): the paper's LoRA, r 32 on seven projections
+    of a 7B model, trains about 0.5% of the weights, and the same rank is a much larger share of
+    a small model."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_parameters": trainable, "all_parameters": total,
+            "trainable_share": trainable / total if total else 0.0}
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
