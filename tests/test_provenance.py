@@ -4,6 +4,7 @@ fingerprints of inputs and tokenizers, and the settings every summary records.""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -188,3 +189,81 @@ def test_generate_and_eval_refuse_changed_inputs_and_record_settings(tiny_model_
         assert "other settings (adapter_sha256)" in capsys.readouterr().err
     finally:
         weights.write_bytes(original_weights)
+
+
+# --------------------------------------------------------------------------- other base models
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_model(tmp_path_factory):
+    """A tiny model like the default one but with a tokenizer of another vocabulary."""
+    from dail.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("other_tok") / "model", vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def narrower_model(tmp_path_factory):
+    """A tiny model with the default tokenizer but narrower layers."""
+    from dail.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("narrow") / "model", hidden_size=32)
+
+
+@pytest.mark.slow
+def test_train_refuses_traces_of_another_tokenizer_before_training(tiny_model_dir, other_tokenizer_model,
+                                                                   traces, tmp_path, capsys):
+    record = json.loads((traces / "traces.jsonl").read_text().splitlines()[0])
+    assert record["model"] == str(tiny_model_dir) and len(record["tokenizer"]) == 16
+    out = tmp_path / "run"
+    assert _train(other_tokenizer_model, traces / "traces.jsonl", out) == 2
+    err = capsys.readouterr().err
+    assert f"{traces / 'traces.jsonl'}:1: these traces were written with the tokenizer of '{tiny_model_dir}', " \
+           f"not that of --model {other_tokenizer_model}" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_traces_without_a_fingerprint_are_checked_against_the_vocabulary(tmp_path, tiny):
+    from dail.data import DataError
+    from dail.train import _trace_examples
+
+    _, tokenizer = tiny
+    path = tmp_path / "old.jsonl"
+    row = {"prompt_ids": {"student": [1, 2], "privileged": [1, 2], "negative": [1]}, "token_ids": [3, 4]}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "token_ids": [3, 10_000]}) + "\n")
+    with pytest.raises(DataError, match=rf"old.jsonl:2: token id 10000 is outside the vocabulary of "
+                                        rf"--model m \({len(tokenizer)} tokens\)"):
+        _trace_examples(str(path), tokenizer, model="m")
+
+
+@pytest.mark.slow
+def test_eval_refuses_an_adapter_made_for_another_base_model(trained, other_tokenizer_model, narrower_model,
+                                                             problems_file, tmp_path, capsys):
+    import shutil
+
+    run, _ = trained
+    base = json.loads((run / "adapter" / "dail_adapter.json").read_text())
+    assert base["base_model"] and base["architecture"]["hidden_size"] == 64
+
+    def evaluate(model, adapter):
+        out = tmp_path / f"eval-{model.parent.name}-{adapter.parent.name}"
+        code = run_cli("eval", "--model", model, "--adapter", adapter, "--data", problems_file,
+                       "--out", out, "--n", 1, "--max-new-tokens", 2)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("dail eval: error:") == 1 and "Traceback" not in err, err
+        assert not list(out.glob("parts/*.jsonl"))  # refused before sampling
+        return err
+
+    adapter = run / "adapter"
+    err = evaluate(other_tokenizer_model, adapter)
+    assert (f"{adapter}: this adapter was trained on {base['base_model']}, whose tokenizer differs from "
+            f"that of --model {other_tokenizer_model}") in err
+    err = evaluate(narrower_model, adapter)
+    assert "whose architecture differs from that of --model" in err and "hidden_size 64 vs 32" in err
+    # An adapter without dail's record (made elsewhere): its weights' shapes are checked.
+    bare = tmp_path / "bare" / "adapter"
+    shutil.copytree(adapter, bare)
+    (bare / "dail_adapter.json").unlink()
+    err = evaluate(narrower_model, bare)
+    assert re.search(rf"{bare}: \S+\.lora_[AB]\.weight fits a layer of (in|out)_features (64|128), but \S+ of "
+                     rf"--model {narrower_model} has (32|64); the adapter was made for another base model", err), err

@@ -96,12 +96,15 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
     from dail.train import encode_prompt
 
     tokenizer = models.load_tokenizer(cfg.model)
+    if cfg.adapter:
+        check_adapter(cfg.adapter, cfg.model.model, tokenizer)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     provenance.check_resumable(out / "eval_config.json", eval_settings(cfg, problems, tokenizer))
     model = models.load_model(cfg.model)
     models.check_compatible(model, tokenizer, name=cfg.model.model)
     if cfg.adapter:
+        check_adapter(cfg.adapter, cfg.model.model, tokenizer, model=model)
         model = apply_adapter(model, cfg.adapter)
     builder = prompt_builder(cfg.prompts)
     prompts = {p.id: encode_prompt(tokenizer, builder.render(p, tokenizer)["student"]) for p in problems}
@@ -136,6 +139,61 @@ def eval_settings(cfg: EvalConfig, problems: list[Any], tokenizer: Any | None) -
         weights = sorted(Path(cfg.adapter).glob("adapter_model.*"))
         record["adapter_sha256"] = provenance.file_fingerprint(weights[0]) if weights else None
     return record
+
+
+def check_adapter(adapter: str, name: str, tokenizer: Any, *, model: Any = None) -> None:
+    """Refuse an adapter made for another base model, before any sampling.
+
+    The base model, tokenizer and architecture recorded beside the adapter by `dail train` must
+    be those of `--model`; with `model` given, every LoRA weight must also fit the layer it
+    adapts (for adapters made elsewhere too).
+
+    Raises:
+        DataError: one line naming the adapter, the model it was made for and `--model`.
+    """
+    from dail.provenance import architecture, tokenizer_fingerprint
+    from dail.train import ADAPTER_BASE_FILE
+
+    made_for = Path(adapter) / ADAPTER_BASE_FILE
+    recorded = json.loads(made_for.read_text(encoding="utf-8")) if made_for.is_file() else {}
+    base = recorded.get("base_model", "another model")
+    if recorded.get("tokenizer") not in (None, tokenizer_fingerprint(tokenizer)):
+        raise DataError(f"{adapter}: this adapter was trained on {base}, whose tokenizer differs from that "
+                        f"of --model {name}; evaluate it with --model {base}")
+    if model is None:
+        return
+    ours = architecture(model.config)
+    differ = [f"{k} {v} vs {ours.get(k)}" for k, v in sorted(recorded.get("architecture", {}).items())
+              if ours.get(k) != v]
+    if differ:
+        raise DataError(f"{adapter}: this adapter was trained on {base}, whose architecture differs from "
+                        f"that of --model {name} ({', '.join(differ)}); evaluate it with --model {base}")
+    _check_lora_shapes(adapter, name, model)
+
+
+def _check_lora_shapes(adapter: str, name: str, model: Any) -> None:
+    """Each saved LoRA matrix fits the layer of `model` it adapts: A is (r, in), B is (out, r)."""
+    from safetensors import safe_open
+
+    weights = Path(adapter) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # PEFT reports what is missing
+    layers = dict(model.named_modules())
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+            path, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+            if part not in ("A.weight", "B.weight"):
+                continue
+            layer = layers.get(path)
+            if layer is None:
+                raise DataError(f"{adapter}: the adapter adapts a layer {path!r} that --model {name} does "
+                                f"not have; it was made for another base model")
+            shape = f.get_slice(key).get_shape()
+            side, size = ("in_features", shape[1]) if part == "A.weight" else ("out_features", shape[0])
+            wanted = getattr(layer, side, None)
+            if wanted is not None and size != wanted:
+                raise DataError(f"{adapter}: {key} fits a layer of {side} {size}, but {path} of --model "
+                                f"{name} has {wanted}; the adapter was made for another base model")
 
 
 def apply_adapter(model: Any, adapter: str) -> Any:

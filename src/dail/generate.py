@@ -62,6 +62,9 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
         eos_ids=tuple(models.eos_token_ids(model, tokenizer)),
         suppress_ids=suppressed_tokens(tokenizer, cfg), engine=cfg.engine, draft_length=cfg.draft_length)
 
+    # Each record names what wrote its token ids, so it cannot be trained with another tokenizer.
+    made_by = {"model": cfg.model.model, "tokenizer": settings_record["tokenizer"]}
+
     def generate(rows: list[tuple[PreparedProblem, int]]) -> list[dict[str, Any]]:
         traces = mixed_rollout(
             model,
@@ -69,7 +72,8 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
             [p.prompt_ids["privileged"] for p, _ in rows],
             [sequence_seed(cfg.sampling.seed, f"{p.problem.id}\x00{s}") for p, s in rows],
             settings, pad_id=tokenizer.pad_token_id)
-        return [trace_record(p, s, t, tokenizer, cfg.grader) for (p, s), t in zip(rows, traces, strict=True)]
+        return [{**trace_record(p, s, t, tokenizer, cfg.grader), **made_by}
+                for (p, s), t in zip(rows, traces, strict=True)]
 
     shard = distributed.current_shard(cfg.shard)
     records = run_per_problem(prepared, cfg.samples, key=lambda p: p.problem.id, parts=out / "parts",

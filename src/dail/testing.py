@@ -90,18 +90,19 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 
 def build_tiny_model(out_dir: str | Path, *, thinking: bool = False, seed: int = 0,
                      hidden_size: int = 64, layers: int = 2, architecture: str = "qwen2",
-                     window: int = 4096) -> Path:
+                     window: int = 4096, vocab_size: int = 512) -> Path:
     """Save a random tiny model and its tokenizer to `out_dir`; return the path.
 
     Args:
         architecture: A key of `ARCHITECTURES` (default a Qwen2 model).
         window: The sliding window of the architectures that have one (in tokens).
+        vocab_size: The tokenizer's vocabulary (another size gives other token ids).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(thinking=thinking)
+    tokenizer = build_tokenizer(thinking=thinking, vocab_size=vocab_size)
     model_type, specific = ARCHITECTURES[architecture]
     heads = 4
     config = AutoConfig.for_model(

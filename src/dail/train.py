@@ -55,6 +55,9 @@ def run(cfg: TrainConfig) -> Path:
 
     model = models.load_model(cfg.model, for_training=True)
     models.check_compatible(model, tokenizer, name=cfg.model.model)
+    # What the adapter is made for, saved beside it: `dail eval --adapter` checks it first.
+    base = {"base_model": cfg.model.model, "tokenizer": settings["tokenizer"],
+            "architecture": provenance.architecture(model.config)}
     check_lora_targets(model, args.lora_target_modules)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.lora_target_modules,
@@ -85,11 +88,13 @@ def run(cfg: TrainConfig) -> Path:
         if sharded:
             save_dir_atomic(out / "adapter", lambda d: (shutil.copytree(staging, d),
                                                         (d / "training_args.bin").unlink(missing_ok=True),
-                                                        tokenizer.save_pretrained(d)))
+                                                        tokenizer.save_pretrained(d),
+                                                        write_json_atomic(d / ADAPTER_BASE_FILE, base)))
             shutil.rmtree(staging, ignore_errors=True)
         else:
             save_dir_atomic(out / "adapter", lambda d: (model.save_pretrained(d),
-                                                        tokenizer.save_pretrained(d)))
+                                                        tokenizer.save_pretrained(d),
+                                                        write_json_atomic(d / ADAPTER_BASE_FILE, base)))
         if args.merge:
             merged = _merge_from_disk(cfg, out / "adapter") if sharded else model.merge_and_unload()
             save_dir_atomic(out / "merged", lambda d: (merged.save_pretrained(d),
@@ -168,6 +173,10 @@ def trainable_parameters(model: Any) -> dict[str, Any]:
     trainable, total = model.get_nb_trainable_parameters()
     return {"trainable_parameters": trainable, "all_parameters": total,
             "trainable_share": trainable / total if total else 0.0}
+
+
+# Beside adapter_config.json: the base model, tokenizer and architecture the adapter was made for.
+ADAPTER_BASE_FILE = "dail_adapter.json"
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -308,7 +317,7 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, *, max_length: int) -> list[
     else:
         if not cfg.traces:
             raise DataError(f"the {cfg.loss} loss trains on traces: pass --traces selected.jsonl")
-        raw = _trace_examples(cfg.traces)
+        raw = _trace_examples(cfg.traces, tokenizer, model=cfg.model.model)
     examples = [e for e in (_fit(e, max_length) for e in raw) if e is not None]
     if not examples:
         raise DataError("no training examples left (empty input, or every prompt exceeds max_length)")
@@ -316,8 +325,11 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, *, max_length: int) -> list[
     return examples
 
 
-def _trace_examples(path: str) -> list[dict[str, Any]]:
+def _trace_examples(path: str, tokenizer: Any, *, model: str) -> list[dict[str, Any]]:
+    from dail.provenance import tokenizer_fingerprint
+
     examples = []
+    ours, vocab = tokenizer_fingerprint(tokenizer), len(tokenizer)
     for where, row in iter_jsonl(path):
         prompt_ids = row.get("prompt_ids") if isinstance(row, dict) else None
         if not isinstance(prompt_ids, dict) or any(not _is_ids(prompt_ids.get(r)) for r in ROLES):
@@ -325,6 +337,14 @@ def _trace_examples(path: str) -> list[dict[str, Any]]:
                             f"to lists of token ids (is this a trace file from `dail generate`?)")
         if not _is_ids(row.get("token_ids")) or not row["token_ids"]:
             raise DataError(f"{where}: field 'token_ids' must be a non-empty list of token ids")
+        if row.get("tokenizer") not in (None, ours):
+            raise DataError(f"{where}: these traces were written with the tokenizer of {row.get('model')!r}, "
+                            f"not that of --model {model} (tokenizer fingerprints {row['tokenizer']} and "
+                            f"{ours}); train the model that generated them, or generate traces with this one")
+        highest = max(max(ids) for ids in (row["token_ids"], *(prompt_ids[r] for r in ROLES)))
+        if highest >= vocab:
+            raise DataError(f"{where}: token id {highest} is outside the vocabulary of --model {model} "
+                            f"({vocab} tokens); these traces come from another tokenizer")
         examples.append({"prompt_ids": {r: prompt_ids[r] for r in ROLES},
                          "response_ids": row["token_ids"], "id": row.get("id")})
     return examples
