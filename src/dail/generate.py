@@ -91,7 +91,23 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     logger.info("%d of %d problems survive selection (%d skipped as too long); mean acceptance %.3f",
                 summary["problems_selected"], summary["problems"], len(skipped),
                 summary["mean_acceptance_rate"])
+    if summary["problems_selected"] < summary["problems_rolled_out"]:
+        logger.log(logging.INFO if selected else logging.WARNING, "%s", why_rejected(summary, budget))
     return summary
+
+
+def why_rejected(summary: dict[str, Any], budget: int | None) -> str:
+    """Why traces were not kept, from a generate summary: how many hit the token budget, ended
+    without an answer, or gave a wrong one (traces of verifiable problems need a right answer)."""
+    kept = summary["traces_selected"]
+    text = (f"selection kept {kept} of {summary['traces']} traces ({summary['problems_selected']} of "
+            f"{summary['problems_rolled_out']} problems); of the traces not kept, "
+            f"{summary['traces_unfinished']} hit the token budget"
+            f"{f' of {budget} tokens' if budget else ''}, {summary['traces_without_answer']} ended without "
+            f"an answer and {summary['traces_wrong']} gave a wrong one")
+    if not kept:
+        text += "; more --samples, a larger --max-new-tokens or another --tau may find some"
+    return text
 
 
 def generate_settings(cfg: GenerateConfig, problems: list[Problem], tokenizer: Any) -> dict[str, Any]:
@@ -204,6 +220,11 @@ def _summary(problems: list[Problem], prepared: list[PreparedProblem], skipped: 
              records: list[dict[str, Any]], selected: list[dict[str, Any]]) -> dict[str, Any]:
     rates = [r["acceptance_rate"] for r in records]
     verifiable = [r for r in records if r.get("correct") is not None]
+    kept = {(r["id"], r["sample"]) for r in selected}
+    rejected = [r for r in records if (r["id"], r["sample"]) not in kept]
+    # Each trace not kept is counted once, by the first of these that applies.
+    unfinished = [r for r in rejected if not r.get("finished")]
+    finished = [r for r in rejected if r.get("finished") and r.get("correct") is not None]
     return {
         "problems": len(problems),
         "problems_rolled_out": len(prepared),
@@ -214,4 +235,7 @@ def _summary(problems: list[Problem], prepared: list[PreparedProblem], skipped: 
         "mean_acceptance_rate": sum(rates) / len(rates) if rates else 0.0,
         "trace_accuracy": (sum(bool(r["correct"]) for r in verifiable) / len(verifiable)
                            if verifiable else None),
+        "traces_unfinished": len(unfinished),
+        "traces_without_answer": sum(r.get("answer") is None for r in finished),
+        "traces_wrong": sum(r.get("answer") is not None and not r.get("correct") for r in finished),
     }

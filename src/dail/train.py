@@ -318,11 +318,25 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, *, max_length: int) -> list[
         if not cfg.traces:
             raise DataError(f"the {cfg.loss} loss trains on traces: pass --traces selected.jsonl")
         raw = _trace_examples(cfg.traces, tokenizer, model=cfg.model.model)
+        if not raw:
+            raise DataError(f"{cfg.traces}: no traces to train on{_why_empty(Path(cfg.traces))}")
     examples = [e for e in (_fit(e, max_length) for e in raw) if e is not None]
     if not examples:
         raise DataError("no training examples left (empty input, or every prompt exceeds max_length)")
     logger.info("training on %d examples (%d dropped for length)", len(examples), len(raw) - len(examples))
     return examples
+
+
+def _why_empty(traces: Path) -> str:
+    """What the generate summary beside an empty traces file says of its selection."""
+    from dail.generate import why_rejected
+
+    try:
+        summary = json.loads((traces.parent / "generate_summary.json").read_text(encoding="utf-8"))
+        budget = summary.get("settings", {}).get("sampling", {}).get("max_new_tokens")
+        return f": {why_rejected(summary, budget)} ({traces.parent / 'generate_summary.json'})"
+    except (OSError, ValueError, KeyError, AttributeError):
+        return " (the file is empty)"
 
 
 def _trace_examples(path: str, tokenizer: Any, *, model: str) -> list[dict[str, Any]]:
