@@ -30,13 +30,13 @@ def thinking_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def architecture_dir(tmp_path_factory):
-    """`build(name, window=12)`: the tiny random model of one of `dail.testing.ARCHITECTURES`
+    """`build(name, window=8)`: the tiny random model of one of `dail.testing.ARCHITECTURES`
     (a sliding window of `window` tokens where the architecture has one), built once per session."""
     from dail.testing import build_tiny_model
 
     built: dict[tuple[str, int], Path] = {}
 
-    def build(name: str, window: int = 12) -> Path:
+    def build(name: str, window: int = 8) -> Path:
         if (name, window) not in built:
             folder = tmp_path_factory.mktemp(f"{name}-{window}") / "model"
             built[name, window] = build_tiny_model(folder, architecture=name, window=window)

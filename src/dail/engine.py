@@ -44,7 +44,9 @@ verify call) or a discarded draft is a *hole*: its attention-mask entry is 0 and
 count valid slots only, so holes change nothing. Holes are squeezed out (`compact`) when they
 grow, and whenever sequences finish: finished rows leave the batch and waiting rows are
 prefilled and join it (continuous batching), so one long trace does not hold a batch of short
-ones.
+ones. Sliding-window layers (Mistral, Gemma 2 and 3, Qwen2 with a window) keep their whole cache
+too, and their masks count the window in valid slots (`dail.engine_window`); a model whose layers
+the engine cannot mask (convolution, linear or chunked attention) is decoded token by token.
 
 Why the draft length is usually 1 here (lookup rounds aside): the draft model *is* the target
 model (same weights, other context) and both contexts already share one forward per token at
@@ -71,6 +73,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from dail.engine_window import MaskLayout, mask_layout
 from dail.rollout import (
     PRIVILEGED,
     STUDENT,
@@ -78,6 +81,7 @@ from dail.rollout import (
     Trace,
     accepts,
     left_pad,
+    reference_rollout,
     sample_inverse_cdf,
     sampling_distribution,
     uniform_table,
@@ -302,14 +306,19 @@ AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
 class _Batch:
     """Active sequences: a joint KV cache over [students; privileged] with a hole-aware mask."""
 
-    def __init__(self, model: torch.nn.Module, pad_id: int, prompts: Iterable[list[int]] = ()):
+    def __init__(self, model: torch.nn.Module, pad_id: int, prompts: Iterable[list[int]] = (),
+                 layout: MaskLayout | None = None):
         self.model = model
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.layout = layout or MaskLayout({"full_attention": None})
         # With SDPA the model takes a ready 4D mask as is, which spares it building one from the
         # 2D mask every forward (a noticeable share of a small batch's round). Other attention
-        # kernels (flash attention wants 2D masks) get the 2D mask.
-        self.mask_4d = getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+        # kernels (flash attention wants 2D masks) get the 2D mask, except where layers slide:
+        # from a 2D mask the model would count their window in slots, holes included.
+        self.sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+        self.mask_4d = self.sdpa or self.layout.windowed
         self.cache = None
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (2n, L)
         self.rows = torch.zeros(0, dtype=torch.long, device=self.device)  # (n,) input index of each sequence
@@ -343,8 +352,8 @@ class _Batch:
             mask = self.mask[rows]
             for layer in self.cache.layers:
                 layer.fed_rows = rows
-        attention = _causal_4d(mask, ids.shape[1]) if self.mask_4d else mask
-        grouped = self.mask_4d and ids.shape[1] > 1  # a ready 4D mask: no mask is built for the name
+        attention = self.layout.masks(mask, ids.shape[1], self.dtype) if self.mask_4d else mask
+        grouped = self.sdpa and ids.shape[1] > 1  # a ready 4D mask: no mask is built for the name
         if grouped:
             self.model.config._attn_implementation = GROUPED_SDPA
         try:
@@ -381,13 +390,14 @@ class _Batch:
                 mask[i, width - len(body):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        attention, cache = mask, None
+        if self.layout.windowed:  # the model's own cache would drop the slots that left a window
+            attention, cache = self.layout.masks(mask, width, self.dtype), DynamicCache()
         tic = _clock(self.device)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         self.prefill_seconds += _clock(self.device) - tic
         self.forwards += 1
-        if any(getattr(layer, "is_sliding", False) for layer in out.past_key_values.layers):
-            raise NotImplementedError("the draft engine needs full-attention KV caches")
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
 
     def admit(self, rows: list[int], student: list[list[int]], privileged: list[list[int]]) -> None:
@@ -459,25 +469,6 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _causal_4d(mask: torch.Tensor, queries: int) -> torch.Tensor:
-    """(B, L) slot mask -> (B, 1, q, L) boolean SDPA mask for the last q slots as queries.
-
-    A query sees the valid slots up to itself, and always itself: a hole's query then never has
-    an empty row (whose NaNs would reach the cache), and holes stay invisible to every other slot.
-    """
-    if queries == 1:  # the usual case, in fewer operations
-        allowed = mask.bool()
-        allowed[:, -1] = True
-        return allowed[:, None, None, :]
-    width = mask.shape[1]
-    allowed = mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-    cols = torch.arange(width, device=mask.device)
-    rows = torch.arange(width - queries, width, device=mask.device)
-    if queries > 1:
-        allowed = allowed & (cols[None, :] <= rows[:, None])
-    return allowed | (cols[None, :] == rows[:, None])
-
-
 @torch.inference_mode()
 def draft_rollout(
     model: torch.nn.Module,
@@ -508,6 +499,11 @@ def draft_rollout(
         raise ValueError("student_prompts, privileged_prompts and seeds must have equal lengths")
     if any(not p for p in student_prompts) or any(not p for p in privileged_prompts):
         raise ValueError("prompts must not be empty")
+    layout = mask_layout(model)
+    if isinstance(layout, str):
+        logger.info("the draft engine cannot run this %s model (%s): decoding token by token",
+                    model.config.model_type, layout)
+        return reference_rollout(model, student_prompts, privileged_prompts, seeds, settings, pad_id=pad_id)
     given, stats = stats, EngineStats()
     started = time.perf_counter()
     total = len(seeds)
@@ -515,7 +511,7 @@ def draft_rollout(
     if total == 0:
         return traces
     budget = settings.max_new_tokens
-    batch = _Batch(model, pad_id, prompts=student_prompts + privileged_prompts)
+    batch = _Batch(model, pad_id, prompts=student_prompts + privileged_prompts, layout=layout)
     device = batch.device
     uniforms = uniform_table(seeds, settings, device)  # (N, budget, retries + 2)
     eos = torch.tensor(settings.eos_ids or [-1], device=device)
