@@ -217,6 +217,8 @@ def test_demo_checks_the_world_shows_the_gap():
 
 
 def test_demo_flags_reach_the_settings(monkeypatch):
+    from dataclasses import replace
+
     from dail import demo
 
     seen = {}
@@ -225,6 +227,8 @@ def test_demo_flags_reach_the_settings(monkeypatch):
     assert seen["settings"] == demo.DemoSettings(seed=1, divergence="jsd:0.25", gamma=0.0) and seen["out"] == "x"
     main(["demo", "--kl-direction", "forward"])  # the older name
     assert seen["settings"] == demo.DemoSettings(divergence="forward")
+    main(["demo", "--quick", "--seeds", "3"])
+    assert seen["settings"] == replace(demo.QUICK, seeds=3)
     main(["demo", "--quick"])
     assert seen["settings"] == demo.QUICK and seen["quick"]
 
@@ -283,6 +287,12 @@ def test_a_number_out_of_range_is_one_line_naming_flag_value_and_range(tmp_path,
     code = run_cli(command, "--model", "m", *where, "--out", tmp_path / "o", *flags)
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == f"dail {command}: error: {line}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_refuses_a_bad_number_of_seeds_in_one_line(tmp_path, capsys):
+    assert run_cli("demo", "--quick", "--seeds", "0", "--out", tmp_path / "o") == 2
+    assert capsys.readouterr().err.strip() == "dail demo: error: --seeds 0: out of range; allowed: >= 1"
     assert not (tmp_path / "o").exists()
 
 

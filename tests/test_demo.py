@@ -69,6 +69,78 @@ def test_quick_demo_trains_every_method_that_has_traces(tmp_path):
     assert results["rollouts"]["mixed"]["traces_selected"] > 0
 
 
+@pytest.mark.slow
+def test_quick_demo_with_two_seeds_gives_means_spreads_and_each_seed(tmp_path, capsys):
+    """`dail demo --quick --seeds 2`: every trained method twice, from the same traces."""
+    from dail.cli import main
+
+    out = tmp_path / "seeds"
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["seeds"] == 2
+    assert len(list(out.glob("train-*"))) == 2 * len(saved["methods"]) - 2  # base is not trained
+    for name, m in saved["methods"].items():
+        if name == "base":
+            assert (m["seeds"], m["per_seed"], m["spread"], m["trainable_share"]) == ([], [], {}, None)
+            continue
+        assert m["seeds"] == [0, 1] and len(m["per_seed"]) == len(set(m["adapters"])) == 2, name
+        assert 0 < m["trainable_share"] < 1
+        assert m["divergence"] == ("reverse" if name in ("dail", "direct_dail") else None)
+        for key in ("pass@1", "pass@4", "retention"):
+            values = [run[key] for run in m["per_seed"]]
+            assert m[key] == pytest.approx(sum(values) / 2), (name, key)
+            assert (m["spread"][key]["min"], m["spread"][key]["max"]) == (min(values), max(values))
+            assert m["spread"][key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        by_type = [run["by_type"]["poly"]["pass@1"] for run in m["per_seed"]]
+        assert m["by_type"]["poly"]["pass@1"] == pytest.approx(sum(by_type) / 2)
+        assert m["spread"]["by_type"]["poly"]["pass@1"]["max"] == max(by_type)
+        for k, interval in m["pass@k_ci"].items():  # one seed's bootstrap interval is no interval of the mean
+            assert interval is None or interval == m["per_seed"][0]["pass@k_ci"][k] == m["per_seed"][1]["pass@k_ci"][k]
+    report = (out / "report.md").read_text()
+    assert "Each trained method: the mean over 2 training seeds (0, 1; the same traces)" in report
+    assert "Command: `dail demo --quick --seeds 2`" in report
+    sft = saved["methods"]["sft"]
+    row = next(line for line in report.splitlines() if line.startswith("| sft |"))
+    assert f"| {sft['pass@1']:.3f} [{sft['spread']['pass@1']['min']:.2f}, {sft['spread']['pass@1']['max']:.2f}] |" in row
+    # One seed is the first of the two: every stage comes from the cache, with the same figures.
+    stages = sorted(p.name for p in out.iterdir())
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == stages
+    again = json.loads((out / "results.json").read_text())
+    for name, m in again["methods"].items():
+        if name != "base":
+            assert m["pass@1"] == saved["methods"][name]["per_seed"][0]["pass@1"], name
+            assert m["adapters"] == saved["methods"][name]["adapters"][:1]
+
+
+def test_mean_and_spread_walk_nested_figures():
+    from dail.demo import mean_and_spread
+
+    runs = [{"pass@1": 0.25, "by_type": {"poly": {"pass@1": 0.5}}, "pass@k_ci": {"1": [0.1, 0.4]},
+             "mean_tokens": None, "budgets": [64], "acc": {"64": None}},
+            {"pass@1": 0.75, "by_type": {"poly": {"pass@1": 1.0}}, "pass@k_ci": {"1": [0.5, 0.9]},
+             "mean_tokens": 12.0, "budgets": [64], "acc": {"64": None}},
+            {"pass@1": 0.5, "by_type": {"poly": {"pass@1": 0.0}}, "pass@k_ci": {"1": [0.2, 0.7]},
+             "mean_tokens": 10.0, "budgets": [64], "acc": {"64": None}}]
+    means, spread = mean_and_spread(runs)
+    assert means == {"pass@1": 0.5, "by_type": {"poly": {"pass@1": 0.5}}, "pass@k_ci": {"1": None}, "mean_tokens": None,
+                     "budgets": [64], "acc": {"64": None}}
+    assert spread["pass@1"] == {"min": 0.25, "max": 0.75, "std": pytest.approx(0.25)}
+    assert spread["by_type"]["poly"]["pass@1"] == {"min": 0.0, "max": 1.0, "std": pytest.approx(0.5)}
+    assert set(spread) == {"pass@1", "by_type"}  # no spread where there is no mean
+    one, one_spread = mean_and_spread(runs[:1])
+    assert one == runs[0] and one_spread["pass@1"] == {"min": 0.25, "max": 0.25, "std": None}
+
+
+def test_seeds_setting():
+    from dail.config import ConfigError
+
+    assert DemoSettings(seed=3, seeds=3).training_seeds == [3, 4, 5]
+    assert DemoSettings().training_seeds == [0]  # the run the demo always made
+    with pytest.raises(ConfigError, match="--seeds 0: out of range; allowed: >= 1"):
+        DemoSettings(seeds=0)
+
+
 def test_report_names_the_command_that_gives_its_settings():
     from dataclasses import asdict, replace
 
@@ -79,6 +151,7 @@ def test_report_names_the_command_that_gives_its_settings():
     assert command_of(asdict(replace(DemoSettings(), divergence="forward"))) == "dail demo --divergence forward"
     assert command_of(asdict(replace(DemoSettings(), divergence="jsd:0.50"))) == "dail demo --divergence jsd:0.5"
     assert command_of(asdict(replace(DemoSettings(), seed=1))) == "dail demo --seed 1"
+    assert command_of(asdict(replace(QUICK, seeds=2))) == "dail demo --quick --seeds 2"
     assert command_of(asdict(replace(DemoSettings(), gamma=0.0))) == "dail demo --gamma 0.0"
     # A setting without a flag is named through the Python API, never silently dropped.
     assert "'n_test': 8" in command_of(asdict(replace(DemoSettings(), n_test=8)))

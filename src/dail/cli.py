@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method (default: 1e-3)")
     d.add_argument("--seed", type=int, default=None,
                    help="a replicate of the whole comparison: new problems, rollouts and training (default 0)")
+    d.add_argument("--seeds", type=int, default=None,
+                   help="training seeds of every trained method (seed, seed + 1, ...): each row is their mean, "
+                        "with its spread (default: 1)")
 
     pl = sub.add_parser("plot", help="pass@k and token-budget plots of eval summaries; training curves",
                         formatter_class=_help_with_defaults())
@@ -383,7 +386,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dail import demo
 
-    changes = {k: v for k in ("gamma", "learning_rate", "seed") if (v := getattr(args, k)) is not None}
+    changes = {k: v for k in ("gamma", "learning_rate", "seed", "seeds") if (v := getattr(args, k)) is not None}
     if args.divergence is not None or args.kl_direction is not None:
         changes["divergence"] = resolve_divergence(args.divergence, args.kl_direction)
     settings = dataclasses.replace(demo.QUICK if args.quick else demo.DemoSettings(), **changes)

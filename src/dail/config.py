@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 _FLAGS = {"num_train_epochs": "--epochs"} | {key: "--" + key.replace("_", "-") for key in (
     "tau", "samples", "retries", "keep", "draft_length", "max_new_tokens", "temperature", "top_p",
     "top_k", "seed", "batch_size", "max_prompt_tokens", "gamma", "learning_rate", "max_length",
-    "teacher_cache_gb", "n", "problems")}
+    "teacher_cache_gb", "n", "problems", "seeds")}
 
 
 def check_range(key: str, value: float | None, *, low: float | None = None, high: float | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from dail.config import (
     PromptConfig,
     SamplingConfig,
     TrainConfig,
+    check_range,
     resolve_divergence,
 )
 from dail.data import write_json_atomic, write_text_atomic
@@ -69,6 +71,7 @@ class DemoSettings:
     train_batch_size: int = 1
     grad_accum: int = 4
     seed: int = 0
+    seeds: int = 1  # training seeds per trained method: seed, seed + 1, ...
     validity_problems: int = 16
     validity_samples: int = 64
     budgets: tuple[int, ...] = (64, 128, 192, 256, 320)
@@ -76,6 +79,13 @@ class DemoSettings:
     def __post_init__(self) -> None:
         # Checked (and spelled one way, as cache keys want) before any stage runs.
         object.__setattr__(self, "divergence", resolve_divergence(self.divergence))
+        check_range("seeds", self.seeds, low=1)
+
+    @property
+    def training_seeds(self) -> list[int]:
+        """The seeds each trained method is trained with; the first is `seed`, so one seed is
+        the run the demo has always made (and finds in its cache)."""
+        return [self.seed + i for i in range(self.seeds)]
 
 
 QUICK = DemoSettings(n_train=6, n_test=6, n_known=4, n_train_eval=4, samples=4, eval_n=4, train_eval_n=4,
@@ -130,7 +140,7 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
 
     rollouts: dict[str, dict[str, Any]] = {}
     selected: dict[str, str] = {}
-    adapters: dict[str, str | None] = {"base": None}
+    adapters: dict[str, list[str]] = {"base": []}
     skipped: dict[str, str] = {}
     for name, (source, loss) in METHODS.items():
         traces = None
@@ -140,12 +150,12 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
             if rollouts[source]["traces_selected"] == 0:
                 skipped[name] = f"no {source} trace survived selection"
                 continue
-        adapters[name] = train_method(root, model_dir, data["train"], traces, loss, settings)
+        adapters[name] = [train_method(root, model_dir, data["train"], traces, loss, settings, seed=seed)
+                          for seed in settings.training_seeds]
 
     methods: dict[str, Any] = {}
-    for name, adapter in adapters.items():
-        methods[name] = evaluate_method(root, model_dir, adapter, data, settings) | {
-            "adapter": adapter, "trainable_share": trainable_share(adapter)}
+    for name, trained in adapters.items():
+        methods[name] = method_results(name, trained, root, model_dir, data, settings)
         source = METHODS.get(name, (None, None))[0]
         if source is not None:
             methods[name]["rollout"] = rollouts[source]
@@ -341,13 +351,14 @@ def trace_style(model_dir: Path, selected: Path) -> dict[str, float | None]:
 
 
 def train_method(root: Path, model_dir: Path, train_file: str, traces: str | None, loss: str,
-                 s: DemoSettings) -> str:
-    """Train one adapter (cached); returns its directory."""
+                 s: DemoSettings, *, seed: int) -> str:
+    """Train one adapter with training seed `seed` (LoRA's initialisation and the order of the
+    examples; cached per seed); returns its directory."""
     from dail import train
 
     training = {"num_train_epochs": s.epochs, "learning_rate": s.learning_rate, "lora_r": s.lora_r,
                 "lora_alpha": s.lora_r, "per_device_train_batch_size": s.train_batch_size,
-                "gradient_accumulation_steps": s.grad_accum, "seed": s.seed, "save_steps": 10_000,
+                "gradient_accumulation_steps": s.grad_accum, "seed": seed, "save_steps": 10_000,
                 "max_length": 2048, "logging_steps": 10, "dataloader_pin_memory": False}
     extra = {}
     if loss == "dail":  # the other runs ignore gamma and the divergence, and keep their cache
@@ -361,6 +372,45 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
     if not (Path(cfg.out) / "train_summary.json").exists():
         train.run(cfg)
     return str(Path(cfg.out) / "adapter")
+
+
+def method_results(name: str, adapters: list[str], root: Path, model_dir: Path, data: dict[str, str],
+                   s: DemoSettings) -> dict[str, Any]:
+    """One method's figures: for a trained method the mean over its training seeds, with a
+    `spread` beside them (the same keys, each {min, max, std} over the seeds) and every seed's
+    own figures in `per_seed`; the base model is evaluated once."""
+    runs = [evaluate_method(root, model_dir, adapter, data, s) for adapter in adapters] or \
+        [evaluate_method(root, model_dir, None, data, s)]
+    means, spread = mean_and_spread(runs)
+    shares = [trainable_share(adapter) for adapter in adapters]
+    loss = METHODS.get(name, (None, None))[1]
+    return means | {
+        "spread": spread if adapters else {}, "seeds": s.training_seeds if adapters else [],
+        "divergence": s.divergence if loss == "dail" else None,
+        "trainable_share": shares[0] if shares else None,  # the same for every seed
+        "adapters": adapters, "per_seed": runs if adapters else []}
+
+
+def mean_and_spread(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Mean over runs of every number (walking nested mappings), and beside it, under the same
+    keys, its spread {min, max, std (sample; None for one run)}. A value that is no number in
+    every run is kept when all runs agree and None otherwise (bootstrap intervals of single runs,
+    say, which describe no mean)."""
+    means: dict[str, Any] = {}
+    spread: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [run.get(key) for run in runs]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            means[key] = statistics.fmean(values)
+            spread[key] = {"min": min(values), "max": max(values),
+                           "std": statistics.stdev(values) if len(values) > 1 else None}
+        elif all(isinstance(v, dict) for v in values):
+            means[key], inner = mean_and_spread(values)
+            if inner:
+                spread[key] = inner
+        else:
+            means[key] = values[0] if all(v == values[0] for v in values) else None
+    return means, spread
 
 
 def trainable_share(adapter: str | None) -> float | None:
@@ -441,7 +491,7 @@ def command_of(settings: dict[str, Any]) -> str:
     quick = settings["n_train"] < 50
     default = json.loads(json.dumps(asdict(QUICK if quick else DemoSettings())))  # tuples as lists
     flags = {"divergence": "--divergence", "gamma": "--gamma", "learning_rate": "--learning-rate",
-             "seed": "--seed"}
+             "seed": "--seed", "seeds": "--seeds"}
     changed = {k: v for k, v in json.loads(json.dumps(settings)).items() if default.get(k) != v}
     if set(changed) - set(flags):
         return f"dail.demo.run(settings=DemoSettings(**{changed}))"
@@ -471,17 +521,24 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", f"## Held-out novel problems ({s['n_test']} problems x {s['eval_n']} samples)", "",
               "| method | " + " | ".join(ks) + " | mean tokens | retention (known pass@1) | trainable share |",
               "|---" * (len(ks) + 4) + "|"]
+    seeds = s.get("seeds", 1)
     for name, m in results["methods"].items():
-        cells = []
-        for k in ks:
-            ci = (m.get("pass@k_ci") or {}).get(k[5:])
-            cells.append(f"{m[k]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
-        tokens = f"{m['mean_tokens']:.1f}" if m["mean_tokens"] is not None else "n/a"
+        cells = [_figure(m, k, digits=3, seeds=seeds) for k in ks]
+        tokens = _figure(m, "mean_tokens", digits=1, seeds=seeds)
         share = m.get("trainable_share")
         share = "n/a" if share is None else f"{100 * share:.2f}%"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {m['retention']:.3f} | {share} |")
-    lines += ["", "Brackets: 95% bootstrap interval over problems. Trainable share: the adapter's parameters "
-              "over all the model's (the paper's LoRA trains about 0.5% of a 7B model)."]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {_figure(m, 'retention', digits=3, seeds=seeds)} | "
+                     f"{share} |")
+    if seeds > 1:
+        lines += ["", f"Each trained method: the mean over {seeds} training seeds ({_seed_list(s)}; the same "
+                  "traces); brackets: the lowest and the highest seed's figure (the base model is evaluated "
+                  "once). A difference inside these ranges is not a difference. The other tables give means."]
+    else:
+        lines += ["", "Brackets: 95% bootstrap interval over problems (one training seed; `--seeds N` trains "
+                  "each method N times and gives the spread)."]
+    lines += [f"Trainable share: the adapter's parameters over all the model's (the paper's LoRA trains about "
+              f"0.5% of a 7B model). Contrastive rows: divergence {s.get('divergence', 'reverse')}, "
+              f"gamma {s['gamma']}."]
     first = next(iter(results["methods"].values()))
     if first.get("by_type"):
         cols = [(t, k) for t, row in first["by_type"].items() for k in row]
@@ -521,6 +578,26 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"\nNot trained: **{name}** ({why}).")
     lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def _figure(method: dict[str, Any], key: str, *, digits: int, seeds: int) -> str:
+    """A figure of the held-out table: with several seeds its mean and [min, max] over them (the
+    base model, evaluated once, gets neither), with one its bootstrap interval when it has one."""
+    value = method[key]
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if seeds > 1:
+        spread = (method.get("spread") or {}).get(key)
+        shown = max(digits - 1, 1)
+        return text + (f" [{spread['min']:.{shown}f}, {spread['max']:.{shown}f}]" if spread else "")
+    ci = (method.get("pass@k_ci") or {}).get(key[5:]) if key.startswith("pass@") else None
+    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _seed_list(settings: dict[str, Any]) -> str:
+    first = settings["seed"]
+    return ", ".join(str(first + i) for i in range(settings.get("seeds", 1)))
 
 
 def plot(results: dict[str, Any], root: Path) -> None:
