@@ -111,3 +111,13 @@ def test_comparison_table_stops_at_max_new_tokens_and_shows_the_difference():
     assert "| pass@8 | 0.4000 | 0.4000 | +0.0000 |" in table
     assert "| mean tokens | 50.0000 | 40.0000 | -10.0000 |" in table
     assert "within 128 tokens" in table and "within 256 tokens" not in table
+
+
+def test_summaries_without_answers_draw_no_empty_figures(tmp_path, capsys):
+    proofs = {"pass@k_ci": {}, "mean_tokens": 10.0, "accuracy_under_budget": None, "num_verifiable": 0}
+    assert plot_summaries({"base": proofs, "trained": proofs}, tmp_path / "figs") == []
+    assert not list((tmp_path / "figs").iterdir())
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "summary.json").write_text(json.dumps(proofs))
+    assert main(["plot", str(tmp_path / "ev"), "--out", str(tmp_path / "figs")]) == 2
+    assert "nothing to draw: pass@k and accuracy need gold answers" in capsys.readouterr().err

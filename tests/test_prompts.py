@@ -7,6 +7,8 @@ import pytest
 from dail.config import ConfigError
 from dail.data import Problem
 from dail.prompts import (
+    ANSWER_INSTRUCTION,
+    PROOF_INSTRUCTION,
     PromptBuilder,
     PromptTemplates,
     extract_math_waypoints,
@@ -45,6 +47,18 @@ def test_role_prompts_contain_what_each_role_may_see(tiny):
     # One user turn, then the assistant turn opens: responses are identical across roles.
     for text in prompts.values():
         assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_problems_without_an_answer_are_not_asked_for_a_boxed_one(tiny, tmp_path):
+    _, tokenizer = tiny
+    proof = Problem(id="p", problem="Show that x^{2} >= 0.", solution="A square is never negative.")
+    for role, text in PromptBuilder().render(proof, tokenizer).items():
+        assert "\\boxed" not in text and PROOF_INSTRUCTION in text, role
+    for role, text in PromptBuilder().render(PROBLEM, tokenizer).items():
+        assert ANSWER_INSTRUCTION in text and PROOF_INSTRUCTION not in text, role
+    (tmp_path / "s.txt").write_text("{problem} -- {instruction}")
+    own = PromptBuilder(PromptTemplates.from_files(student=str(tmp_path / "s.txt")))
+    assert f"x^{{2}} >= 0. -- {PROOF_INSTRUCTION}" in own.render(proof, tokenizer)["student"]
 
 
 def test_templates_from_files(tmp_path, tiny):

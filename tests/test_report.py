@@ -93,3 +93,20 @@ def test_markdown_contains_table_rows():
     assert "| 512 | 0.2500 |" in md
     assert "verifiable: 2" in md
     assert md.endswith("\n")
+
+
+def test_problems_without_answers_report_lengths_and_say_why_there_is_no_pass_at_k():
+    from dail.report import comparison_table
+
+    proofs = [{**x, "finished": x["sample"] % 2 == 0} for x in _samples() if x["id"] == "p3"]
+    s = summarize(proofs, budgets=[128, 2048])
+    assert s["note"] == ("pass@k and accuracy need gold answers, which none of these problems has "
+                         "(proofs?): only response lengths and endings are reported")
+    assert s["accuracy_under_budget"] is None and s["mean_tokens"] == 1000
+    assert s["finished_share"] == pytest.approx(3 / 5)
+    md = to_markdown(s, title="proofs")
+    assert "| k | pass@k |" not in md and "| token budget |" not in md
+    assert "Responses that ended within the token budget: 0.6000" in md and f"Note: {s['note']}." in md
+    table = comparison_table({"base": s, "trained": {**s, "mean_tokens": 900.0}})
+    assert table.splitlines()[2:] == ["| mean tokens | 1000.0000 | 900.0000 | -100.0000 |",
+                                      "| responses that ended | 0.6000 | 0.6000 | +0.0000 |"]

@@ -344,7 +344,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                                "shard"))
     summary = evaluate.run(cfg)
     ks = [k for k in summary if k.startswith("pass@") and "ci" not in k]
-    print(" ".join(f"{k}={summary[k]:.4f}" for k in ks), f"mean_tokens={summary.get('mean_tokens')}")
+    print(" ".join([f"{k}={summary[k]:.4f}" for k in ks] + [f"mean_tokens={summary.get('mean_tokens')}"]))
+    if summary.get("note"):
+        print(f"note: {summary['note']}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -406,6 +408,11 @@ def cmd_plot(args: argparse.Namespace) -> None:
     written = []
     if evals:
         written += plot_summaries(evals, args.out)
+        if not written:
+            from dail.data import DataError
+
+            raise DataError(f"{', '.join(args.summaries)}: nothing to draw: pass@k and accuracy need "
+                            f"gold answers, and none of these evaluations had any")
     if trainings:
         written.append(plot_training(trainings, args.out))
     for path in written:

@@ -194,5 +194,6 @@ def write_results_markdown(out: Path, results: dict[str, Any], *, eval_data: str
     plots = plot_summaries(results, out / "plots", title="(base vs trained)")
     where = f"{eval_data} (the training problems)" if on_train else eval_data
     text = [f"# Base versus trained on {where}", "", comparison_table(results)]
+    text += [f"Note: {note}.\n" for note in dict.fromkeys(s["note"] for s in results.values() if s.get("note"))]
     text += [f"![{p.stem}](plots/{p.name})" for p in plots]
     write_text_atomic(out / "results.md", "\n".join(text) + "\n")

@@ -136,12 +136,17 @@ def plot_summaries(summaries: Mapping[str, Mapping[str, Any]], out_dir: Any, *, 
         title: Suffix for the plot titles.
 
     Returns:
-        The paths written.
+        The paths written (none for summaries without pass@k, i.e. without gold answers).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [_save(pass_at_k_figure(summaries, title=title), out_dir / "pass_at_k.png"),
-            _save(budget_figure(summaries, title=title), out_dir / "accuracy_vs_budget.png")]
+    written = []
+    # Summaries of problems without gold answers have neither curve: no empty figures.
+    if any(pass_at_k_keys(s) for s in summaries.values()):
+        written.append(_save(pass_at_k_figure(summaries, title=title), out_dir / "pass_at_k.png"))
+    if any(budget_points(s) for s in summaries.values()):
+        written.append(_save(budget_figure(summaries, title=title), out_dir / "accuracy_vs_budget.png"))
+    return written
 
 
 def plot_training(runs: Mapping[str, Mapping[str, Any]], out_dir: Any) -> Path:

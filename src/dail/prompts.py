@@ -25,16 +25,21 @@ logger = logging.getLogger(__name__)
 ROLES = ("student", "privileged", "negative")
 
 # Our own wording of the instructions the paper describes. Placeholders: {problem}, {solution},
-# {answer}, {waypoints}, {hints}; other braces are left alone, so LaTeX needs no escaping.
+# {answer}, {waypoints}, {hints}, {instruction}; other braces are left alone, so LaTeX needs no
+# escaping. {instruction} asks for a boxed final answer, or, for a problem without an answer
+# (a proof), for a complete argument.
+ANSWER_INSTRUCTION = "Solve the problem step by step and put your final answer in \\boxed{}."
+PROOF_INSTRUCTION = "Solve the problem step by step, giving a complete and rigorous argument."
+
 STUDENT_TEMPLATE = """\
 {problem}
 
-Solve the problem step by step and put your final answer in \\boxed{}."""
+{instruction}"""
 
 PRIVILEGED_TEMPLATE = """\
 {problem}
 
-Solve the problem step by step and put your final answer in \\boxed{}.
+{instruction}
 
 Below is a correct solution written by an expert. Work out the problem yourself along the lines \
 of its method, but never mention, quote or allude to this solution, and do not take any \
@@ -47,7 +52,7 @@ Expert solution (hidden from the reader):
 NEGATIVE_TEMPLATE = """\
 {problem}
 
-Solve the problem step by step and put your final answer in \\boxed{}.
+{instruction}
 
 {hints}"""
 
@@ -168,7 +173,8 @@ class PromptBuilder:
         answer = problem.answer if problem.answer is not None else ""
         values = {"problem": problem.problem, "solution": solution, "answer": answer,
                   "waypoints": ", ".join(waypoints),
-                  "hints": negative_hints(problem.answer, waypoints)}
+                  "hints": negative_hints(problem.answer, waypoints),
+                  "instruction": ANSWER_INSTRUCTION if problem.verifiable else PROOF_INSTRUCTION}
         return {role: fill(getattr(self.templates, role), **values) for role in ROLES}
 
     def render(self, problem: Problem, tokenizer: Any, solution: str | None = None) -> dict[str, str]:

@@ -82,7 +82,10 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, budgets: Iterable[int] | 
           - `"mean_tokens"`: mean `num_tokens` over all samples (None if any sample lacks it);
           - `"mean_tokens_correct"`: the same over correct samples (None if none or missing);
           - `"accuracy_under_budget"`: `{"B": accuracy}` over verifiable samples (None without
-            `num_tokens`);
+            `num_tokens` or without verifiable problems);
+          - `"finished_share"`: share of samples that ended (EOS) within the token budget (None
+            when samples do not say);
+          - `"note"`: without verifiable problems, why pass@k is missing;
           - `"num_problems"`, `"num_verifiable"`, and `"n"`: smallest samples per problem.
 
     Raises:
@@ -109,8 +112,10 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, budgets: Iterable[int] | 
             for key in table
         }
     else:
-        logger.warning("no verifiable problems: pass@k is not reported")
         summary["pass@k_ci"] = {}
+        summary["note"] = ("pass@k and accuracy need gold answers, which none of these problems has "
+                           "(proofs?): only response lengths and endings are reported")
+        logger.warning(summary["note"])
 
     tokens = [s.get("num_tokens") for s in samples]
     has_tokens = all(t is not None for t in tokens)
@@ -119,8 +124,11 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, budgets: Iterable[int] | 
     summary["mean_tokens_correct"] = float(np.mean(correct_tokens)) if correct_tokens else None
     summary["accuracy_under_budget"] = (
         accuracy_under_budget(samples, DEFAULT_BUDGETS if budgets is None else budgets)
-        if has_tokens else None
+        if has_tokens and counts else None
     )
+    ended = [s.get("finished") for s in samples]
+    summary["finished_share"] = (sum(map(bool, ended)) / len(ended)
+                                 if all(isinstance(e, bool) for e in ended) else None)
     summary["num_problems"] = len(groups)
     summary["num_verifiable"] = len(counts)
     summary["n"] = min(len(g) for g in groups.values())
@@ -167,6 +175,10 @@ def to_markdown(summary: Mapping[str, Any], title: str) -> str:
         lines.append("")
     lines.append(f"Mean response tokens: {_fmt(summary.get('mean_tokens'))} "
                  f"(correct responses: {_fmt(summary.get('mean_tokens_correct'))})")
+    if summary.get("finished_share") is not None:
+        lines += ["", f"Responses that ended within the token budget: {_fmt(summary['finished_share'])}"]
+    if summary.get("note"):
+        lines += ["", f"Note: {summary['note']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +204,8 @@ def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
                       if limit is None or int(b) <= limit})
     rows = [(f"pass@{k}", [s.get(f"pass@{k}") for s in runs]) for k in ks]
     rows.append(("mean tokens", [s.get("mean_tokens") for s in runs]))
+    if any(s.get("finished_share") is not None for s in runs):
+        rows.append(("responses that ended", [s.get("finished_share") for s in runs]))
     rows += [(f"accuracy within {b} tokens", [(s.get("accuracy_under_budget") or {}).get(str(b)) for s in runs])
              for b in budgets]
     delta = len(runs) == 2

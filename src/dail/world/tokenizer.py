@@ -54,6 +54,7 @@ def template_phrases() -> list[str]:
     """Fixed sentences of the default prompt templates, each to become one token."""
     phrases = []
     for template in (prompts.STUDENT_TEMPLATE, prompts.PRIVILEGED_TEMPLATE):
+        template = template.replace("{instruction}", prompts.ANSWER_INSTRUCTION)  # world problems have answers
         for line in template.split("\n"):
             line = line.strip()
             if line and "{" not in line.replace("\\boxed{}", ""):
