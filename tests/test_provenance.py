@@ -267,3 +267,20 @@ def test_eval_refuses_an_adapter_made_for_another_base_model(trained, other_toke
     err = evaluate(narrower_model, bare)
     assert re.search(rf"{bare}: \S+\.lora_[AB]\.weight fits a layer of (in|out)_features (64|128), but \S+ of "
                      rf"--model {narrower_model} has (32|64); the adapter was made for another base model", err), err
+
+
+def test_scoring_other_samples_into_an_evaluation_folder_is_refused(problems_file, tmp_path, capsys):
+    def samples(path, text):
+        path.write_text(json.dumps({"id": "add", "text": text, "num_tokens": 3}) + "\n")
+        return path
+
+    first, second = samples(tmp_path / "a.jsonl", "\\boxed{5}"), samples(tmp_path / "b.jsonl", "\\boxed{6}")
+    out = tmp_path / "ev"
+    assert run_cli("eval", "--data", problems_file, "--samples", first, "--out", out) == 0
+    summary = (out / "summary.json").read_text()
+    assert json.loads(summary)["settings"]["samples_file"] == str(first)
+    assert run_cli("eval", "--data", problems_file, "--samples", first, "--out", out) == 0  # the same: fine
+    capsys.readouterr()
+    assert run_cli("eval", "--data", problems_file, "--samples", second, "--out", out) == 2
+    assert f"{out} holds outputs made with other settings (samples_file, samples_sha256)" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == summary

@@ -30,14 +30,17 @@ logger = logging.getLogger(__name__)
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and return the summary (also written to `<out>/summary.json`)."""
     from dail import distributed, preflight
-    from dail.provenance import for_summary
+    from dail.provenance import check_resumable, for_summary
     from dail.report import score_samples, summarize, to_markdown
 
     problems = preflight.check_eval(cfg)
     gold = {p.id: p.answer for p in problems}
     shard = distributed.current_shard(cfg.shard)
+    out = Path(cfg.out)
     if cfg.samples_file:
         samples = load_samples(cfg.samples_file, gold)
+        out.mkdir(parents=True, exist_ok=True)  # a folder of another evaluation is refused
+        check_resumable(out / "eval_config.json", eval_settings(cfg, problems, None))
     else:
         samples = sample_problems(cfg, problems, shard=shard)
         if samples is None:  # an array-job shard whose siblings are still running
@@ -46,13 +49,10 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     summary = summarize(samples, budgets=cfg.budgets)
     summary["model"] = cfg.model.model
     summary["adapter"] = cfg.adapter
-    # What made these samples: the record the sampling run checked, or the samples file's.
-    record = Path(cfg.out) / "eval_config.json"
-    summary["settings"] = for_summary(eval_settings(cfg, problems, None) if cfg.samples_file
-                                      else json.loads(record.read_text(encoding="utf-8")))
+    # What made these samples: the settings record checked before they were read or sampled.
+    summary["settings"] = for_summary(json.loads((out / "eval_config.json").read_text(encoding="utf-8")))
     # The responses' token budget (unknown for samples made elsewhere): plots stop there.
     summary["max_new_tokens"] = None if cfg.samples_file else cfg.sampling.max_new_tokens
-    out = Path(cfg.out)
     if shard.writes_merged:  # summary.json after samples.jsonl: its presence marks completion
         write_jsonl_atomic(out / "samples.jsonl", samples)
         write_text_atomic(out / "summary.md", to_markdown(summary, title=f"Evaluation of {cfg.adapter or cfg.model.model}"))
