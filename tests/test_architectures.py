@@ -127,9 +127,9 @@ PROBLEMS = [
     Problem(id="c", problem="x+1=3. Find x.", solution="x = 3 - 1 = 2, so \\boxed{2}.", answer="2"),
 ]
 WINDOWED = ("qwen2-window", "mistral", "gemma2", "gemma3")  # every one slides over 8 tokens here
-# Run in every test session: the sliding windows, and the layer names and logit transforms that
-# differ most from Qwen2's; the other architectures are marked slow.
-FAST = (*WINDOWED, "gpt-neox", "granite")
+# Run in every test session: the sliding windows, and the layer names, logit transforms and
+# adapted modules (fused MoE experts) that differ most from Qwen2's; the others are marked slow.
+FAST = (*WINDOWED, "gpt-neox", "granite", "qwen3-moe")
 EVERY = [pytest.param(name, marks=() if name in FAST else pytest.mark.slow) for name in ARCHITECTURES]
 
 

@@ -185,6 +185,9 @@ def _check_lora_shapes(adapter: str, name: str, model: Any) -> None:
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
             path, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+            # Adapters on several parameters of one module (PEFT's wrapping of fused MoE experts)
+            # nest: experts.base_layer.lora_A adapts a parameter of experts.
+            path = path.replace(".base_layer", "")
             if part not in ("A.weight", "B.weight"):
                 continue
             layer = layers.get(path)
