@@ -104,6 +104,18 @@ def test_train_refuses_a_folder_made_with_other_settings(tiny_model_dir, traces,
 
 
 @pytest.mark.slow
+def test_train_records_the_divergence_whatever_its_name(tiny_model_dir, traces, trained, capsys, caplog):
+    run, config = trained  # trained with the default divergence, reverse
+    with caplog.at_level("INFO"):
+        assert _train(tiny_model_dir, traces / "traces.jsonl", run, "--config", config, "--divergence", "reverse") == 0
+    assert any("is complete with these settings, skipped" in r.message for r in caplog.records)
+    capsys.readouterr()
+    # The older name asks for the forward KL: another run.
+    assert _train(tiny_model_dir, traces / "traces.jsonl", run, "--config", config, "--kl-direction", "forward") == 2
+    assert "other settings (training.divergence)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_train_refuses_other_traces_and_skips_a_finished_run(tiny_model_dir, traces, trained, tmp_path,
                                                              capsys, caplog):
     run, config = trained
