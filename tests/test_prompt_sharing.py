@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -107,22 +109,79 @@ def test_a_row_joining_later_reuses_its_problems_encoding(tiny, contexts):
              for i, seed in zip(order, seeds, strict=True)]
     assert [(t.token_ids, t.sources) for t in shared] == [(t.token_ids, t.sources) for t in alone]
     assert (stats.prompt_rows, stats.prompts_encoded) == (2 * len(order), 2 * len(PROBLEMS))
+    assert stats.prompt_tokens_reused > 0  # each student prompt continued its privileged one
+
+
+class RecordingEncode:
+    """An encode function for `SharedPrompts` that records its calls and encodes token t as t."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[list[int]], list[int] | None]] = []
+
+    def __call__(self, prompts, prefix=None):
+        self.calls.append((prompts, None if prefix is None else prefix[1].sum(-1).tolist()))
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], dtype=torch.float)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        if prefix is not None:
+            ids = torch.cat([prefix[0][0][0][:, 0, :, 0], ids], dim=-1)
+            mask = torch.cat([prefix[1], mask], dim=-1)
+        kv = ids[:, None, :, None].expand(-1, 1, -1, 2)
+        return [(kv, kv)], mask
 
 
 def test_encodings_are_dropped_after_the_last_row_that_reads_them():
-    calls = []
-
-    def encode(prompts):
-        calls.append(prompts)
-        width = max(len(p) for p in prompts)
-        kv = [(torch.zeros(len(prompts), 1, width, 2), torch.zeros(len(prompts), 1, width, 2))]
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        return kv, mask
-
-    store = SharedPrompts(encode, upcoming=[[1, 2], [1, 2], [3], [1, 2]])
-    kv, mask = store.rows([[1, 2], [3]])
-    assert calls == [[[1, 2], [3]]] and kv[0][0].shape == (2, 1, 2, 2) and mask.tolist() == [[1, 1], [0, 1]]
-    assert set(store.kept) == {(1, 2)}  # [3] has no row left to read it
+    encode = RecordingEncode()
+    store = SharedPrompts(encode, upcoming=[[1, 2], [1, 2], [3, 4], [1, 2]])
+    kv, mask = store.rows([[1, 2], [3, 4]])
+    assert encode.calls == [([[1, 2], [3, 4]], None)] and kv[0][0].shape == (2, 1, 2, 2)
+    assert set(store.kept) == {(1, 2)}  # [3, 4] has no row left to read it
     store.rows([[1, 2], [1, 2]])
-    assert len(calls) == 1 and not store.kept
+    assert len(encode.calls) == 1 and not store.kept
     assert (store.requested, store.encoded) == (4, 2)
+
+
+def test_prompts_of_different_lengths_are_encoded_in_groups_that_pad_little():
+    encode = RecordingEncode()
+    prompts = [[1] * 4, [2] * 10, [3] * 3, [4] * 8]
+    store = SharedPrompts(encode, upcoming=prompts)
+    kv, mask = store.rows(prompts)
+    assert encode.calls == [([[2] * 10, [4] * 8], None), ([[1] * 4, [3] * 3], None)]
+    # Rows come back in the order asked for, each left-padded to the longest.
+    assert mask.sum(-1).tolist() == [4, 10, 3, 8]
+    assert kv[0][0][:, 0, :, 0].tolist()[0] == [0] * 6 + [1] * 4
+
+
+def test_a_prompt_that_opens_like_another_encodes_only_the_rest():
+    encode = RecordingEncode()
+    privileged = [5, 6, 7, 8, 9, 10, 11, 12]
+    student = [5, 6, 7, 8, 9, 13]  # the same opening for 5 of its 6 tokens
+    other = [5, 6, 20, 21, 22, 23, 24]  # shares 2 tokens only: encoded whole
+    store = SharedPrompts(encode, upcoming=[student, privileged, other])
+    kv, mask = store.rows([student, privileged, other])
+    assert encode.calls == [([privileged, other], None), ([[13]], [5])]
+    assert store.reused_tokens == 5
+    rows = kv[0][0][:, 0, :, 0]
+    assert [row[m.bool()].tolist() for row, m in zip(rows, mask, strict=True)] == [
+        [float(t) for t in p] for p in (student, privileged, other)]
+
+
+def test_an_encoding_continued_after_a_copied_opening_equals_the_whole(tiny, contexts):
+    """The keys and values a student prompt gets after its privileged prompt's opening are the
+    ones it gets when encoded whole."""
+    from dail.engine import _Batch
+
+    model, tokenizer = tiny
+    student, privileged = (rows[0][:-1] for rows in contexts)
+    shared = len(os.path.commonprefix([student, privileged]))
+    assert shared >= len(student) / 2  # the chat template puts the problem first in both
+    batch = _Batch(model, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        whole, _ = batch._encode([student])
+        store = SharedPrompts(batch._encode, upcoming=[student, privileged])
+        continued, mask = store.rows([student, privileged])
+    assert store.reused_tokens == shared
+    for (k, v), (ck, cv) in zip(whole, continued, strict=True):
+        keep = mask[0].bool()
+        torch.testing.assert_close(ck[0][:, keep], k[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cv[0][:, keep], v[0], atol=1e-5, rtol=1e-4)

@@ -121,6 +121,7 @@ class EngineStats:
     prefill_seconds: float = 0.0  # of which encoding prompts (both roles)
     prompt_rows: int = 0  # prompts the rows read (two per row)
     prompts_encoded: int = 0  # ... of which run through the model (the others shared an encoding)
+    prompt_tokens_reused: int = 0  # tokens of encoded prompts copied from another prompt's opening
 
     @property
     def acceptance_rate(self) -> float:
@@ -379,8 +380,10 @@ class _Batch:
 
     # ------------------------------------------------------------------ membership
 
-    def _encode(self, bodies: list[list[int]]) -> tuple[LayerKV, torch.Tensor]:
-        """Run the model over left-padded prompt bodies; returns per-layer (keys, values), mask."""
+    def _encode(self, bodies: list[list[int]], prefix: tuple[LayerKV, torch.Tensor] | None = None
+                ) -> tuple[LayerKV, torch.Tensor]:
+        """Run the model over left-padded prompt bodies, after `prefix` (keys and values with their
+        mask) if given; returns per-layer (keys, values) and the mask, the prefix's included."""
         width = max(1, max(len(b) for b in bodies))
         ids = torch.full((len(bodies), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -389,10 +392,16 @@ class _Batch:
                 ids[i, width - len(body):] = torch.tensor(body, dtype=torch.long)
                 mask[i, width - len(body):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        attention, cache = mask, None
+        cache = None
+        if prefix is not None:
+            cache = DynamicCache()
+            cache.layers = [_GrowingLayer(keys, values) for keys, values in prefix[0]]
+            mask = torch.cat([prefix[1], mask], dim=-1)
+        positions = (mask.cumsum(-1)[:, -width:] - 1).clamp(min=0)
+        attention = mask
         if self.layout.windowed:  # the model's own cache would drop the slots that left a window
-            attention, cache = self.layout.masks(mask, width, self.dtype), DynamicCache()
+            attention = self.layout.masks(mask, width, self.dtype)
+            cache = cache if cache is not None else DynamicCache()
         tic = _clock(self.device)
         out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
@@ -401,16 +410,18 @@ class _Batch:
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
 
     def admit(self, rows: list[int], student: list[list[int]], privileged: list[list[int]]) -> None:
-        """Prefill `rows` (each role separately, no cross-role padding) and join them to the batch.
+        """Prefill `rows` and join them to the batch.
 
         Prompts minus their last token (it stays pending) are encoded; rows that read the same
-        prompt share one encoding (`SharedPrompts`).
+        prompt share one encoding, and a student prompt continues its privileged prompt's opening
+        (`SharedPrompts`).
         """
-        s_kv, s_mask = self.prompts.rows([student[i][:-1] for i in rows])
-        p_kv, p_mask = self.prompts.rows([privileged[i][:-1] for i in rows])
+        n, m = self.size, len(rows)
+        both, both_mask = self.prompts.rows([student[i][:-1] for i in rows] + [privileged[i][:-1] for i in rows])
+        s_kv, p_kv = [(k[:m], v[:m]) for k, v in both], [(k[m:], v[m:]) for k, v in both]
+        s_mask, p_mask = both_mask[:m], both_mask[m:]
         pending = torch.tensor([student[i][-1] for i in rows] + [privileged[i][-1] for i in rows],
                                dtype=torch.long, device=self.device)
-        n, m = self.size, len(rows)
         if self.cache is None:
             parts_kv, parts_mask = [s_kv, p_kv], [s_mask, p_mask]
             old_pending = [self.pending[:0], pending[:m], self.pending[:0], pending[m:]]
@@ -649,6 +660,7 @@ def draft_rollout(
     stats.prefill_seconds += batch.prefill_seconds
     stats.prompt_rows += batch.prompts.requested
     stats.prompts_encoded += batch.prompts.encoded
+    stats.prompt_tokens_reused += batch.prompts.reused_tokens
     stats.seconds += time.perf_counter() - started
     logger.debug("draft engine: %d rows, %d tokens in %.1f s; %d rounds of mean draft length %.2f, "
                  "acceptance %.3f, %d tokens decided without the student, %d of %d lookup guesses right",
