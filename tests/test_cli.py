@@ -231,6 +231,20 @@ def test_demo_flags_reach_the_settings(monkeypatch):
     assert seen["settings"] == replace(demo.QUICK, seeds=3)
     main(["demo", "--quick"])
     assert seen["settings"] == demo.QUICK and seen["quick"]
+    main(["demo", "--lora-r", "2", "--lora-target-modules", "q_proj", "v_proj"])
+    assert seen["settings"] == demo.DemoSettings(lora_r=2, lora_target_modules=("q_proj", "v_proj"))
+    main(["demo", "--lora-target-modules", "all-linear"])
+    assert seen["settings"] == demo.DemoSettings()
+
+
+def test_demo_refuses_a_bad_adapter_before_any_stage(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--lora-r", "0", "--out", str(out)]) == 2
+    assert "--lora-r 0: out of range; allowed: >= 1" in capsys.readouterr().err
+    assert main(["demo", "--lora-target-modules", "q_proj", "qproj", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qproj is no linear layer of this model" in err[0] and "q_proj" in err[0]
+    assert not out.exists()  # refused before validity, problems or traces
 
 
 def test_train_flags_land_in_the_training_arguments_over_the_config(tmp_path):

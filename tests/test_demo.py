@@ -153,6 +153,8 @@ def test_report_names_the_command_that_gives_its_settings():
     assert command_of(asdict(replace(DemoSettings(), seed=1))) == "dail demo --seed 1"
     assert command_of(asdict(replace(QUICK, seeds=2))) == "dail demo --quick --seeds 2"
     assert command_of(asdict(replace(DemoSettings(), gamma=0.0))) == "dail demo --gamma 0.0"
+    sized = replace(DemoSettings(), lora_r=1, lora_target_modules=("q_proj", "v_proj"))
+    assert command_of(asdict(sized)) == "dail demo --lora-r 1 --lora-target-modules q_proj v_proj"
     # A setting without a flag is named through the Python API, never silently dropped.
     assert "'n_test': 8" in command_of(asdict(replace(DemoSettings(), n_test=8)))
 
@@ -213,3 +215,25 @@ def test_trace_style_tells_copied_expert_lines_from_the_students_own_style(tmp_p
     assert styles["own"]["student_nll"] < 0.05 < styles["copied"]["student_nll"]
     write_jsonl_atomic(tmp_path / "none.jsonl", [])
     assert trace_style(base_model_dir(), tmp_path / "none.jsonl") == {"copied_items": None, "student_nll": None}
+
+
+def test_adapter_settings_reach_every_trained_method(tmp_path, monkeypatch):
+    """--lora-r and --lora-target-modules shape every method's adapter; the default targets stay
+    out of the training settings, so adapters cached before these flags existed are found again."""
+    from dataclasses import replace
+
+    from dail import demo, train
+
+    seen = []
+    monkeypatch.setattr(train, "run", lambda cfg: seen.append(cfg))
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("")
+    for settings in (DemoSettings(), replace(DemoSettings(), lora_r=2, lora_target_modules=("q_proj", "k_proj"))):
+        for loss in ("sft", "nll", "dail"):
+            demo.train_method(tmp_path, tmp_path, str(traces), str(traces), loss, settings, seed=0)
+    default, sized = seen[:3], seen[3:]
+    assert all("lora_target_modules" not in cfg.training and cfg.training["lora_r"] == 32 for cfg in default)
+    for cfg in sized:
+        assert cfg.training["lora_target_modules"] == ["q_proj", "k_proj"]
+        assert cfg.training["lora_r"] == cfg.training["lora_alpha"] == 2
+    assert len({cfg.out for cfg in seen}) == 6  # each its own cached stage

@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--gamma", type=float, default=None,
                    help="weight of the negative term of the contrastive runs (default: 0.1, the paper's)")
     d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method (default: 1e-3)")
+    d.add_argument("--lora-r", type=int, default=None, help="LoRA rank of every method (default: 32, the paper's)")
+    d.add_argument("--lora-target-modules", nargs="+", metavar="NAME", default=None,
+                   help="linear layers every method's adapter wraps (default: all-linear, the paper's seven "
+                        "projections)")
     d.add_argument("--seed", type=int, default=None,
                    help="a replicate of the whole comparison: new problems, rollouts and training (default 0)")
     d.add_argument("--seeds", type=int, default=None,
@@ -388,7 +392,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dail import demo
 
-    changes = {k: v for k in ("gamma", "learning_rate", "seed", "seeds") if (v := getattr(args, k)) is not None}
+    changes = {k: v for k in ("gamma", "learning_rate", "seed", "seeds", "lora_r") if (v := getattr(args, k)) is not None}
+    if args.lora_target_modules is not None:
+        targets = args.lora_target_modules
+        changes["lora_target_modules"] = targets[0] if targets == ["all-linear"] else tuple(targets)
     if args.divergence is not None or args.kl_direction is not None:
         changes["divergence"] = resolve_divergence(args.divergence, args.kl_direction)
     settings = dataclasses.replace(demo.QUICK if args.quick else demo.DemoSettings(), **changes)

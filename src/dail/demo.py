@@ -67,6 +67,7 @@ class DemoSettings:
     learning_rate: float = 1e-3
     divergence: str = "reverse"  # of the contrastive loss (dail.loss.divergence_beta); the paper's
     lora_r: int = 32
+    lora_target_modules: str | tuple[str, ...] = "all-linear"  # the paper's seven projections on Qwen
     batch_size: int = 64
     train_batch_size: int = 1
     grad_accum: int = 4
@@ -80,6 +81,10 @@ class DemoSettings:
         # Checked (and spelled one way, as cache keys want) before any stage runs.
         object.__setattr__(self, "divergence", resolve_divergence(self.divergence))
         check_range("seeds", self.seeds, low=1)
+        if self.lora_r < 1:
+            raise ConfigError(f"--lora-r {self.lora_r}: out of range; allowed: >= 1")
+        if not isinstance(self.lora_target_modules, str):
+            object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
 
     @property
     def training_seeds(self) -> list[int]:
@@ -126,6 +131,10 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
     model_dir = Path(model_dir) if model_dir else world.base_model_dir()
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"{model_dir}: no model here (config.json missing)")
+    if settings.lora_target_modules != "all-linear":  # refused before any stage, not at the first training
+        from dail.preflight import check_lora_targets
+
+        check_lora_targets(_model(model_dir), list(settings.lora_target_modules))
     started = time.monotonic()
     results: dict[str, Any] = {"settings": asdict(settings), "model": str(model_dir)}
     results["validity"] = world_validity(root, model_dir, settings)
@@ -360,6 +369,9 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
                 "lora_alpha": s.lora_r, "per_device_train_batch_size": s.train_batch_size,
                 "gradient_accumulation_steps": s.grad_accum, "seed": seed, "save_steps": 10_000,
                 "max_length": 2048, "logging_steps": 10, "dataloader_pin_memory": False}
+    if s.lora_target_modules != "all-linear":  # (the default stays out of the key: caches stay valid)
+        training["lora_target_modules"] = list(s.lora_target_modules) if not isinstance(
+            s.lora_target_modules, str) else s.lora_target_modules
     extra = {}
     if loss == "dail":  # the other runs ignore gamma and the divergence, and keep their cache
         extra["gamma"] = s.gamma
@@ -491,12 +503,13 @@ def command_of(settings: dict[str, Any]) -> str:
     quick = settings["n_train"] < 50
     default = json.loads(json.dumps(asdict(QUICK if quick else DemoSettings())))  # tuples as lists
     flags = {"divergence": "--divergence", "gamma": "--gamma", "learning_rate": "--learning-rate",
-             "seed": "--seed", "seeds": "--seeds"}
+             "seed": "--seed", "seeds": "--seeds", "lora_r": "--lora-r",
+             "lora_target_modules": "--lora-target-modules"}
     changed = {k: v for k, v in json.loads(json.dumps(settings)).items() if default.get(k) != v}
     if set(changed) - set(flags):
         return f"dail.demo.run(settings=DemoSettings(**{changed}))"
     return " ".join(["dail demo", *(["--quick"] if quick else []),
-                     *(f"{flags[k]} {v}" for k, v in changed.items())])
+                     *(f"{flags[k]} {' '.join(v) if isinstance(v, list) else v}" for k, v in changed.items())])
 
 
 def report(results: dict[str, Any]) -> str:
