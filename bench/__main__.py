@@ -22,10 +22,10 @@ Writes bench/results.json.
   reads two contexts per token, so at draft length 1, if the forwards were all that cost time,
   it would run at 1 / this of sampling's speed and 2 / this of the two-pass loop's.
 - unasked_share: the share of tokens the draft engine decided without running the student
-  (privileged rounds: no token could pass tau there; see `dail.engine`).
-- guessed_share: the share of tokens decided by right lookup guesses (lookup rounds, `dail.engine`).
+  (privileged rounds: no token could pass tau there; see `dail.rollout.engine`).
+- guessed_share: the share of tokens decided by right lookup guesses (lookup rounds, `dail.rollout.engine`).
 - lookup: the default engine's time with lookup rounds turned off / on, world model at batch 1
-  and 4 (lookup rounds run on batches of at most `dail.engine.LOOKUP_ROWS` rows), budget 256 (the demo's traces run to about 210 tokens), interleaved rounds.
+  and 4 (lookup rounds run on batches of at most `dail.rollout.engine.loop.LOOKUP_ROWS` rows), budget 256 (the demo's traces run to about 210 tokens), interleaved rounds.
 - prefill_share: the share of the default engine's time spent encoding both roles' prompts;
   sampling encodes only the student's, so this share is lost against it. It shrinks as the
   budget grows: real traces run to thousands of tokens, these rows to 32-64.
@@ -109,7 +109,7 @@ def world_prompts(batch: int) -> tuple[list[list[int]], list[list[int]]]:
     """The demo's own prompts: novel-type training problems, student and privileged (with the
     expert's solution), as the world model's rollouts in the demo see them."""
     from dail import world
-    from dail.prompts import PromptBuilder
+    from dail.rollout.prompts import PromptBuilder
     from dail.world.tokenizer import load_tokenizer
 
     tokenizer, builder = load_tokenizer(str(world.base_model_dir())), PromptBuilder()
@@ -133,23 +133,23 @@ def prompts(batch: int, vocab: int, seed: int = 0) -> tuple[list[list[int]], lis
 @torch.inference_mode()  # as the engine runs: the ratios compare schedules, not autograd modes
 def two_pass_rollout(model, student, privileged, seeds, settings, *, pad_id: int) -> list[Any]:
     """The straightforward mixed rollout: a separate KV-cached forward per role per token."""
-    from dail.rollout import (
+    from dail.rollout.rule import (
         PRIVILEGED,
         STUDENT,
         Trace,
-        _choose,
-        _Decoder,
+        choose,
         sampling_distribution,
         uniform_table,
     )
+    from dail.rollout.token_loop import _Decoder
 
     s_dec, p_dec = _Decoder(model, student, pad_id), _Decoder(model, privileged, pad_id)
     table = uniform_table(seeds, settings, s_dec.logits.device)
     traces = [Trace() for _ in seeds]
     for step in range(settings.max_new_tokens):
         s_dist, p_dist = sampling_distribution(s_dec.logits, settings), sampling_distribution(p_dec.logits, settings)
-        chosen, proposal, prob, accepted = _choose(s_dist, p_dist, torch.softmax(p_dec.logits, -1),
-                                                   table[:, step], settings)
+        chosen, proposal, prob, accepted = choose(s_dist, p_dist, torch.softmax(p_dec.logits, -1),
+                                                  table[:, step], settings)
         for i, trace in enumerate(traces):
             trace.token_ids.append(int(chosen[i]))
             trace.sources.append(STUDENT if accepted[i] else PRIVILEGED)
@@ -160,8 +160,9 @@ def two_pass_rollout(model, student, privileged, seeds, settings, *, pad_id: int
 
 def time_rollout(model, student, privileged, settings, engine: str) -> tuple[float, Any]:
     """tokens/s of one engine: "draft", "reference" (one forward for both roles) or "two_pass"."""
-    from dail.engine import EngineStats, draft_rollout
-    from dail.rollout import reference_rollout, sequence_seed
+    from dail.rollout.engine import EngineStats, draft_rollout
+    from dail.rollout.rule import sequence_seed
+    from dail.rollout.token_loop import reference_rollout
 
     seeds = [sequence_seed(0, str(i)) for i in range(len(student))]
     stats = EngineStats()
@@ -177,7 +178,7 @@ def time_rollout(model, student, privileged, settings, engine: str) -> tuple[flo
 
 
 def time_generate(model, student, budget: int) -> float:
-    from dail.rollout import left_pad
+    from dail.rollout.token_loop import left_pad
 
     ids, mask = left_pad(student, 0, torch.device("cpu"))
     tic = time.perf_counter()
@@ -190,7 +191,7 @@ def time_generate(model, student, budget: int) -> float:
 @torch.inference_mode()
 def time_decoding_forward(model, prompts: list[list[int]], repeats: int = 7) -> float:
     """Median seconds of one KV-cached one-token forward over these rows (a decoding step)."""
-    from dail.rollout import left_pad
+    from dail.rollout.token_loop import left_pad
 
     ids, mask = left_pad(prompts, 0, torch.device("cpu"))
     cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
@@ -214,7 +215,7 @@ def bench_rollout(model, name: str, batches: list[int], budget: int, taus: list[
     """A round times every engine once, in turn, so that a burst of background load hits all of
     them alike; `repeats` rounds at batches above 8, 2 * repeats + 1 below, and at batches up to
     8 more rounds until the row has taken `min_seconds` (quick rows are the noisiest)."""
-    from dail.rollout import RolloutSettings
+    from dail.rollout.rule import RolloutSettings
 
     rows = []
     vocab = model.config.vocab_size
@@ -267,8 +268,8 @@ def _time_engine_in(model, batches: list[int], budget: int, rounds: int, make_pr
     seeds, interleaved rounds (the first warms up). Returns, per batch, the median round's time
     ratio slower / faster, whether both contexts gave the same tokens throughout, and per batch
     the last stats of the faster one."""
-    from dail.engine import EngineStats, draft_rollout
-    from dail.rollout import RolloutSettings, sequence_seed
+    from dail.rollout.engine import EngineStats, draft_rollout
+    from dail.rollout.rule import RolloutSettings, sequence_seed
 
     settings = RolloutSettings(tau=0.8, temperature=0.6, top_p=0.95, max_new_tokens=budget)
     engine = inspect.unwrap(draft_rollout)
@@ -294,14 +295,14 @@ def _time_engine_in(model, batches: list[int], budget: int, rounds: int, make_pr
 @contextlib.contextmanager
 def _without_lookup_rounds():
     """The engine as it runs (inference mode), with no batch small enough for lookup rounds."""
-    from dail import engine
+    from dail.rollout.engine import loop
 
-    limit, engine.LOOKUP_ROWS = engine.LOOKUP_ROWS, 0
+    limit, loop.LOOKUP_ROWS = loop.LOOKUP_ROWS, 0
     try:
         with torch.inference_mode():
             yield
     finally:
-        engine.LOOKUP_ROWS = limit
+        loop.LOOKUP_ROWS = limit
 
 
 def bench_lookup(model, batches: list[int], budget: int, rounds: int,

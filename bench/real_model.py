@@ -49,7 +49,7 @@ def champ_prompts(tokenizer: Any, batch: int, *, one_problem: bool = False) -> t
 @contextlib.contextmanager
 def without_prompt_sharing():
     """Every row encodes its own prompts, as before samples shared them."""
-    from dail.shared_prompts import SharedPrompts
+    from dail.rollout.engine.shared_prompts import SharedPrompts
 
     shared = SharedPrompts.rows
 
@@ -69,8 +69,8 @@ def bench_shared_prompts(model: torch.nn.Module, tokenizer: Any, budget: int, ro
                          samples: int = SAMPLES_OF_ONE) -> dict[str, Any]:
     """Time of `samples` samples of one problem without prompt sharing / with it: the median of
     interleaved rounds' ratios (the first round warms up), and each side's prefill share."""
-    from dail.engine import EngineStats, draft_rollout
-    from dail.rollout import RolloutSettings, sequence_seed
+    from dail.rollout.engine import EngineStats, draft_rollout
+    from dail.rollout.rule import RolloutSettings, sequence_seed
 
     student, privileged = champ_prompts(tokenizer, samples, one_problem=True)
     settings = RolloutSettings(tau=0.8, temperature=0.6, top_p=0.95, max_new_tokens=budget)

@@ -13,10 +13,11 @@ import torch
 
 from dail.config import ConfigError, ModelConfig
 from dail.data import Problem
-from dail.engine import draft_rollout
 from dail.logits import LogitTransform, ModelHead, model_head
 from dail.models import eos_token_ids, load
-from dail.rollout import RolloutSettings, reference_rollout, sequence_seed
+from dail.rollout.engine import draft_rollout
+from dail.rollout.rule import RolloutSettings, sequence_seed
+from dail.rollout.token_loop import reference_rollout
 from dail.testing import ARCHITECTURES
 from dail.trainer import (
     DAILCollator,
@@ -180,10 +181,10 @@ def test_a_model_the_engine_cannot_run_is_decoded_token_by_token(caplog):
     contexts = ([[5, 6, 7, 8, 9], [5, 6]], [[5, 9, 9, 9, 9, 9, 9], [8, 8, 8]])
     settings = RolloutSettings(tau=0.3, max_new_tokens=8, temperature=1.0)
     reference = reference_rollout(model, *contexts, [1, 2], settings, pad_id=0)
-    with caplog.at_level(logging.INFO, logger="dail.engine"):
+    with caplog.at_level(logging.INFO, logger="dail.rollout.engine.loop"):
         traces = draft_rollout(model, *contexts, [1, 2], settings, pad_id=0)
     assert [as_tuple(t) for t in traces] == [as_tuple(t) for t in reference]
-    assert [r.getMessage() for r in caplog.records if r.name == "dail.engine"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "dail.rollout.engine.loop"] == [
         "the draft engine cannot run this lfm2 model (its conv layers): decoding token by token"]
 
 
@@ -218,7 +219,7 @@ def test_generate_train_and_eval_through_the_cli(architecture_dir, architecture,
 def test_window_masks_count_valid_slots_not_holes():
     """A sliding-window query sees itself and the window - 1 valid slots before it, however many
     holes lie between (a hole's query, whose output is never read, sees the window before it)."""
-    from dail.engine_window import causal_4d
+    from dail.rollout.engine.window import causal_4d
 
     mask = torch.tensor([[0, 1, 1, 0, 0, 1, 0, 1, 1]])  # valid slots 1, 2, 5, 7, 8
     window = causal_4d(mask, 3, window=3)[0, 0].int().tolist()  # queries: slots 6 (a hole), 7, 8

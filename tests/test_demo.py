@@ -189,7 +189,7 @@ def test_trace_style_tells_copied_expert_lines_from_the_students_own_style(tmp_p
 
     from dail.data import write_jsonl_atomic
     from dail.demo import trace_style
-    from dail.prompts import PromptBuilder
+    from dail.rollout.prompts import PromptBuilder
     from dail.world import base_model_dir
     from dail.world import generator as gen
     from dail.world.tokenizer import load_tokenizer

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from dail.cli import main
 from dail.data import DataError, Problem, last_boxed, load_problems
 from dail.grading import grade_exact
-from dail.prompts import PromptBuilder, extract_math_waypoints
+from dail.rollout.prompts import PromptBuilder, extract_math_waypoints
 
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -57,7 +57,7 @@ def teacher_forced(model, prompt: list[int], response: list[int]) -> tuple[torch
 
 
 def student_prompt(tokenizer, problem: Problem) -> list[int]:
-    from dail.prompts import PromptBuilder
+    from dail.rollout.prompts import PromptBuilder
     from dail.train import encode_prompt
 
     return encode_prompt(tokenizer, PromptBuilder().render(problem, tokenizer)["student"])
@@ -129,15 +129,17 @@ def test_mixed_figures_come_from_the_privileged_positions_and_every_position(pro
 
 def rollout_settings(model, tokenizer, tau: float, engine: str = "reference"):
     from dail.models import eos_token_ids
-    from dail.rollout import RolloutSettings
+    from dail.rollout.rule import RolloutSettings
 
     return RolloutSettings(tau=tau, temperature=1.0, top_p=1.0, max_new_tokens=BUDGET,
                            eos_ids=tuple(eos_token_ids(model, tokenizer)), engine=engine)
 
 
 def test_tau_0_traces_are_the_students_own_samples_and_tau_1_only_privileged_tokens(probed, tiny, data_file):
-    from dail.prompts import PromptBuilder
-    from dail.rollout import mixed_rollout, sample_responses, sequence_seed
+    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.prompts import PromptBuilder
+    from dail.rollout.rule import sequence_seed
+    from dail.rollout.token_loop import sample_responses
     from dail.train import encode_prompt
 
     model, tokenizer = tiny

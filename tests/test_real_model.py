@@ -120,7 +120,8 @@ def test_roles_render_through_the_chat_template_and_responses_line_up(smollm2, p
 
 def test_engine_and_token_loop_agree_and_record_what_the_rule_saw(smollm2, prepared):
     from dail.models import eos_token_ids
-    from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
+    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.rule import RolloutSettings, sequence_seed
 
     model, tokenizer = smollm2
     rows = [(p, s) for p in prepared for s in range(2)]

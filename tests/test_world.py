@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dail.data import load_problems
-from dail.prompts import PromptBuilder
+from dail.rollout.prompts import PromptBuilder
 from dail.world import (
     KNOWN_TYPES,
     NOVEL_TYPES,

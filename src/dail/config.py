@@ -185,7 +185,7 @@ class ModelConfig:
 
 @dataclass
 class PromptConfig:
-    """Prompt rendering (see `dail.prompts`).
+    """Prompt rendering (see `dail.rollout.prompts`).
 
     Attributes:
         student_template / privileged_template / negative_template: Files replacing the default

@@ -33,7 +33,7 @@ from dail.config import (
     resolve_divergence,
 )
 from dail.data import write_json_atomic, write_text_atomic
-from dail.prompts import NEGATIVE_TEMPLATE
+from dail.rollout.prompts import NEGATIVE_TEMPLATE
 
 logger = logging.getLogger(__name__)
 

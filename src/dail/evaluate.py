@@ -95,7 +95,8 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
     """
     from dail import models, provenance
     from dail.generate import prompt_builder
-    from dail.rollout import RolloutSettings, sample_responses, sequence_seed
+    from dail.rollout.rule import RolloutSettings, sequence_seed
+    from dail.rollout.token_loop import sample_responses
     from dail.train import encode_prompt
 
     tokenizer = models.load_tokenizer(cfg.model)

@@ -24,7 +24,7 @@ from dail.data import (
     write_json_atomic,
     write_jsonl_atomic,
 )
-from dail.prompts import ROLES, PromptBuilder, PromptTemplates, shorten_solution
+from dail.rollout.prompts import ROLES, PromptBuilder, PromptTemplates, shorten_solution
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class PreparedProblem:
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces and select from them; returns the summary also written to disk."""
     from dail import distributed, models, preflight, provenance
-    from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
+    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.rule import RolloutSettings, sequence_seed
 
     problems = preflight.check_generate(cfg)
     out = Path(cfg.out)
@@ -128,7 +129,7 @@ def prompt_token_limit(cfg: GenerateConfig | ProbeConfig, model: Any) -> int:
 
 def suppressed_tokens(tokenizer: Any, cfg: GenerateConfig | ProbeConfig) -> tuple[int, ...]:
     """The end-of-thinking token of a reasoning model, which the rollout never emits."""
-    from dail.prompts import uses_thinking
+    from dail.rollout.prompts import uses_thinking
 
     thinking = uses_thinking(tokenizer) if cfg.prompts.thinking is None else cfg.prompts.thinking
     if not (thinking and cfg.suppress_end_of_thinking):

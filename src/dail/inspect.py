@@ -29,8 +29,9 @@ def describe(cfg: GenerateConfig, *, problem_id: str, traces: str | None = None,
     """
     from dail import models
     from dail.generate import prepare_problems, prompt_builder
-    from dail.prompts import get_waypoint_extractor
-    from dail.rollout import RolloutSettings, mixed_rollout, sequence_seed
+    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.prompts import get_waypoint_extractor
+    from dail.rollout.rule import RolloutSettings, sequence_seed
 
     problems = {p.id: p for p in resolve_problems(cfg.data)}
     if problem_id not in problems:

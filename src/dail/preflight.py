@@ -107,7 +107,7 @@ def check_probe(cfg: ProbeConfig) -> list[Problem]:
 
 
 def check_prompts(cfg: PromptConfig) -> None:
-    from dail.prompts import get_waypoint_extractor
+    from dail.rollout.prompts import get_waypoint_extractor
 
     for key, flag in _TEMPLATE_FLAGS.items():
         path = getattr(cfg, key)

@@ -139,7 +139,7 @@ def collect_records(cfg: ProbeConfig, model: Any, tokenizer: Any, prepared: list
     from dail import models
     from dail.batching import run_per_problem
     from dail.generate import suppressed_tokens, trace_record
-    from dail.rollout import RolloutSettings
+    from dail.rollout.rule import RolloutSettings
     from dail.train import solution_ids
 
     eos_ids = tuple(models.eos_token_ids(model, tokenizer))
@@ -193,7 +193,9 @@ def roll_out(model: Any, rows: list[tuple[Any, int]], settings: Any, *, seed: in
     the tokens `mixed_rollout` gives at tau 0 at half the forward work (tau 1 is special-cased
     the same way inside `mixed_rollout`).
     """
-    from dail.rollout import STUDENT, mixed_rollout, sample_responses, sequence_seed
+    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.rule import STUDENT, sequence_seed
+    from dail.rollout.token_loop import sample_responses
 
     seeds = [sequence_seed(seed, f"{p.problem.id}\x00{s}") for p, s in rows]
     student = [p.prompt_ids["student"] for p, _ in rows]

@@ -25,7 +25,7 @@ from transformers import TrainingArguments
 
 from dail.config import ConfigError, TrainConfig, check_types, to_dict, unknown_keys
 from dail.data import DataError, iter_jsonl, load_problems, save_dir_atomic, write_json_atomic
-from dail.prompts import ROLES
+from dail.rollout.prompts import ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def _trace_examples(path: str, tokenizer: Any, *, model: str) -> list[dict[str, 
 
 
 def _sft_examples(path: str, cfg: TrainConfig, tokenizer: Any) -> list[dict[str, Any]]:
-    from dail.prompts import PromptBuilder, PromptTemplates
+    from dail.rollout.prompts import PromptBuilder, PromptTemplates
 
     p = cfg.prompts
     builder = PromptBuilder(PromptTemplates.from_files(p.student_template, p.privileged_template,

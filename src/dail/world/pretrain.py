@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dail.data import save_dir_atomic
-from dail.prompts import PromptBuilder
+from dail.rollout.prompts import PromptBuilder
 from dail.world import generator as gen
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dail import prompts
+from dail.rollout import prompts
 from dail.world import generator as gen
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dail.data import Problem
-from dail.prompts import PromptBuilder
+from dail.rollout.prompts import PromptBuilder
 from dail.world import generator as gen
 from dail.world.scoring import grade, pass_at_k
 

@@ -1,6 +1,6 @@
 """Attention masks of the draft engine, sliding-window layers included.
 
-The engine (`dail.engine`) keeps one KV cache over both roles' rows and leaves *holes* in it:
+The engine (`dail.rollout.engine`) keeps one KV cache over both roles' rows and leaves *holes* in it:
 slots a row did not use, masked out. Its masks are built from a (rows, slots) 0/1 slot mask, and
 a query sees the valid slots up to itself. A sliding-window layer of window w lets a token see
 itself and the w - 1 tokens before it; with holes a slot's index is not its position, so the

@@ -6,7 +6,7 @@ import pytest
 
 from dail.config import ConfigError
 from dail.data import Problem
-from dail.prompts import (
+from dail.rollout.prompts import (
     ANSWER_INSTRUCTION,
     PROOF_INSTRUCTION,
     PromptBuilder,
@@ -92,7 +92,7 @@ def test_tokenizer_without_chat_template(tiny):
 def test_extractor_registry(monkeypatch):
     assert get_waypoint_extractor("math") is extract_math_waypoints
     assert get_waypoint_extractor("none")("1 2 3", None) == []
-    assert get_waypoint_extractor("dail.prompts:extract_math_waypoints") is extract_math_waypoints
+    assert get_waypoint_extractor("dail.rollout.prompts:extract_math_waypoints") is extract_math_waypoints
     with pytest.raises(ConfigError, match="unknown waypoint extractor"):
         get_waypoint_extractor("chemistry")
     with pytest.raises(ConfigError, match="cannot be imported"):

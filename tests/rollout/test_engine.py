@@ -8,9 +8,12 @@ import math
 import pytest
 
 from dail.data import Problem
-from dail.engine import LOOKUP, EngineStats, draft_rollout, expected_tokens
 from dail.models import eos_token_ids
-from dail.rollout import RolloutSettings, mixed_rollout, reference_rollout, sequence_seed
+from dail.rollout.engine import EngineStats, draft_rollout, expected_tokens
+from dail.rollout.engine.scheduler import LOOKUP
+from dail.rollout.mixed import mixed_rollout
+from dail.rollout.rule import RolloutSettings, sequence_seed
+from dail.rollout.token_loop import reference_rollout
 from tests.conftest import role_contexts
 
 PROBLEMS = [
@@ -125,24 +128,25 @@ def force_rounds(monkeypatch, schedule: tuple[int, ...]) -> tuple[list[int], lis
     """Make the draft engine run rounds of these draft lengths in turn (0: privileged rounds,
     LOOKUP: lookup rounds, or one-token rounds while the students lag). Returns the lists it
     fills: k of every round, and (round, lag) of every student feed."""
-    from dail import engine
+    from dail.rollout.engine import loop
+    from dail.rollout.engine.scheduler import DraftLength
 
     def choose(self, remaining, lookup=False):
-        if self.scheduled == engine.LOOKUP:
-            return engine.LOOKUP if lookup else 1
+        if self.scheduled == LOOKUP:
+            return LOOKUP if lookup else 1
         return min(self.scheduled, remaining)
 
     chosen, feeds = [], []
-    monkeypatch.setattr(engine._DraftLength, "scheduled", schedule[0], raising=False)
-    monkeypatch.setattr(engine._DraftLength, "choose", choose)
+    monkeypatch.setattr(DraftLength, "scheduled", schedule[0], raising=False)
+    monkeypatch.setattr(DraftLength, "choose", choose)
 
     def observe(self, k, **_):
         chosen.append(k)
         self.scheduled = schedule[len(chosen) % len(schedule)]
 
-    feed = engine._student_feed
-    monkeypatch.setattr(engine._DraftLength, "observe", observe)
-    monkeypatch.setattr(engine, "_student_feed", lambda *a: feeds.append((len(chosen), a[4])) or feed(*a))
+    feed = loop._student_feed
+    monkeypatch.setattr(DraftLength, "observe", observe)
+    monkeypatch.setattr(loop, "_student_feed", lambda *a: feeds.append((len(chosen), a[4])) or feed(*a))
     return chosen, feeds
 
 
@@ -159,7 +163,7 @@ def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts, monk
     reference = run(tiny, contexts, settings, rows=n, seed=11)
     if schedule:
         force_rounds(monkeypatch, schedule)
-        monkeypatch.setattr("dail.engine.LOOKUP_ROWS", n)  # lookup rounds at any batch size
+        monkeypatch.setattr("dail.rollout.engine.loop.LOOKUP_ROWS", n)  # lookup rounds at any batch size
     stats = EngineStats()
     engine = run(tiny, contexts, settings, rows=n, seed=12, engine="draft", draft_length=0 if schedule else 3,
                  stats=stats)
@@ -185,11 +189,11 @@ def test_draft_engine_matches_the_reference_in_distribution(tiny, contexts, monk
 def test_growing_cache_layer_appends_like_concatenation_and_survives_reassignment():
     import torch
 
-    from dail.engine import _GrowingLayer
+    from dail.rollout.engine.kv_cache import GrowingLayer
 
     g = torch.Generator().manual_seed(0)
     keys, values = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
-    layer = _GrowingLayer(keys, values)
+    layer = GrowingLayer(keys, values)
     expected_k, expected_v = keys, values
     for step in range(70):  # past the first capacity, so the buffer grows at least once
         if step == 40:  # what compaction does: rows leave and the layer is given new tensors
@@ -250,10 +254,10 @@ def test_privileged_rounds_and_lagging_students_give_the_same_traces(tiny, conte
 
 
 def test_draft_length_chooses_privileged_rounds_only_where_few_positions_need_the_student():
-    from dail.engine import _DraftLength
+    from dail.rollout.engine.scheduler import DraftLength
 
     def settle(consulted: bool, privileged: float, student: float, joint: float = 1.0) -> int:
-        chooser = _DraftLength(0, max_length=64)
+        chooser = DraftLength(0, max_length=64)
         for k in (1, 1, 0, 0) * 5:  # each kind's first round is a warm-up whose timing is dropped
             chooser.observe(k, accepted=0, verified=1, consulted=consulted,
                             student_seconds=student if k == 0 and consulted else None,
@@ -263,7 +267,7 @@ def test_draft_length_chooses_privileged_rounds_only_where_few_positions_need_th
     assert settle(consulted=False, privileged=0.6, student=0.6) == 0  # nothing passes tau: skip the student
     assert settle(consulted=True, privileged=0.6, student=0.6) == 1  # two forwards cost more than one
     assert settle(consulted=False, privileged=1.1, student=0.6) == 1  # one role's rows cost no less
-    fresh = _DraftLength(0, max_length=64)
+    fresh = DraftLength(0, max_length=64)
     fresh.observe(1, accepted=0, verified=1, consulted=False, student_seconds=None, seconds=5.0)
     assert fresh.choose(64) == 1 and not fresh.verify_cost  # the warm-up round's time is not kept
 
@@ -271,10 +275,10 @@ def test_draft_length_chooses_privileged_rounds_only_where_few_positions_need_th
 def test_growing_cache_layer_feeds_a_block_of_rows_and_zeroes_the_others():
     import torch
 
-    from dail.engine import _GrowingLayer
+    from dail.rollout.engine.kv_cache import GrowingLayer
 
     keys = torch.full((4, 2, 3, 5), float("nan"))  # NaN in place, as an uninitialised buffer may hold
-    layer = _GrowingLayer(keys.clone(), keys.clone())
+    layer = GrowingLayer(keys.clone(), keys.clone())
     layer.fed_rows = slice(2, 4)
     new = torch.randn(2, 2, 1, 5)
     got_k, _ = layer.update(new, new)
@@ -285,7 +289,7 @@ def test_growing_cache_layer_feeds_a_block_of_rows_and_zeroes_the_others():
 def test_stats_add_up_over_calls_and_each_call_is_logged(tiny, contexts, caplog):
     settings = settings_for(tiny, tau=0.5, max_new_tokens=6, eos_ids=())
     stats = EngineStats()
-    with caplog.at_level("DEBUG", logger="dail.engine"):
+    with caplog.at_level("DEBUG", logger="dail.rollout.engine.loop"):
         for _ in range(2):
             run(tiny, contexts, settings, rows=3, engine="draft", stats=stats)
     assert stats.tokens == 2 * 3 * 6 and stats.rounds == 2 * 6
@@ -294,7 +298,7 @@ def test_stats_add_up_over_calls_and_each_call_is_logged(tiny, contexts, caplog)
 
 
 def oracle_guesses(reference, privileged, start, corrupt_every=3):
-    """A stand-in for `_lookup_guesses` that guesses each row's true next tokens (read off the
+    """A stand-in for `lookup_guesses` that guesses each row's true next tokens (read off the
     reference traces), except that every few calls one guess of each row is made wrong."""
     import torch
 
@@ -322,7 +326,7 @@ def test_lookup_rounds_decide_the_same_traces_whatever_their_guesses(tiny, conte
     """Lookup rounds decide every guessed position by the rule and keep the tokens up to the
     first guess that is not the decided token: right, wrong and missing guesses, mixed with
     privileged rounds, drafts and rows joining, give the token-by-token loop's traces."""
-    from dail import engine
+    from dail.rollout.engine import loop
 
     settings = settings_for(tiny, tau=0.06, retries=1, eos_ids=(), max_new_tokens=16)
     probe = [t.token_ids for t in run(tiny, contexts, settings, rows=6)]
@@ -333,46 +337,46 @@ def test_lookup_rounds_decide_the_same_traces_whatever_their_guesses(tiny, conte
     student, privileged = contexts
     rows_privileged = [privileged[i % len(privileged)] for i in range(6)]
     start = max(len(p) for p in rows_privileged)
-    monkeypatch.setattr(engine, "_lookup_guesses",
+    monkeypatch.setattr(loop, "lookup_guesses",
                         oracle_guesses([t.token_ids for t in reference], rows_privileged, start))
-    chosen, _ = force_rounds(monkeypatch, (engine.LOOKUP, 0, engine.LOOKUP, engine.LOOKUP, 2, 1))
+    chosen, _ = force_rounds(monkeypatch, (LOOKUP, 0, LOOKUP, LOOKUP, 2, 1))
     stats = EngineStats()
     traces = run(tiny, contexts, settings, rows=6, engine="draft", max_batch=2, stats=stats)
     assert [as_tuple(t) for t in traces] == [as_tuple(t) for t in reference]
     for trace, ref in zip(traces, reference, strict=True):
         assert trace.proposal_probs == pytest.approx(ref.proposal_probs, abs=1e-5)
-    assert engine.LOOKUP in chosen and 0 < stats.guessed_right < stats.guessed
+    assert LOOKUP in chosen and 0 < stats.guessed_right < stats.guessed
     assert stats.rounds < sum(len(t.token_ids) for t in traces) / 2  # guesses decided many tokens at once
 
 
 def test_lookup_guesses_follow_the_latest_longest_match():
     import torch
 
-    from dail.engine import _lookup_guesses
+    from dail.rollout.engine.lookup import lookup_guesses
 
     # 9 8 | 1 2 3 4 . 7 2 3 5 . 2 3 -> the last bigram (2 3) was last followed by 5 . 2 3
     text = torch.tensor([[-1, -1, 9, 8, 1, 2, 3, 4, 0, 7, 2, 3, 5, 0, 2, 3, 6, 6]])
-    guesses, exists = _lookup_guesses(text, torch.tensor([16]), 3, pad_id=99)
+    guesses, exists = lookup_guesses(text, torch.tensor([16]), 3, pad_id=99)
     assert guesses.tolist() == [[5, 0, 2]] and exists.all()
     # ... but a longer match wins: 1 2 3 was followed by 4
     text[0, 13] = 1
-    guesses, exists = _lookup_guesses(text, torch.tensor([16]), 3, pad_id=99)
+    guesses, exists = lookup_guesses(text, torch.tensor([16]), 3, pad_id=99)
     assert guesses.tolist() == [[4, 0, 7]]
     # A guess stops where the text does, and a lone repeated token is no match.
-    guesses, exists = _lookup_guesses(text, torch.tensor([12]), 3, pad_id=99)  # ... 7 2 3: (2 3) at 5
+    guesses, exists = lookup_guesses(text, torch.tensor([12]), 3, pad_id=99)  # ... 7 2 3: (2 3) at 5
     assert guesses.tolist() == [[4, 0, 7]] and exists.tolist() == [[True, True, True]]
-    guesses, exists = _lookup_guesses(text, torch.tensor([11]), 3, pad_id=99)  # ... 0 7 2: no earlier 7 2
+    guesses, exists = lookup_guesses(text, torch.tensor([11]), 3, pad_id=99)  # ... 0 7 2: no earlier 7 2
     assert not exists.any() and guesses.tolist() == [[99, 99, 99]]
     short = torch.tensor([[-1, 5, 6, 7, 5, 6]])
-    guesses, exists = _lookup_guesses(short, torch.tensor([6]), 4, pad_id=0)
+    guesses, exists = lookup_guesses(short, torch.tensor([6]), 4, pad_id=0)
     assert guesses.tolist() == [[7, 5, 6, 0]] and exists.tolist() == [[True, True, True, False]]
 
 
 def test_draft_length_chooses_lookup_rounds_where_they_decide_enough_tokens():
-    from dail.engine import LOOKUP, PROBE_EVERY, _DraftLength
+    from dail.rollout.engine.scheduler import LOOKUP, PROBE_EVERY, DraftLength
 
-    def settle(tokens_per_row: float, lookup_cost: float) -> tuple[int, _DraftLength]:
-        chooser = _DraftLength(0, max_length=64)
+    def settle(tokens_per_row: float, lookup_cost: float) -> tuple[int, DraftLength]:
+        chooser = DraftLength(0, max_length=64)
         for k in (1, 1, LOOKUP, LOOKUP) * 5:  # the first round of each kind is a warm-up
             chooser.observe(k, accepted=0, verified=tokens_per_row * 4 if k == LOOKUP else 4, consulted=True,
                             student_seconds=None, seconds=lookup_cost if k == LOOKUP else 1.0, rows=4)
@@ -394,7 +398,7 @@ def test_grouped_attention_equals_transformers_sdpa_for_several_masked_tokens():
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from dail.engine import _grouped_sdpa
+    from dail.rollout.engine.kv_cache import grouped_sdpa
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
@@ -403,20 +407,22 @@ def test_grouped_attention_equals_transformers_sdpa_for_several_masked_tokens():
     key, value = torch.randn(2, 2, 11, 8, generator=g), torch.randn(2, 2, 11, 8, generator=g)  # 2 KV heads
     mask = torch.rand(2, 1, 4, 11, generator=g) > 0.3
     mask[..., -1] = True  # no query sees nothing
-    ours, _ = _grouped_sdpa(module, query, key, value, mask, scaling=0.3)
+    ours, _ = grouped_sdpa(module, query, key, value, mask, scaling=0.3)
     theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
     assert ours.shape == theirs.shape == (2, 4, 6, 8)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_multi_token_forwards_use_grouped_attention_and_leave_the_model_as_it_was(tiny, contexts, monkeypatch):
-    from dail import engine
+    from transformers import AttentionInterface
+
+    from dail.rollout.engine.kv_cache import GROUPED_SDPA, grouped_sdpa
 
     model, _ = tiny
     assert model.config._attn_implementation == "sdpa"
     calls = []
-    grouped = engine._grouped_sdpa
-    monkeypatch.setitem(engine.AttentionInterface._global_mapping, engine.GROUPED_SDPA,
+    grouped = grouped_sdpa
+    monkeypatch.setitem(AttentionInterface._global_mapping, GROUPED_SDPA,
                         lambda module, query, *a, **kw: calls.append(query.shape[2]) or grouped(module, query, *a, **kw))
     settings = settings_for(tiny, tau=0.02, max_new_tokens=6)
     run(tiny, contexts, settings, rows=3, engine="draft", draft_length=3)

@@ -7,14 +7,9 @@ import torch
 
 from dail.data import Problem
 from dail.models import eos_token_ids
-from dail.rollout import (
-    RolloutSettings,
-    mixed_rollout,
-    sample_inverse_cdf,
-    sample_responses,
-    sampling_probs,
-    sequence_seed,
-)
+from dail.rollout.mixed import mixed_rollout
+from dail.rollout.rule import RolloutSettings, sample_inverse_cdf, sampling_probs, sequence_seed
+from dail.rollout.token_loop import sample_responses
 from tests.conftest import role_contexts
 
 PROBLEMS = [
@@ -215,7 +210,7 @@ def test_inverse_cdf_sampling_matches_the_distribution():
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 12.0])  # flat rows are sorted in full, peaked ones are not
 def test_nucleus_equals_a_full_sort(scale):
-    from dail.rollout import nucleus
+    from dail.rollout.rule import nucleus
 
     g = torch.Generator().manual_seed(3)
     probs = torch.softmax(torch.randn(16, 3000, generator=g) * scale, dim=-1)

@@ -8,16 +8,12 @@ import pytest
 import torch
 
 from dail.data import Problem
-from dail.engine import EngineStats, draft_rollout
 from dail.models import eos_token_ids
-from dail.rollout import (
-    RolloutSettings,
-    distinct_prompts,
-    mixed_rollout,
-    sample_responses,
-    sequence_seed,
-)
-from dail.shared_prompts import SharedPrompts
+from dail.rollout.engine import EngineStats, draft_rollout
+from dail.rollout.engine.shared_prompts import SharedPrompts
+from dail.rollout.mixed import mixed_rollout
+from dail.rollout.rule import RolloutSettings, sequence_seed
+from dail.rollout.token_loop import distinct_prompts, sample_responses
 from tests.conftest import role_contexts
 
 PROBLEMS = [
@@ -169,13 +165,13 @@ def test_a_prompt_that_opens_like_another_encodes_only_the_rest():
 def test_an_encoding_continued_after_a_copied_opening_equals_the_whole(tiny, contexts):
     """The keys and values a student prompt gets after its privileged prompt's opening are the
     ones it gets when encoded whole."""
-    from dail.engine import _Batch
+    from dail.rollout.engine.kv_cache import JointBatch
 
     model, tokenizer = tiny
     student, privileged = (rows[0][:-1] for rows in contexts)
     shared = len(os.path.commonprefix([student, privileged]))
     assert shared >= len(student) / 2  # the chat template puts the problem first in both
-    batch = _Batch(model, tokenizer.pad_token_id)
+    batch = JointBatch(model, tokenizer.pad_token_id)
     with torch.inference_mode():
         whole, _ = batch._encode([student])
         store = SharedPrompts(batch._encode, upcoming=[student, privileged])
