@@ -349,7 +349,7 @@ def bench_train_step(repeats: int, base: torch.nn.Module | None = None, model_na
     `base` defaults to a random Qwen2 (hidden 256, 4 layers, vocabulary 8192)."""
     from peft import LoraConfig, get_peft_model
 
-    from dail.trainer import DAILCollator, DAILConfig, DAILTrainer, response_logits
+    from dail.training.trainer import DAILCollator, DAILConfig, DAILTrainer, response_logits
 
     if base is None:
         base, model_name = random_qwen2(256, 4, 8192), "random Qwen2 hidden 256, 4 layers, vocab 8192"
@@ -427,7 +427,7 @@ def _run_child(flag: str, mode: str, *numbers: int) -> dict[str, Any]:
 
 def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: int) -> None:
     """Run in a subprocess: one contrastive loss + backward; prints JSON with peak RSS growth."""
-    from dail.loss import chunked_contrastive_kl_terms, contrastive_kl_terms
+    from dail.training.loss import chunked_contrastive_kl_terms, contrastive_kl_terms
 
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
@@ -451,7 +451,7 @@ def loss_memory_child(mode: str, tokens: int, vocab: int, hidden: int, chunk: in
 
 
 def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk: int | None = None) -> dict[str, Any]:
-    from dail.trainer import DAILConfig
+    from dail.training.trainer import DAILConfig
 
     chunk = chunk or DAILConfig.loss_chunk_size  # what the trainer uses by default
     c, p = (_run_child("--loss-memory-child", mode, tokens, vocab, hidden, chunk) for mode in ("chunked", "plain"))
@@ -465,7 +465,7 @@ def bench_loss_memory(tokens: int, vocab: int = 151936, hidden: int = 896, chunk
 
 def teacher_memory_child(mode: str, tokens: int, hidden: int, layers: int, vocab: int) -> None:
     """Run in a subprocess: one no-grad teacher forward over `tokens`; prints peak RSS growth."""
-    from dail.trainer import response_hidden
+    from dail.training.trainer import response_hidden
 
     model = random_qwen2(hidden, layers, vocab)
     response = tokens // 2

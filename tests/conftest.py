@@ -80,8 +80,7 @@ def problems_file(tmp_path) -> Path:
 
 def role_contexts(tokenizer, problems) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of the student and privileged prompts of `problems`."""
-    from dail.rollout.prompts import PromptBuilder
-    from dail.train import encode_prompt
+    from dail.rollout.prompts import PromptBuilder, encode_prompt
 
     rendered = [PromptBuilder().render(p, tokenizer) for p in problems]
     return ([encode_prompt(tokenizer, r["student"]) for r in rendered],

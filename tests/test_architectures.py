@@ -13,13 +13,13 @@ import torch
 
 from dail.config import ConfigError, ModelConfig
 from dail.data import Problem
-from dail.logits import LogitTransform, ModelHead, model_head
 from dail.models import eos_token_ids, load
 from dail.rollout.engine import draft_rollout
 from dail.rollout.rule import RolloutSettings, sequence_seed
 from dail.rollout.token_loop import reference_rollout
 from dail.testing import ARCHITECTURES
-from dail.trainer import (
+from dail.training.logits import LogitTransform, ModelHead, model_head
+from dail.training.trainer import (
     DAILCollator,
     DAILConfig,
     DAILTrainer,
@@ -89,9 +89,9 @@ def test_chunked_loss_equals_the_full_logit_loss(architecture_dir, tmp_path, arc
 
 
 def test_a_logit_transform_dail_does_not_know_stops_training(architecture_dir, tmp_path, monkeypatch):
-    """Stand-in for an architecture whose transform is missing from `dail.logits`: the first step
+    """Stand-in for an architecture whose transform is missing from `dail.training.logits`: the first step
     stops with the way around it instead of training on other logits."""
-    from dail import trainer as trainer_module
+    from dail.training import trainer as trainer_module
 
     model, tokenizer = loaded(architecture_dir, "gemma2")
     monkeypatch.setattr(trainer_module, "model_head", lambda lm, head=None: ModelHead(
@@ -106,7 +106,7 @@ def test_a_logit_transform_dail_does_not_know_stops_training(architecture_dir, t
 @pytest.mark.parametrize("architecture", ["gemma2", "granite"])
 def test_the_head_check_passes_in_bfloat16(architecture_dir, architecture):
     """Rounding in a half-precision model is not mistaken for a missing transform."""
-    from dail.logits import check_model_head
+    from dail.training.logits import check_model_head
 
     model, tokenizer = loaded(architecture_dir, architecture)
     model.to(torch.bfloat16)

@@ -155,7 +155,7 @@ def test_shipped_configs_are_valid(name):
     stages = stage_configs(load_yaml(path), where=str(path))
     assert stages["generate"].tau == pytest.approx(0.8 if "qwen" in name else 0.05)
     assert stages["eval_trained"].adapter == f"{stages['train'].out}/adapter"
-    from dail.trainer import DAILConfig
+    from dail.training.trainer import DAILConfig
 
     DAILConfig(output_dir="unused", loss=stages["train"].loss, **stages["train"].training)
 
@@ -277,7 +277,7 @@ def test_shipped_stage_configs_load_with_a_model_name(command, cls):
     cfg = cli.stage_config(getattr(config, cls), args, top)
     assert cfg.model.model == "Qwen/Qwen2.5-7B-Instruct" and cfg.model.dtype == "bfloat16"
     if command == "train":
-        from dail.trainer import DAILConfig
+        from dail.training.trainer import DAILConfig
 
         DAILConfig(output_dir="unused", loss=cfg.loss, **cfg.training)
 

@@ -53,7 +53,7 @@ def test_help_shows_the_configs_defaults(capsys, command, config, flags):
 
 
 def test_train_help_shows_the_training_arguments_defaults(capsys):
-    from dail.trainer import DAILConfig
+    from dail.training.trainer import DAILConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(DAILConfig)}
     text = help_text(capsys, "train")

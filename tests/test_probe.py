@@ -57,8 +57,7 @@ def teacher_forced(model, prompt: list[int], response: list[int]) -> tuple[torch
 
 
 def student_prompt(tokenizer, problem: Problem) -> list[int]:
-    from dail.rollout.prompts import PromptBuilder
-    from dail.train import encode_prompt
+    from dail.rollout.prompts import PromptBuilder, encode_prompt
 
     return encode_prompt(tokenizer, PromptBuilder().render(problem, tokenizer)["student"])
 
@@ -137,10 +136,9 @@ def rollout_settings(model, tokenizer, tau: float, engine: str = "reference"):
 
 def test_tau_0_traces_are_the_students_own_samples_and_tau_1_only_privileged_tokens(probed, tiny, data_file):
     from dail.rollout.mixed import mixed_rollout
-    from dail.rollout.prompts import PromptBuilder
+    from dail.rollout.prompts import PromptBuilder, encode_prompt
     from dail.rollout.rule import sequence_seed
     from dail.rollout.token_loop import sample_responses
-    from dail.train import encode_prompt
 
     model, tokenizer = tiny
     problems = {p.id: p for p in load_problems(data_file)}

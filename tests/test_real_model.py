@@ -81,7 +81,7 @@ def test_the_conversion_keeps_the_files_values_and_is_reused(smollm2_dir, smollm
 
 
 def test_roles_render_through_the_chat_template_and_responses_line_up(smollm2, prepared, champ_file, capsys):
-    from dail.trainer import DAILCollator
+    from dail.training.trainer import DAILCollator
 
     _, tokenizer = smollm2
     p = prepared[0]

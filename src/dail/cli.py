@@ -44,7 +44,7 @@ def _stage_defaults(cls: type) -> dict[str, Any]:
             elif f.default_factory is not dataclasses.MISSING and f.name not in _NESTED_SECTIONS:
                 values[f.name] = f.default_factory()
     if cls is TrainConfig:  # the `training` flags are TrainingArguments fields (imported on demand)
-        from dail.trainer import DAILConfig
+        from dail.training.trainer import DAILConfig
 
         values.update({f.name: f.default for f in dataclasses.fields(DAILConfig)
                        if f.name in _TRAINING_KEYS})

@@ -2,7 +2,7 @@
 
 YAML supplies values, command-line flags override them, and `__post_init__` rejects bad values
 with a message that says how to fix them. The training stage's config (`DAILConfig`) extends
-`transformers.TrainingArguments` and lives in `dail.trainer`.
+`transformers.TrainingArguments` and lives in `dail.training.trainer`.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def resolve_divergence(divergence: str | None, kl_direction: str | None = None) 
         ConfigError: e.g. "--divergence 'jsd:1.5': not a divergence; allowed: reverse, forward,
             or jsd:BETA with BETA in [0, 1]", or the two names asking for different divergences.
     """
-    from dail.loss import DIVERGENCES, canonical_divergence, divergence_beta
+    from dail.training.loss import DIVERGENCES, canonical_divergence, divergence_beta
 
     if kl_direction is not None:
         check_choice("kl_direction", kl_direction, ("reverse", "forward"))
@@ -363,7 +363,7 @@ class TrainConfig:
         data: Problems with expert solutions, for the sft baseline.
         out: Output directory (adapter/, checkpoints/, merged/).
         loss / gamma: Shortcuts for the same fields of `training`.
-        training: Any `dail.trainer.DAILConfig` (i.e. `TrainingArguments`) field.
+        training: Any `dail.training.DAILConfig` (i.e. `TrainingArguments`) field.
     """
 
     traces: str | None = None

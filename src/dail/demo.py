@@ -65,7 +65,7 @@ class DemoSettings:
     gamma: float = 0.1
     epochs: float = 5.0
     learning_rate: float = 1e-3
-    divergence: str = "reverse"  # of the contrastive loss (dail.loss.divergence_beta); the paper's
+    divergence: str = "reverse"  # of the contrastive loss (dail.training.loss.divergence_beta); the paper's
     lora_r: int = 32
     lora_target_modules: str | tuple[str, ...] = "all-linear"  # the paper's seven projections on Qwen
     batch_size: int = 64

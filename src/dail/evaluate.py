@@ -95,9 +95,9 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
     """
     from dail import models, provenance
     from dail.generate import prompt_builder
+    from dail.rollout.prompts import encode_prompt
     from dail.rollout.rule import RolloutSettings, sequence_seed
     from dail.rollout.token_loop import sample_responses
-    from dail.train import encode_prompt
 
     tokenizer = models.load_tokenizer(cfg.model)
     if cfg.adapter:

@@ -152,7 +152,7 @@ def prepare_problems(problems: list[Problem], tokenizer: Any, cfg: PromptConfig,
     Returns:
         (prepared problems, ids of skipped problems).
     """
-    from dail.train import encode_prompt
+    from dail.rollout.prompts import encode_prompt
 
     builder = prompt_builder(cfg)
 

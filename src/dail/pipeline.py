@@ -146,11 +146,12 @@ def check_stages(stages: dict[str, Any]) -> None:
 
 def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     """Run every stage that is not complete; returns `{"base": summary, "trained": summary}`."""
-    from dail import evaluate, generate, reporting, train
+    from dail import evaluate, generate, train
+    from dail.training import report_to
 
     stages = stage_configs(config, where=where)
     # Hours of generation must not end in "tensorboard is not installed".
-    reporting.check_report_to(stages["train"].training.get("report_to"),
+    report_to.check_report_to(stages["train"].training.get("report_to"),
                               where=f"{where}: train.training.report_to")
     check_stages(stages)
     stages = stage_configs(config, where=where, inputs=input_fingerprints(config))

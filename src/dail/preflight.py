@@ -43,10 +43,10 @@ def check_train(cfg: TrainConfig, *, traces_pending: bool = False) -> Any:
         traces_pending: The traces file is an earlier stage's output, not written yet.
 
     Returns:
-        The Trainer's arguments (`dail.trainer.DAILConfig`).
+        The Trainer's arguments (`dail.training.DAILConfig`).
     """
     from dail import distributed
-    from dail.train import training_arguments
+    from dail.training.arguments import training_arguments
 
     distributed.check_training_strategy(cfg.training, loss=cfg.loss)  # before DeepSpeed is imported
     args = training_arguments(cfg)
@@ -67,8 +67,8 @@ def check_train(cfg: TrainConfig, *, traces_pending: bool = False) -> Any:
 def check_lora_targets(cfg: ModelConfig, wanted: str | list[str]) -> None:
     """Named LoRA targets must be linear layers of the model (read from its config alone)."""
     from dail.models import skeleton
-    from dail.train import check_lora_targets as check
-    from dail.trainer import ALL_LINEAR
+    from dail.training.arguments import check_lora_targets as check
+    from dail.training.trainer import ALL_LINEAR
 
     if wanted == ALL_LINEAR or not cfg.model:
         return

@@ -225,8 +225,8 @@ def student_scores(model: Any, prompts: list[list[int]], responses: list[list[in
         Per row `{"student_logprob": [log p(token_t | prompt, tokens<t)] (nats)}`, plus
         `"student_entropy"` (nats) per position when asked; values rounded to 6 decimals.
     """
-    from dail.logits import check_model_head, model_head
-    from dail.trainer import DAILCollator, response_states
+    from dail.training.logits import check_model_head, model_head
+    from dail.training.trainer import DAILCollator, response_states
 
     collate = DAILCollator(pad_id, roles=("student",))
     head = model_head(model)  # the output head and the model's own logit transform

@@ -11,7 +11,6 @@ model is loaded on the CPU and the Trainer places one replica per process. See d
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -20,12 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TrainingArguments
-
-from dail.config import ConfigError, TrainConfig, check_types, to_dict, unknown_keys
+from dail.config import ConfigError, TrainConfig, to_dict
 from dail.data import DataError, iter_jsonl, load_problems, save_dir_atomic, write_json_atomic
-from dail.rollout.prompts import ROLES
+from dail.rollout.prompts import ROLES, encode_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +31,13 @@ def run(cfg: TrainConfig) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from dail import distributed, models, preflight, provenance, reporting
-    from dail.trainer import DAILCollator, DAILTrainer
+    from dail import distributed, models, preflight, provenance
+    from dail.training import report_to
+    from dail.training.arguments import check_lora_targets
+    from dail.training.trainer import DAILCollator, DAILTrainer
 
     out = Path(cfg.out)
-    reporting.check_report_to(cfg.training.get("report_to"), where="report_to")
+    report_to.check_report_to(cfg.training.get("report_to"), where="report_to")
     args = preflight.check_train(cfg)
     strategy = distributed.training_strategy(cfg.training)
     sharded = strategy["deepspeed_stage"] == 3 or strategy["fsdp_version"] is not None
@@ -74,7 +72,7 @@ def run(cfg: TrainConfig) -> Path:
         ("student", "privileged") if args.uses_teacher else ("student",))
     trainer = DAILTrainer(model=model, args=args, train_dataset=examples,
                           data_collator=DAILCollator(tokenizer.pad_token_id, roles))
-    reporting.send_tensorboard_to(trainer, out / "tensorboard")
+    report_to.send_tensorboard_to(trainer, out / "tensorboard")
     last = last_complete_checkpoint(Path(args.output_dir), remove_incomplete=trainer.is_world_process_zero())
     if last:
         logger.info("resuming from %s", last)
@@ -239,64 +237,6 @@ def _merge_from_disk(cfg: TrainConfig, adapter: Path) -> Any:
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
-def training_arguments(cfg: TrainConfig, out: Path | None = None) -> Any:
-    """The Trainer's arguments (`DAILConfig`) for the stage, checked before anything loads.
-
-    Raises:
-        ConfigError: a key that is no `TrainingArguments`/`DAILConfig` field (with the closest
-            one), a value of the wrong type or out of range, or one `TrainingArguments` refuses.
-    """
-    from dail.trainer import DAILConfig
-
-    out = Path(cfg.out) if out is None else out
-    known = {f.name for f in dataclasses.fields(DAILConfig) if f.init}
-    own = sorted({f.name for f in dataclasses.fields(DAILConfig)} - _TRAINING_ARGUMENT_FIELDS)
-    error = unknown_keys("training", cfg.training, known, first=own,
-                         shown=f"{own} and any transformers.TrainingArguments field")
-    if error:
-        raise error
-    values: dict[str, Any] = {"output_dir": str(out / "checkpoints"), "loss": cfg.loss,
-                              "gamma": cfg.gamma, **check_types("training", DAILConfig, cfg.training)}
-    if torch.cuda.is_available():
-        # The release trains in bf16 with gradient checkpointing; on a CPU both only cost time.
-        values.setdefault("bf16", torch.cuda.is_bf16_supported())
-        values.setdefault("gradient_checkpointing", True)
-    if values.get("gradient_checkpointing"):
-        # Re-entrant checkpointing marks LoRA parameters ready twice under DDP.
-        values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        values.setdefault("use_cpu", True)  # several CPU processes: DDP over gloo
-    # Every LoRA parameter takes part in every step; searching for unused ones costs a graph walk.
-    values.setdefault("ddp_find_unused_parameters", False)
-    try:
-        return DAILConfig(**values)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:  # TrainingArguments' own checks
-        raise ConfigError(f"training: {e}") from None
-
-
-_TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
-
-
-def check_lora_targets(model: torch.nn.Module, wanted: str | list[str]) -> None:
-    """Refuse target names that are no linear layer of `model` ("all-linear" fits any model).
-
-    Raises:
-        ConfigError: naming the missing layers and the model's linear layers.
-    """
-    from dail.trainer import ALL_LINEAR
-
-    if wanted == ALL_LINEAR:
-        return
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [w for w in wanted if w not in names]
-    if missing:
-        raise ConfigError(f"lora_target_modules: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                          f"no linear layer of this model; its linear layers are named {', '.join(sorted(names))} "
-                          f"(or give {ALL_LINEAR})")
-
-
 # --------------------------------------------------------------------------- examples
 
 
@@ -383,11 +323,6 @@ def _sft_examples(path: str, cfg: TrainConfig, tokenizer: Any) -> list[dict[str,
 def solution_ids(tokenizer: Any, solution: str) -> list[int]:
     """An expert solution as a response: its tokens, then EOS (what the sft loss trains on)."""
     return tokenizer(solution, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-
-
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a rendered prompt (a chat template already wrote any special tokens)."""
-    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
 
 
 def _is_ids(value: Any) -> bool:

@@ -223,3 +223,8 @@ def shorten_solution(solution: str, fits: Callable[[str], bool]) -> str | None:
             return None
         candidate = solution[: cuts.pop()].rstrip()
     return candidate
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt (a chat template already wrote any special tokens)."""
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dail.loss import (
+from dail.training.loss import (
     canonical_divergence,
     contrastive_kl,
     contrastive_kl_with_grad,

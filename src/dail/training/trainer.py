@@ -20,9 +20,14 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from dail.config import ConfigError, check_choice, check_range, resolve_divergence
-from dail.logits import check_model_head, model_head
-from dail.loss import chunked_contrastive_kl_terms, chunked_nll_sum, contrastive_kl_terms, nll
-from dail.teacher_cache import TeacherCache
+from dail.training.logits import check_model_head, model_head
+from dail.training.loss import (
+    chunked_contrastive_kl_terms,
+    chunked_nll_sum,
+    contrastive_kl_terms,
+    nll,
+)
+from dail.training.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +55,7 @@ class DAILConfig(TrainingArguments):
         divergence: Of both terms: "reverse" = KL(student || teacher) (the paper's, and the
             default), "forward" = KL(teacher || student), or "jsd:BETA", the generalized
             Jensen-Shannon divergence with BETA in [0, 1] (0 forward, 1 reverse;
-            `dail.loss.divergence_beta`).
+            `dail.training.loss.divergence_beta`).
         kl_direction: The older name of `divergence`, kept for configs that use it: "reverse" or
             "forward". Read into `divergence` (and then cleared).
         lora_r / lora_alpha / lora_dropout: The LoRA adapter.
@@ -60,13 +65,13 @@ class DAILConfig(TrainingArguments):
         max_length: Longest sequence (any role's prompt + response); responses are cut to fit.
         merge: Also save the adapter merged into the base weights.
         loss_chunk_size: Response positions per chunk of the memory-bounded loss: the output
-            projection (and the model's own logit transform, `dail.logits`), log-softmaxes and KL
+            projection (and the model's own logit transform, `dail.training.logits`), log-softmaxes and KL
             terms are computed from hidden states chunk by chunk
-            (`dail.loss.chunked_contrastive_kl_terms`), never all positions' logits at once.
+            (`dail.training.loss.chunked_contrastive_kl_terms`), never all positions' logits at once.
             0 computes full (B, T, V) logits for every role (the plain path; same results).
         teacher_cache_gb: Host memory (GiB) for the frozen teachers' response hidden states,
             kept from the first epoch so later ones skip the teachers' forwards
-            (`dail.teacher_cache`; needs the chunked loss). 0 turns it off. A row costs
+            (`dail.training.teacher_cache`; needs the chunked loss). 0 turns it off. A row costs
             2 x tokens x hidden x bytes per value: 1,000 traces of 2,000 tokens at hidden 1,536
             in bf16 take 11.4 GiB.
     """

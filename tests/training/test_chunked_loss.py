@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dail.loss import chunked_contrastive_kl_terms, chunked_nll_sum, contrastive_kl_terms, nll
+from dail.training.loss import (
+    chunked_contrastive_kl_terms,
+    chunked_nll_sum,
+    contrastive_kl_terms,
+    nll,
+)
 
 
 def _setup(lora: bool, seed: int = 0, n: int = 37, hidden: int = 16, vocab: int = 50):

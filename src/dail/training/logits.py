@@ -1,6 +1,6 @@
 """The model's own logits from its final hidden states.
 
-The memory-bounded loss (`dail.loss.chunked_head_loss`) applies the output head itself, chunk by
+The memory-bounded loss (`dail.training.loss.chunked_head_loss`) applies the output head itself, chunk by
 chunk, instead of asking the model for (B, T, V) logits. Some architectures do more after their
 head than the projection: Gemma 2 and 3 soft-cap the logits (cap * tanh(logits / cap)), Granite
 divides them by `logits_scaling`, Cohere multiplies them by `logit_scale`, Falcon-H1 by

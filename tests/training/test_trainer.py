@@ -10,15 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from dail.config import GenerateConfig, ModelConfig, SamplingConfig, TrainConfig
-from dail.trainer import (
-    DAILCollator,
-    DAILConfig,
-    DAILTrainer,
-    _decoder,
-    has_accelerator,
-    response_hidden,
-    response_logits,
-)
+from dail.training import DAILCollator, DAILConfig, DAILTrainer  # the package's public names
+from dail.training.trainer import _decoder, has_accelerator, response_hidden, response_logits
 
 EXAMPLES = [
     {"prompt_ids": {"student": [5, 6, 7], "privileged": [5, 6, 7, 8, 9, 10], "negative": [5, 8]},
@@ -252,8 +245,8 @@ def test_chunked_loss_equals_full_logit_loss_with_lora_on_lm_head(tiny_model_dir
     and both are the divergence asked for."""
     from transformers import AutoModelForCausalLM
 
-    from dail.loss import contrastive_kl
-    from dail.trainer import response_logits
+    from dail.training import contrastive_kl
+    from dail.training.trainer import response_logits
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -347,7 +340,7 @@ def test_teacher_cache_serves_the_second_epoch_and_logs_its_hit_rate(tiny_model_
 
 
 def test_teacher_cache_keeps_rows_only_up_to_its_capacity():
-    from dail.teacher_cache import TeacherCache
+    from dail.training.teacher_cache import TeacherCache
 
     batch = DAILCollator(pad_id=0, roles=ROLES)(EXAMPLES)
     keys = TeacherCache.row_keys(batch, "privileged")
@@ -368,7 +361,7 @@ def test_teacher_cache_needs_the_chunked_loss():
 
 @pytest.mark.skipif(has_accelerator(), reason="the defaults without an accelerator")
 def test_training_without_an_accelerator_does_not_pin_memory(tmp_path):
-    from dail.train import training_arguments
+    from dail.training.arguments import training_arguments
 
     args = training_arguments(TrainConfig(data="unused", out=str(tmp_path), loss="dail"), tmp_path)
     assert args.dataloader_pin_memory is False and not args.gradient_checkpointing and not args.bf16
@@ -383,7 +376,7 @@ def test_training_without_an_accelerator_does_not_pin_memory(tmp_path):
 def test_default_lora_targets_are_every_linear_layer_but_the_head(tmp_path, architecture, adapted):
     from dail.models import load_model
     from dail.testing import build_tiny_model
-    from dail.train import check_lora_targets
+    from dail.training.arguments import check_lora_targets
 
     path = build_tiny_model(tmp_path / "m", architecture=architecture)
     model = load_model(ModelConfig(model=str(path)), for_training=True)

@@ -19,7 +19,7 @@ def without(monkeypatch):
     """Make the named modules look uninstalled to the `report_to` check."""
     def hide(*modules):
         real = importlib.util.find_spec
-        monkeypatch.setattr("dail.reporting.importlib.util.find_spec",
+        monkeypatch.setattr("dail.training.report_to.importlib.util.find_spec",
                             lambda name, *a: None if name in modules else real(name, *a))
     return hide
 
