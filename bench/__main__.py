@@ -503,12 +503,14 @@ def bench_real_model(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], d
     model, tokenizer = smollm2()
     name = f"SmolLM2-135M-Instruct {params(model)}"
     make = partial(champ_prompts, tokenizer)
+    # A quick run keeps batch 1 and three rounds: a forward of this model over the CHAMP prompts
+    # costs seconds on two cores, and every round times three engines.
     budget = 32 if quick else 128
-    rows = bench_rollout(model, name, [1, 8] if quick else [1, 8, 32], budget, [0.8], repeats, make)
+    rows = bench_rollout(model, name, [1] if quick else [1, 8, 32], budget, [0.8], 1 if quick else repeats, make)
     if not quick:  # the student at every position: what the joint forward costs on real text
         rows += bench_rollout(model, name, [1, 8], budget, [0.0], repeats, make)
-    shared = bench_shared_prompts(model, tokenizer, budget, 2 if quick else 5)
-    train = bench_train_step(2 if quick else 5, model, "SmolLM2-135M-Instruct")
+    shared = bench_shared_prompts(model, tokenizer, 16 if quick else budget, 2 if quick else 5)
+    train = bench_train_step(1 if quick else 5, model, "SmolLM2-135M-Instruct")
     memory = bench_loss_memory(512 if quick else 2048, vocab=model.config.vocab_size, hidden=model.config.hidden_size)
     main = [r for r in rows if r["tau"] == 0.8]
     section = {
@@ -552,6 +554,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(json.dumps(bench_train_step(2 if quick else 5, smollm2()[0], "SmolLM2-135M-Instruct"), indent=2))
         return
+    started = time.perf_counter()
     demo, demo_name = demo_model()
     budget = 32 if quick else 64
     repeats = 2 if quick else 3  # rounds at batch 64; smaller batches get 2 * repeats + 1
@@ -566,7 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     lookup = bench_lookup(demo, [1, 4], 256, 3 if quick else 9,
                           world_prompts if demo_name == "world base model" else None)
     del demo
+    logger.info("world model rows: %.0f s", time.perf_counter() - started)
     real_rows, real = bench_real_model(quick, repeats)
+    logger.info("real model rows: %.0f s in all so far", time.perf_counter() - started)
     rows += real_rows
     train = real.pop("train_step_detail")
     memory = bench_loss_memory(512 if quick else 2048)
@@ -587,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_step": train,
         "loss_memory": memory,
         "teacher_memory": teacher,
+        "minutes": round((time.perf_counter() - started) / 60, 1),
     }
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{'model':<44} {'B':>3} {'tau':>4} {'vs_sampling':>11} {'vs_reference':>12} "
@@ -618,7 +624,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"teacher_memory (hook / all layers' outputs, peak): {teacher['ratio']}  ({teacher['hook_mib']} MiB / "
           f"{teacher['all_layers_mib']} MiB at {teacher['tokens']} tokens; same states: {teacher['same_hidden_states']})")
     if quick:
-        print("quick mode: budget 32 tokens, batches 1 and 8, tau 0.8 only on SmolLM2, loss memory at 512 tokens")
+        print("quick mode: budget 32 tokens, batches 1 and 8 (SmolLM2: batch 1, tau 0.8), loss memory at 512 tokens")
+    print(f"{results['minutes']} minutes")
 
 
 if __name__ == "__main__":
