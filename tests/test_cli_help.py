@@ -73,6 +73,7 @@ def test_every_option_says_its_default_or_that_it_is_required(capsys, command):
     for flag in flags:
         shown = option_help(text, flag)
         assert "default" in shown or "required" in shown, shown
+    assert "SUPPRESS" not in text  # argparse's marker for --help's own default
 
 
 def test_version(capsys):

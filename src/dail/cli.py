@@ -67,13 +67,12 @@ def _help_with_defaults(cls: type | None = None) -> type[argparse.HelpFormatter]
                 return f"{text} (required)"
             value = action.default if action.default is not None or cls is None else \
                 _stage_defaults(cls).get(action.dest)
-            if value is None or value == "":
+            if value is None or value == "" or value == argparse.SUPPRESS:  # --help's own default
                 return text
             shown = ("on" if value else "off") if isinstance(value, bool) else value
             return f"{text} (default: {shown})".strip()
 
     return Formatter
-
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True, out: bool = True) -> None:
