@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from dail.cli import main
 from dail.data import DataError, Problem, last_boxed, load_problems
-from dail.grading import grade_exact
+from dail.evaluation.grading import grade_exact
 from dail.rollout.prompts import PromptBuilder, extract_math_waypoints
 
 FAST = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -133,7 +133,7 @@ def test_exact_grader_returns_a_bool(response, gold):
 @pytest.mark.parametrize("response", ["\\boxed{" * 2000, "\\boxed{\\frac{" + "{" * 5000 + "}",
                                       "\\boxed{\x00\x1b}", "\\boxed{1/0}", "\\boxed{" + "9" * 3000 + "}"])
 def test_math_grader_on_hostile_answers_is_a_quick_bool(response):
-    from dail.grading import grade_math
+    from dail.evaluation.grading import grade_math
 
     start = time.perf_counter()
     assert grade_math(response, "5") in (True, False)

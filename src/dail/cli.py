@@ -381,7 +381,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.report_to is not None:
         config = merge(config, {"train": {"training": {"report_to": args.report_to}}})
     results = pipeline.run(config, where=args.config)
-    from dail.report import comparison_table
+    from dail.evaluation.report import comparison_table
 
     out = Path(config["out"])
     print(comparison_table(results), end="")
@@ -402,7 +402,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from dail.plots import plot_summaries, plot_training
+    from dail.evaluation.plots import plot_summaries, plot_training
 
     labels = args.labels or [None] * len(args.summaries)
     if len(labels) != len(args.summaries):
@@ -449,7 +449,7 @@ def _read_summary(given: str) -> tuple[Any, dict[str, Any]]:
 
 
 def cmd_view(args: argparse.Namespace) -> None:
-    from dail import view
+    from dail.evaluation import view
 
     per_problem = view.DEFAULT_PER_PROBLEM if args.per_problem is None else args.per_problem
     if per_problem < 0:

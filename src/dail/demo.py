@@ -437,7 +437,7 @@ def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict
                     s: DemoSettings) -> dict[str, Any]:
     """Test pass@k, token efficiency, retention on known types and training-set pass@k."""
     from dail import evaluate
-    from dail.report import pass_at_k_keys
+    from dail.evaluation.report import pass_at_k_keys
 
     def one(split: str, n: int) -> tuple[dict[str, Any], Path]:
         cfg = EvalConfig(data=data[split], adapter=adapter, n=n, grader="world", budgets=list(s.budgets),
@@ -459,7 +459,7 @@ def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict
 def pass_at_k_by_type(eval_dir: Path, problems_file: str) -> dict[str, dict[str, float]]:
     """pass@1 and pass@n of each problem type, from an evaluation's graded samples."""
     from dail.data import iter_jsonl
-    from dail.report import pass_at_k_keys, summarize
+    from dail.evaluation.report import pass_at_k_keys, summarize
 
     kind = {row["id"]: row["type"] for _, row in iter_jsonl(problems_file)}
     samples: dict[str, list[dict[str, Any]]] = {}
@@ -493,7 +493,7 @@ def _model_fingerprint(model_dir: Path) -> str | None:
 
 
 def _ks(results: dict[str, Any]) -> list[str]:
-    from dail.report import pass_at_k_keys
+    from dail.evaluation.report import pass_at_k_keys
 
     return pass_at_k_keys(next(iter(results["methods"].values())))
 
@@ -615,6 +615,6 @@ def _seed_list(settings: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], root: Path) -> None:
     """pass@k curves and accuracy against token budget of every method, as PNG."""
-    from dail.plots import plot_summaries
+    from dail.evaluation.plots import plot_summaries
 
     plot_summaries(results["methods"], root, title="(held-out novel problems)")

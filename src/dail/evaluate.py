@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and return the summary (also written to `<out>/summary.json`)."""
     from dail import distributed, preflight
+    from dail.evaluation.report import score_samples, summarize, to_markdown
     from dail.provenance import check_resumable, for_summary
-    from dail.report import score_samples, summarize, to_markdown
 
     problems = preflight.check_eval(cfg)
     gold = {p.id: p.answer for p in problems}

@@ -179,7 +179,7 @@ def prepare_problems(problems: list[Problem], tokenizer: Any, cfg: PromptConfig,
 
 def trace_record(p: PreparedProblem, sample: int, trace: Any, tokenizer: Any, grader: str) -> dict[str, Any]:
     """The JSON record of one trace (see the README's trace format)."""
-    from dail.grading import extract_answer, grade
+    from dail.evaluation.grading import extract_answer, grade
 
     text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)
     gold = p.problem.answer

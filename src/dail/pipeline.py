@@ -189,8 +189,8 @@ def _complete(name: str, folder: str, summary: str) -> bool:
 def write_results_markdown(out: Path, results: dict[str, Any], *, eval_data: str, on_train: bool) -> None:
     """`results.md` (the base-versus-trained table) and the pass@k and budget plots in `plots/`."""
     from dail.data import write_text_atomic
-    from dail.plots import plot_summaries
-    from dail.report import comparison_table
+    from dail.evaluation.plots import plot_summaries
+    from dail.evaluation.report import comparison_table
 
     plots = plot_summaries(results, out / "plots", title="(base vs trained)")
     where = f"{eval_data} (the training problems)" if on_train else eval_data

@@ -117,7 +117,7 @@ def check_prompts(cfg: PromptConfig) -> None:
 
 
 def check_grader(name: str) -> None:
-    from dail.grading import get_grader
+    from dail.evaluation.grading import get_grader
 
     try:
         get_grader(name)

@@ -313,7 +313,7 @@ def source_figures(records: list[dict[str, Any]], *, graded: bool, seed: int = 0
     interval of that mean over problems. `answer_match` counts traces of problems with a gold
     answer (None for ungraded sources or when no problem has one).
     """
-    from dail.metrics import bootstrap_mean_ci
+    from dail.evaluation.metrics import bootstrap_mean_ci
 
     per_problem = [-sum(sum(r["student_logprob"]) for r in group) / sum(len(r["student_logprob"]) for r in group)
                    for group in group_by_problem(records).values()]
@@ -353,7 +353,7 @@ def student_entropy(mixed: list[dict[str, Any]]) -> dict[str, Any]:
 def example_text(tokenizer: Any, record: dict[str, Any], *, max_tokens: int = EXAMPLE_TOKENS) -> str:
     """A record's first `max_tokens` response tokens as text, the privileged model's tokens inside
     ⟦ ⟧ (the student's accepted proposals, and the expert's text, unmarked)."""
-    from dail.view import token_pieces
+    from dail.evaluation.view import token_pieces
 
     ids, sources = record["token_ids"][:max_tokens], record["sources"] or "S" * len(record["token_ids"])
     runs: list[tuple[str, str]] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from dail.data import last_boxed
-from dail.metrics import pass_at_k  # re-exported: the world measures with the core's estimator
+from dail.evaluation.metrics import pass_at_k
 
 __all__ = ["grade", "pass_at_k"]
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from dail.data import group_by_problem
-from dail.grading import extract_answer, get_grader
-from dail.metrics import accuracy_under_budget, bootstrap_ci, pass_at_k_table
+from dail.evaluation.grading import extract_answer, get_grader
+from dail.evaluation.metrics import accuracy_under_budget, bootstrap_ci, pass_at_k_table
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def score_samples(samples: Sequence[Mapping[str, Any]], gold: Mapping[str, str |
     Args:
         samples: Dicts with `id` and `text`.
         gold: Gold answer per problem id; None marks an unverifiable problem (`correct` None).
-        grader: Grader name or `module:function` (see `dail.grading.get_grader`).
+        grader: Grader name or `module:function` (see `dail.evaluation.grading.get_grader`).
 
     Returns:
         New sample dicts (inputs untouched) with `answer` and `correct` set.

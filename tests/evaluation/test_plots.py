@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dail.cli import main
-from dail.plots import budget_figure, pass_at_k_figure, plot_summaries, training_figure
+from dail.evaluation.plots import budget_figure, pass_at_k_figure, plot_summaries, training_figure
 
 RUNS = {
     "base": {"pass@1": 0.1, "pass@2": 0.2, "pass@4": 0.3, "pass@8": 0.4,
@@ -103,7 +103,7 @@ def test_plot_summaries_writes_png_files(tmp_path):
 
 
 def test_comparison_table_stops_at_max_new_tokens_and_shows_the_difference():
-    from dail.report import comparison_table
+    from dail.evaluation.report import comparison_table
 
     trained = {**RUNS["dail"], "pass@1": 0.25, "mean_tokens": 40.0}
     table = comparison_table({"base": {**RUNS["base"], "mean_tokens": 50.0}, "trained": trained})

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from dail.report import pass_at_k_keys
+from dail.evaluation.report import pass_at_k_keys
 
 #: Values of the Trainer's log history drawn as training curves, in panel order.
 TRAINING_CURVES = {

@@ -1,10 +1,10 @@
-"""Tests for dail.report: scoring samples, summaries on hand-computed data, Markdown."""
+"""Tests for dail.evaluation.report: scoring samples, summaries on hand-computed data, Markdown."""
 
 import json
 
 import pytest
 
-from dail.report import DEFAULT_BUDGETS, score_samples, summarize, to_markdown
+from dail.evaluation.report import DEFAULT_BUDGETS, score_samples, summarize, to_markdown
 
 
 def _samples():
@@ -96,7 +96,7 @@ def test_markdown_contains_table_rows():
 
 
 def test_problems_without_answers_report_lengths_and_say_why_there_is_no_pass_at_k():
-    from dail.report import comparison_table
+    from dail.evaluation.report import comparison_table
 
     proofs = [{**x, "finished": x["sample"] % 2 == 0} for x in _samples() if x["id"] == "p3"]
     s = summarize(proofs, budgets=[128, 2048])

@@ -1,4 +1,4 @@
-"""Tests for dail.grading: extraction, equivalent forms, thread safety, bounded time."""
+"""Tests for dail.evaluation.grading: extraction, equivalent forms, thread safety, bounded time."""
 
 import sys
 import threading
@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import dail.grading as grading
-from dail.grading import (
+import dail.evaluation.grading as grading
+from dail.evaluation.grading import (
     GRADERS,
+    PLUGIN_GRADERS,
     extract_answer,
     get_grader,
     grade,
@@ -157,20 +158,32 @@ def test_own_timer_is_respected_by_falling_back_to_helper():
 
 
 def test_registry_and_get_grader(monkeypatch):
-    assert set(GRADERS) >= {"math", "exact", "world"}
+    assert set(GRADERS) >= {"math", "exact"} and "world" in PLUGIN_GRADERS
     assert get_grader("math") is GRADERS["math"]
     with pytest.raises(ValueError, match="exact.*math.*world"):
         get_grader("nope")
     with pytest.raises(ValueError, match="cannot import"):
         get_grader("no_such_module_xyz:grade")
     with pytest.raises(ValueError, match="no callable"):
-        get_grader("dail.grading:NOT_THERE")
-    assert get_grader("dail.grading:grade_exact")(r"\boxed{3}", "3") is True
+        get_grader("dail.evaluation.grading:NOT_THERE")
+    assert get_grader("dail.evaluation.grading:grade_exact")(r"\boxed{3}", "3") is True
 
 
 def test_world_grader_is_resolved_lazily(monkeypatch):
-    fake = types.ModuleType("dail.world")
+    fake = types.ModuleType("dail.world.scoring")
     fake.grade = lambda response, answer: response == answer
-    monkeypatch.setitem(sys.modules, "dail.world", fake)
+    monkeypatch.setitem(sys.modules, "dail.world.scoring", fake)
     assert grade("abc", "abc", grader="world") is True
     assert grade("abc", "abd", grader="world") is False
+
+
+def test_world_grader_is_the_worlds_own_and_grading_does_not_import_the_world():
+    import subprocess
+
+    from dail.world import scoring
+
+    assert get_grader("world") is scoring.grade
+    assert grade(r"so \boxed{3 4}", "34", grader="world") is True
+    code = "import sys, dail.evaluation.grading; print(any(m.startswith('dail.world') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -5,7 +5,8 @@ Graders are picked by name from `GRADERS` (or given as `module:function`):
 - `math` (default): a normalised string match first (cheap, and equal strings are equal answers),
   then math-verify's symbolic/numeric comparison, gold passed first as its API expects.
 - `exact`: normalised string equality only.
-- `world`: `dail.world.grade`, imported on first use.
+- `world`: the didactic world's grader, `dail.world.scoring:grade`, found by that path on first
+  use (`PLUGIN_GRADERS`): the library itself never imports the testbed.
 
 math-verify bounds its work with `signal.alarm`, which only works in the main thread and raises
 anywhere else. We turn its timeouts off and bound the whole comparison ourselves:
@@ -217,12 +218,12 @@ class _Helper:
     """A subprocess that compares answers in its own main thread, so its timer works."""
 
     def __init__(self, timeout: float) -> None:
-        src_dir = str(Path(__file__).resolve().parents[1])
+        src_dir = str(Path(__file__).resolve().parents[2])  # src/, above dail/evaluation/
         env = dict(os.environ)
         # The helper must import this very `dail`, even when it is only on the caller's sys.path.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_dir, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from dail.grading import _helper_main; _helper_main()",
+            [sys.executable, "-c", "from dail.evaluation.grading import _helper_main; _helper_main()",
              str(timeout)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
@@ -369,22 +370,18 @@ def grade_exact(response: str, gold: str) -> bool:
     return answer is not None and answers_match_exact(answer, _gold_content(gold))
 
 
-def grade_world(response: str, gold: str) -> bool:
-    """`dail.world.grade`, imported here so this module does not depend on it."""
-    from dail.world import grade as world_grade
-
-    return bool(world_grade(response, gold))
-
-
-GRADERS: dict[str, Grader] = {"math": grade_math, "exact": grade_exact, "world": grade_world}
+GRADERS: dict[str, Grader] = {"math": grade_math, "exact": grade_exact}
+# Graders that live outside the library, by name and `module:function`; a name is resolved on
+# first use, so the library depends on none of them.
+PLUGIN_GRADERS: dict[str, str] = {"world": "dail.world.scoring:grade"}
 
 
 def get_grader(name: str) -> Grader:
     """A grader by registered name or as `module:function`.
 
     Args:
-        name: A key of `GRADERS`, or `package.module:function` for a callable
-            `(response, gold) -> bool`.
+        name: A key of `GRADERS` or `PLUGIN_GRADERS`, or `package.module:function` for a
+            callable `(response, gold) -> bool`.
 
     Returns:
         The grader.
@@ -394,7 +391,8 @@ def get_grader(name: str) -> Grader:
     """
     if name in GRADERS:
         return GRADERS[name]
-    choices = ", ".join(sorted(GRADERS))
+    name = PLUGIN_GRADERS.get(name, name)
+    choices = ", ".join(sorted(GRADERS | PLUGIN_GRADERS))
     if ":" not in name:
         raise ValueError(f"unknown grader {name!r}; choose one of {choices} "
                          "or give 'module:function'")

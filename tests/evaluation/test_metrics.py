@@ -1,4 +1,4 @@
-"""Tests for dail.metrics: pass@k against enumeration, intervals, budget accuracy."""
+"""Tests for dail.evaluation.metrics: pass@k against enumeration, intervals, budget accuracy."""
 
 from fractions import Fraction
 from itertools import combinations
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dail.metrics import (
+from dail.evaluation.metrics import (
     accuracy_under_budget,
     bootstrap_ci,
     default_ks,
@@ -135,6 +135,6 @@ def test_metrics_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, dail.metrics; print('torch' in sys.modules)"
+    code = "import sys, dail.evaluation.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
