@@ -178,7 +178,7 @@ def prepare_problems(problems: list[Problem], tokenizer: Any, cfg: PromptConfig,
 
 
 def trace_record(p: PreparedProblem, sample: int, trace: Any, tokenizer: Any, grader: str) -> dict[str, Any]:
-    """The JSON record of one trace (see the README's trace format)."""
+    """The JSON record of one trace (see docs/usage.md, "The trace record")."""
     from dail.evaluation.grading import extract_answer, grade
 
     text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)
