@@ -36,7 +36,7 @@ def champ_prompts(tokenizer: Any, batch: int, *, one_problem: bool = False) -> t
     `batch` samples of its first problem whose privileged prompt is of median length."""
     from dail.config import PromptConfig
     from dail.data import load_champ
-    from dail.generate import prepare_problems
+    from dail.stages.generate import prepare_problems
 
     prepared, _ = prepare_problems(load_champ(), tokenizer, PromptConfig(), max_prompt_tokens=4096)
     if one_problem:

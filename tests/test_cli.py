@@ -149,7 +149,7 @@ def test_inspect_shows_prompts_waypoints_and_alignment(tiny_model_dir, problems_
 @pytest.mark.parametrize("name", ["qwen2.5-7b-instruct.yaml", "qwen3-8b-proofs.yaml", "champ-smoke.yaml"])
 def test_shipped_configs_are_valid(name):
     from dail.config import load_yaml
-    from dail.pipeline import stage_configs
+    from dail.stages.pipeline import stage_configs
 
     path = Path(__file__).parent.parent / "configs" / name
     stages = stage_configs(load_yaml(path), where=str(path))
@@ -186,8 +186,8 @@ def test_merged_model_evaluates_like_base_plus_adapter(tiny_model_dir, problems_
 
 def test_reasoning_model_rollout_suppresses_end_of_thinking(thinking_model_dir, problems_file, tmp_path):
     from dail.config import GenerateConfig, ModelConfig
-    from dail.generate import suppressed_tokens
     from dail.models import load_tokenizer
+    from dail.stages.generate import suppressed_tokens
 
     tokenizer = load_tokenizer(ModelConfig(model=str(thinking_model_dir)))
     cfg = GenerateConfig(model=ModelConfig(model=str(thinking_model_dir)))
@@ -204,7 +204,7 @@ def test_reasoning_model_rollout_suppresses_end_of_thinking(thinking_model_dir, 
 
 
 def test_demo_checks_the_world_shows_the_gap():
-    from dail.demo import gap_is_real
+    from dail.stages.demo.comparison import gap_is_real
 
     good = {"known_student_pass@1": {"dot": 0.9, "expr": 0.8},
             "novel": {"matmul": {"student_pass@1": 0.0, "privileged_pass@1": 0.9},
@@ -219,7 +219,7 @@ def test_demo_checks_the_world_shows_the_gap():
 def test_demo_flags_reach_the_settings(monkeypatch):
     from dataclasses import replace
 
-    from dail import demo
+    from dail.stages import demo
 
     seen = {}
     monkeypatch.setattr(demo, "run", lambda **kw: seen.update(kw))

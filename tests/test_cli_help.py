@@ -101,14 +101,14 @@ def test_only_the_main_process_logs_progress(caplog, capsys):
 
     def progress(env):
         configure_logging(False, env)
-        logging.getLogger("dail.generate").info("rolled out")
+        logging.getLogger("dail.stages.generate").info("rolled out")
         return [r.getMessage() for r in caplog.records]
 
     try:
         assert progress({"RANK": "0", "WORLD_SIZE": "2"}) == ["rolled out"]
         caplog.clear()
         assert progress({"RANK": "1", "WORLD_SIZE": "2"}) == []
-        logging.getLogger("dail.generate").warning("a problem was skipped")
+        logging.getLogger("dail.stages.generate").warning("a problem was skipped")
         assert [r.getMessage() for r in caplog.records] == ["a problem was skipped"]
     finally:
         root.setLevel(before)

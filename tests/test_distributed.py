@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from dail.cli import main
-from dail.config import ConfigError
-from dail.distributed import check_training_strategy, current_shard, parse_shard
+from dail.config import ConfigError, parse_shard
+from dail.distributed import check_training_strategy, current_shard
 
 PROBLEMS = [
     {"id": f"p{i}", "problem": f"What is {i} + {i + 1}?",

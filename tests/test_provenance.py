@@ -237,7 +237,7 @@ def test_train_refuses_traces_of_another_tokenizer_before_training(tiny_model_di
 
 def test_traces_without_a_fingerprint_are_checked_against_the_vocabulary(tmp_path, tiny):
     from dail.data import DataError
-    from dail.train import _trace_examples
+    from dail.stages.train import _trace_examples
 
     _, tokenizer = tiny
     path = tmp_path / "old.jsonl"

@@ -50,7 +50,7 @@ def smollm2(smollm2_dir):
 def prepared(smollm2, champ_file):
     from dail.config import PromptConfig
     from dail.data import load_problems
-    from dail.generate import prepare_problems
+    from dail.stages.generate import prepare_problems
 
     prepared, skipped = prepare_problems(load_problems(champ_file), smollm2[1], PromptConfig(),
                                          max_prompt_tokens=4096)

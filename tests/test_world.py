@@ -235,7 +235,7 @@ def test_committed_assets(base) -> None:
     settings = json.loads((path / "pretrain_settings.json").read_text())
     assert settings["tokens"] > 0 and settings["config"]["seed"] == 0
     # What is committed must show the gap, measured with enough samples for pass@64.
-    from dail.demo import gap_is_real
+    from dail.stages.demo.comparison import gap_is_real
 
     recorded = json.loads((path / "validity.json").read_text())
     assert recorded["settings"]["n_samples"] >= 64 and recorded["settings"]["n_problems"] >= 16

@@ -326,7 +326,7 @@ def stage_config(cls: type, args: argparse.Namespace, top_keys: tuple[str, ...])
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from dail import generate
+    from dail.stages import generate
 
     cfg = stage_config(GenerateConfig, args, ("data", "out", "tau", "samples", "retries", "keep", "grader",
                                               "engine", "draft_length", "shard"))
@@ -334,14 +334,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from dail import train
+    from dail.stages import train
 
     cfg = stage_config(TrainConfig, args, ("data", "traces", "out", "loss", "gamma"))
     train.run(cfg)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dail import evaluate
+    from dail.stages import evaluate
 
     cfg = stage_config(EvalConfig, args, ("data", "out", "adapter", "n", "samples_file", "grader",
                                                "shard"))
@@ -353,7 +353,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from dail import inspect as inspect_mod
+    from dail.stages import inspect
 
     args.out = "-"  # prints; writes nothing
     if args.tokens < 0:
@@ -361,12 +361,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     if args.sample is not None and args.sample < 0:
         raise ConfigError(f"--sample {args.sample}: must be >= 0 (samples are numbered from 0)")
     cfg = stage_config(GenerateConfig, args, ("data", "out", "tau"))
-    print(inspect_mod.describe(cfg, problem_id=args.id, traces=args.traces, sample=args.sample,
-                               max_rows=args.tokens))
+    print(inspect.run(cfg, problem_id=args.id, traces=args.traces, sample=args.sample,
+                      max_rows=args.tokens))
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
-    from dail import probe
+    from dail.stages import probe
 
     cfg = stage_config(ProbeConfig, args, ("data", "out", "problems", "samples", "tau", "grader", "engine"))
     summary = probe.run(cfg)
@@ -375,7 +375,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from dail import pipeline
+    from dail.stages import pipeline
 
     config = load_yaml(args.config)
     if args.report_to is not None:
@@ -389,7 +389,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from dail import demo
+    from dail.stages import demo
 
     changes = {k: v for k in ("gamma", "learning_rate", "seed", "seeds", "lora_r") if (v := getattr(args, k)) is not None}
     if args.lora_target_modules is not None:

@@ -58,6 +58,23 @@ def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{_FLAGS.get(key, key)} {value!r}: not one of {', '.join(choices)}")
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """`"i/n"` -> (i, n); None -> (0, 1).
+
+    Raises:
+        ConfigError: not two integers with 0 <= i < n.
+    """
+    if text is None or text == "":
+        return 0, 1
+    try:
+        index, count = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ConfigError(f"shard must look like i/n (e.g. 0/4), not {text!r}") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {text!r}: need 0 <= i < n (shards are numbered from 0)")
+    return index, count
+
+
 def resolve_divergence(divergence: str | None, kl_direction: str | None = None) -> str:
     """The divergence named by the setting or by its older name `kl_direction`, in one spelling
     ("jsd:0.50" -> "jsd:0.5"); "reverse" when neither is given.
@@ -274,7 +291,7 @@ class GenerateConfig:
         check_range("retries", self.retries, low=0)
         check_range("draft_length", self.draft_length, low=0)
         check_choice("engine", self.engine, ("draft", "reference"))
-        _check_shard(self.shard)
+        parse_shard(self.shard)
 
 
 @dataclass
@@ -305,7 +322,7 @@ class EvalConfig:
         check_range("n", self.n, low=1)
         for budget in self.budgets:
             check_range("budgets", budget, low=1)
-        _check_shard(self.shard)
+        parse_shard(self.shard)
 
 
 @dataclass
@@ -314,7 +331,7 @@ class ProbeConfig:
 
     The same problems are rolled out at tau 0 (the student alone), at `tau` (mixed) and at tau 1
     (direct sampling from the privileged prompt), and every text, the expert solutions included,
-    is scored under the student's problem-only prompt (see `dail.probe`).
+    is scored under the student's problem-only prompt (see `dail.stages.probe`).
 
     Attributes:
         data: Problems (JSONL, JSON, `datasets` directory, or "champ").
@@ -346,12 +363,6 @@ class ProbeConfig:
         check_range("samples", self.samples, low=1)
         check_range("tau", self.tau, low=0, high=1, low_open=True, high_open=True)
         check_choice("engine", self.engine, ("draft", "reference"))
-
-
-def _check_shard(shard: str | None) -> None:
-    from dail.distributed import parse_shard
-
-    parse_shard(shard)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dail.config import ConfigError
+from dail.config import ConfigError, parse_shard
 
 logger = logging.getLogger(__name__)
 
@@ -62,23 +62,6 @@ class Shard:
 
     def describe(self) -> str:
         return "all problems" if self.count == 1 else f"shard {self.index}/{self.count}"
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """`"i/n"` -> (i, n); None -> (0, 1).
-
-    Raises:
-        ConfigError: not two integers with 0 <= i < n.
-    """
-    if text is None or text == "":
-        return 0, 1
-    try:
-        index, count = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        raise ConfigError(f"shard must look like i/n (e.g. 0/4), not {text!r}") from None
-    if not 0 <= index < count:
-        raise ConfigError(f"shard {text!r}: need 0 <= i < n (shards are numbered from 0)")
-    return index, count
 
 
 def launch_rank(env: Mapping[str, str] | None = None) -> tuple[int, int]:

@@ -166,7 +166,7 @@ def test_divergence_setting_and_its_older_name():
 
 @pytest.fixture(scope="module")
 def traces_file(tiny_model_dir, tmp_path_factory):
-    from dail import generate
+    from dail.stages import generate
     from tests.conftest import PROBLEMS
 
     root = tmp_path_factory.mktemp("gen")
@@ -179,7 +179,7 @@ def traces_file(tiny_model_dir, tmp_path_factory):
 
 
 def test_train_stage_resumes_from_its_last_checkpoint(tiny_model_dir, traces_file, tmp_path, caplog):
-    from dail import train
+    from dail.stages import train
 
     traces, _ = traces_file
     base = dict(traces=str(traces), out=str(tmp_path / "run"), model=ModelConfig(model=str(tiny_model_dir)))
@@ -203,7 +203,7 @@ def test_train_summary_and_log_give_the_trainable_share(tiny_model_dir, traces_f
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from dail import train
+    from dail.stages import train
 
     traces, _ = traces_file
     with caplog.at_level("INFO"):
@@ -222,7 +222,7 @@ def test_train_summary_and_log_give_the_trainable_share(tiny_model_dir, traces_f
 def test_sft_trains_on_expert_solutions(tiny_model_dir, traces_file, tmp_path):
     from transformers import AutoTokenizer
 
-    from dail.train import load_examples
+    from dail.stages.train import load_examples
 
     _, data = traces_file
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dail.demo import ALL_METHODS, DemoSettings, run
+from dail.stages.demo import ALL_METHODS, DemoSettings, run
 
 TINY = DemoSettings(n_train=4, n_test=2, n_known=2, n_train_eval=2, samples=2, eval_n=4, train_eval_n=2,
                     known_n=2, max_new_tokens=48, epochs=1.0, batch_size=16, budgets=(24, 48))
@@ -60,7 +60,7 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_trains_every_method_that_has_traces(tmp_path):
     """`dail demo --quick` reaches every stage: its budget fits whole novel-type solutions."""
-    from dail.demo import QUICK
+    from dail.stages.demo import QUICK
 
     results = run(str(tmp_path / "quick"), quick=True)
     assert results["settings"]["max_new_tokens"] == QUICK.max_new_tokens
@@ -114,7 +114,7 @@ def test_quick_demo_with_two_seeds_gives_means_spreads_and_each_seed(tmp_path, c
 
 
 def test_mean_and_spread_walk_nested_figures():
-    from dail.demo import mean_and_spread
+    from dail.stages.demo.comparison import mean_and_spread
 
     runs = [{"pass@1": 0.25, "by_type": {"poly": {"pass@1": 0.5}}, "pass@k_ci": {"1": [0.1, 0.4]},
              "mean_tokens": None, "budgets": [64], "acc": {"64": None}},
@@ -144,7 +144,8 @@ def test_seeds_setting():
 def test_report_names_the_command_that_gives_its_settings():
     from dataclasses import asdict, replace
 
-    from dail.demo import QUICK, command_of
+    from dail.stages.demo import QUICK
+    from dail.stages.demo.report import command_of
 
     assert command_of(asdict(DemoSettings())) == "dail demo"
     assert command_of(asdict(QUICK)) == "dail demo --quick"
@@ -162,7 +163,7 @@ def test_report_names_the_command_that_gives_its_settings():
 def test_training_problems_evaluated_mix_the_types_like_the_test_set():
     import json as _json
 
-    from dail.demo import by_type
+    from dail.stages.demo.comparison import by_type
 
     lines = [_json.dumps({"id": f"{t}-{i}", "type": t}) for t in ("matmul", "poly") for i in range(5)]
     picked = [_json.loads(line)["id"] for line in by_type(lines, 4)]
@@ -171,7 +172,7 @@ def test_training_problems_evaluated_mix_the_types_like_the_test_set():
 
 
 def test_shared_traces_counts_problems_with_the_same_traces(tmp_path):
-    from dail.demo import shared_traces
+    from dail.stages.demo.comparison import shared_traces
 
     def write(name, rows):
         path = tmp_path / name
@@ -188,8 +189,8 @@ def test_trace_style_tells_copied_expert_lines_from_the_students_own_style(tmp_p
     import random
 
     from dail.data import write_jsonl_atomic
-    from dail.demo import trace_style
     from dail.rollout.prompts import PromptBuilder
+    from dail.stages.demo.comparison import trace_style
     from dail.world import base_model_dir
     from dail.world import generator as gen
     from dail.world.tokenizer import load_tokenizer
@@ -222,7 +223,8 @@ def test_adapter_settings_reach_every_trained_method(tmp_path, monkeypatch):
     out of the training settings, so adapters cached before these flags existed are found again."""
     from dataclasses import replace
 
-    from dail import demo, train
+    from dail.stages import train
+    from dail.stages.demo import comparison
 
     seen = []
     monkeypatch.setattr(train, "run", lambda cfg: seen.append(cfg))
@@ -230,7 +232,7 @@ def test_adapter_settings_reach_every_trained_method(tmp_path, monkeypatch):
     traces.write_text("")
     for settings in (DemoSettings(), replace(DemoSettings(), lora_r=2, lora_target_modules=("q_proj", "k_proj"))):
         for loss in ("sft", "nll", "dail"):
-            demo.train_method(tmp_path, tmp_path, str(traces), str(traces), loss, settings, seed=0)
+            comparison.train_method(tmp_path, tmp_path, str(traces), str(traces), loss, settings, seed=0)
     default, sized = seen[:3], seen[3:]
     assert all("lora_target_modules" not in cfg.training and cfg.training["lora_r"] == 32 for cfg in default)
     for cfg in sized:

@@ -9,7 +9,7 @@ import yaml
 
 from dail.cli import main
 from dail.config import ConfigError, load_yaml
-from dail.pipeline import stage_configs
+from dail.stages.pipeline import stage_configs
 
 BASE = {"model": "m", "data": "train.jsonl", "out": "runs/x"}
 
@@ -35,7 +35,7 @@ def test_eval_on_train_must_be_explicit():
 
 @pytest.mark.parametrize("name", ["qwen2.5-7b-instruct.yaml", "qwen3-8b-proofs.yaml"])
 def test_shipped_configs_evaluate_held_out_problems(name):
-    config = load_yaml(Path(__file__).parent.parent / "configs" / name)
+    config = load_yaml(Path(__file__).parents[2] / "configs" / name)
     assert config["eval_data"] != config["data"] and not config.get("eval_on_train")
 
 

@@ -31,7 +31,8 @@ def run(cfg: TrainConfig) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from dail import distributed, models, preflight, provenance
+    from dail import distributed, models, provenance
+    from dail.stages import preflight
     from dail.training import report_to
     from dail.training.arguments import check_lora_targets
     from dail.training.trainer import DAILCollator, DAILTrainer
@@ -269,7 +270,7 @@ def load_examples(cfg: TrainConfig, tokenizer: Any, *, max_length: int) -> list[
 
 def _why_empty(traces: Path) -> str:
     """What the generate summary beside an empty traces file says of its selection."""
-    from dail.generate import why_rejected
+    from dail.stages.generate import why_rejected
 
     try:
         summary = json.loads((traces.parent / "generate_summary.json").read_text(encoding="utf-8"))

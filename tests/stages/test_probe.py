@@ -11,7 +11,13 @@ import torch
 
 from dail.cli import main
 from dail.data import Problem, load_problems
-from dail.probe import SOURCES, choose_problems, cites_reference, example_text, student_scores
+from dail.stages.probe import (
+    SOURCES,
+    choose_problems,
+    cites_reference,
+    example_text,
+    student_scores,
+)
 from tests.conftest import PROBLEMS
 
 SAMPLES, BUDGET, TAU = 2, 10, 0.05
@@ -87,7 +93,7 @@ def test_probe_json_has_every_figure_with_its_type(probed):
 
 
 def test_nll_per_token_equals_a_direct_teacher_forced_computation(probed, tiny, data_file):
-    from dail.train import solution_ids
+    from dail.stages.train import solution_ids
 
     model, tokenizer = tiny
     summary = read_json(probed / "probe.json")
@@ -189,7 +195,7 @@ def test_scores_do_not_depend_on_batching_or_chunking(tiny):
 
 
 def test_forwards_stay_within_their_token_budget():
-    from dail.probe import _token_batches
+    from dail.stages.probe import _token_batches
 
     lengths = [3, 5, 2, 9, 1, 1, 12]
     batches = _token_batches(lengths, 10)
@@ -199,7 +205,7 @@ def test_forwards_stay_within_their_token_budget():
 
 
 def test_source_figures_weigh_problems_equally_and_pool_tokens_within_one():
-    from dail.probe import source_figures
+    from dail.stages.probe import source_figures
 
     def record(pid, logprobs, text="2 + 3 = 5", correct=None, gold="5"):
         return {"id": pid, "student_logprob": logprobs, "token_ids": list(range(len(logprobs))), "text": text,
@@ -312,7 +318,7 @@ def test_the_shipped_config_loads_and_names_its_command():
     from dail import cli
     from dail.config import ProbeConfig
 
-    path = Path(__file__).parent.parent / "configs" / "probe.yaml"
+    path = Path(__file__).parents[2] / "configs" / "probe.yaml"
     assert "#   dail probe --config configs/probe.yaml" in path.read_text(encoding="utf-8")
     args = cli.build_parser().parse_args(["probe", "--config", str(path), "--problems", "3"])
     cfg = cli.stage_config(ProbeConfig, args, ("data", "out", "problems", "samples", "tau", "grader", "engine"))

@@ -41,9 +41,10 @@ class PreparedProblem:
 
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces and select from them; returns the summary also written to disk."""
-    from dail import distributed, models, preflight, provenance
+    from dail import distributed, models, provenance
     from dail.rollout.mixed import mixed_rollout
     from dail.rollout.rule import RolloutSettings, sequence_seed
+    from dail.stages import preflight
 
     problems = preflight.check_generate(cfg)
     out = Path(cfg.out)

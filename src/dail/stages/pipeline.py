@@ -128,9 +128,9 @@ def input_fingerprints(config: dict[str, Any]) -> dict[str, str]:
 
 
 def check_stages(stages: dict[str, Any]) -> None:
-    """Every stage's checks (`dail.preflight`) before the first stage starts; inputs that an
+    """Every stage's checks (`dail.stages.preflight`) before the first stage starts; inputs that an
     earlier stage is still to write are checked by that stage's settings instead."""
-    from dail import preflight
+    from dail.stages import preflight
 
     gen_cfg, train_cfg = stages["generate"], stages["train"]
     preflight.check_model(gen_cfg.model)
@@ -146,7 +146,7 @@ def check_stages(stages: dict[str, Any]) -> None:
 
 def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     """Run every stage that is not complete; returns `{"base": summary, "trained": summary}`."""
-    from dail import evaluate, generate, train
+    from dail.stages import evaluate, generate, train
     from dail.training import report_to
 
     stages = stage_configs(config, where=where)

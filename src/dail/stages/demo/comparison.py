@@ -1,14 +1,6 @@
-"""`dail demo`: the paper's comparison, run end to end in the didactic world on a CPU.
-
-Reads top to bottom: validity of the world (is the gap real?) -> problems (novel-type training
-problems with didactic expert solutions; held-out novel and known test problems) -> traces for
-each data source (mixed rollout, direct sampling, STaR rationalization) -> one LoRA adapter per
-method -> evaluation of every method on test, known-type (retention) and training problems ->
-results.json, report.md and plots.
-
-Every stage lives in a folder named after a hash of its settings, so a rerun reuses finished
-work and a changed setting rebuilds only what depends on it.
-"""
+"""The comparison, stage by stage: the world's validity, problems, traces from each data source,
+one adapter per method and training seed, evaluations; each stage cached in a folder named after
+a hash of its settings."""
 
 from __future__ import annotations
 
@@ -17,7 +9,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,85 +21,13 @@ from dail.config import (
     PromptConfig,
     SamplingConfig,
     TrainConfig,
-    check_range,
-    resolve_divergence,
 )
 from dail.data import write_json_atomic, write_text_atomic
 from dail.rollout.prompts import NEGATIVE_TEMPLATE
+from dail.stages.demo.report import plot, report
+from dail.stages.demo.settings import METHODS, QUICK, SOURCES, DemoSettings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """Scale of the demo. Defaults follow the paper's settings except where the budget forces a change.
-
-    Scaled down from the paper so that `make demo` fits half an hour on a 2-core CPU (all
-    settings are written into the report): training problems (the paper uses 417), rollout
-    samples per problem (32; one trace per problem is kept either way, and 4 samples already
-    give a correct trace for nearly every problem), evaluation samples per problem (the paper's
-    n is 128; 64 on test problems, so pass@k goes to k = 64; 16 on training problems) and the
-    token budget (world traces are short). The learning rate is raised for the 2M-parameter
-    model: at the paper's 2e-4 no adapter changed the model's behaviour on novel problems in
-    5 epochs. tau 0.8, gamma 0.1, 5 epochs and LoRA r = 32 are the paper's.
-    """
-
-    n_train: int = 200
-    n_test: int = 32
-    n_known: int = 16
-    n_train_eval: int = 16
-    samples: int = 4
-    eval_n: int = 64
-    train_eval_n: int = 16
-    known_n: int = 4
-    max_new_tokens: int = 320
-    tau: float = 0.8
-    gamma: float = 0.1
-    epochs: float = 5.0
-    learning_rate: float = 1e-3
-    divergence: str = "reverse"  # of the contrastive loss (dail.training.loss.divergence_beta); the paper's
-    lora_r: int = 32
-    lora_target_modules: str | tuple[str, ...] = "all-linear"  # the paper's seven projections on Qwen
-    batch_size: int = 64
-    train_batch_size: int = 1
-    grad_accum: int = 4
-    seed: int = 0
-    seeds: int = 1  # training seeds per trained method: seed, seed + 1, ...
-    validity_problems: int = 16
-    validity_samples: int = 64
-    budgets: tuple[int, ...] = (64, 128, 192, 256, 320)
-
-    def __post_init__(self) -> None:
-        # Checked (and spelled one way, as cache keys want) before any stage runs.
-        object.__setattr__(self, "divergence", resolve_divergence(self.divergence))
-        check_range("seeds", self.seeds, low=1)
-        if self.lora_r < 1:
-            raise ConfigError(f"--lora-r {self.lora_r}: out of range; allowed: >= 1")
-        if not isinstance(self.lora_target_modules, str):
-            object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
-
-    @property
-    def training_seeds(self) -> list[int]:
-        """The seeds each trained method is trained with; the first is `seed`, so one seed is
-        the run the demo has always made (and finds in its cache)."""
-        return [self.seed + i for i in range(self.seeds)]
-
-
-QUICK = DemoSettings(n_train=6, n_test=6, n_known=4, n_train_eval=4, samples=4, eval_n=4, train_eval_n=4,
-                     known_n=2, max_new_tokens=320, epochs=1.0, validity_problems=1, validity_samples=64,
-                     batch_size=32, budgets=(96, 192, 320))
-
-# Data source -> (tau, use the STaR hint prompt as the "privileged" context).
-SOURCES = {"mixed": (None, False), "direct": (1.0, False), "star": (1.0, True)}
-# Method -> (data source or None for expert solutions, loss). "base" is not trained.
-METHODS: dict[str, tuple[str | None, str]] = {
-    "sft": (None, "sft"),
-    "dail_nll": ("mixed", "nll"),
-    "dail": ("mixed", "dail"),
-    "direct_dail": ("direct", "dail"),
-    "star": ("star", "nll"),
-}
-ALL_METHODS = ("base", *METHODS)
 
 
 def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings | None = None,
@@ -132,7 +52,7 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"{model_dir}: no model here (config.json missing)")
     if settings.lora_target_modules != "all-linear":  # refused before any stage, not at the first training
-        from dail.preflight import check_lora_targets
+        from dail.stages.preflight import check_lora_targets
 
         check_lora_targets(_model(model_dir), list(settings.lora_target_modules))
     started = time.monotonic()
@@ -186,7 +106,7 @@ def smoke(root: Path) -> dict[str, Any]:
 
     It checks the plumbing end to end in a minute or two; a random model learns nothing.
     """
-    from dail import pipeline
+    from dail.stages import pipeline
     from dail.testing import build_tiny_model
 
     model_dir = root / "tiny-model"
@@ -293,7 +213,7 @@ def _sampling(s: DemoSettings) -> SamplingConfig:
 def make_traces(root: Path, model_dir: Path, train_file: str, source: str,
                 s: DemoSettings) -> tuple[str, dict[str, Any]]:
     """Generate and select traces from one data source; returns (selected file, summary)."""
-    from dail import generate
+    from dail.stages import generate
 
     tau, star = SOURCES[source]
     prompts = PromptConfig()
@@ -363,7 +283,7 @@ def train_method(root: Path, model_dir: Path, train_file: str, traces: str | Non
                  s: DemoSettings, *, seed: int) -> str:
     """Train one adapter with training seed `seed` (LoRA's initialisation and the order of the
     examples; cached per seed); returns its directory."""
-    from dail import train
+    from dail.stages import train
 
     training = {"num_train_epochs": s.epochs, "learning_rate": s.learning_rate, "lora_r": s.lora_r,
                 "lora_alpha": s.lora_r, "per_device_train_batch_size": s.train_batch_size,
@@ -436,8 +356,8 @@ def trainable_share(adapter: str | None) -> float | None:
 def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict[str, str],
                     s: DemoSettings) -> dict[str, Any]:
     """Test pass@k, token efficiency, retention on known types and training-set pass@k."""
-    from dail import evaluate
     from dail.evaluation.report import pass_at_k_keys
+    from dail.stages import evaluate
 
     def one(split: str, n: int) -> tuple[dict[str, Any], Path]:
         cfg = EvalConfig(data=data[split], adapter=adapter, n=n, grader="world", budgets=list(s.budgets),
@@ -487,134 +407,3 @@ def _file_fingerprint(path: str | None) -> str | None:
 
 def _model_fingerprint(model_dir: Path) -> str | None:
     return _file_fingerprint(str(model_dir / "model.safetensors"))
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _ks(results: dict[str, Any]) -> list[str]:
-    from dail.evaluation.report import pass_at_k_keys
-
-    return pass_at_k_keys(next(iter(results["methods"].values())))
-
-
-def command_of(settings: dict[str, Any]) -> str:
-    """The `dail demo` command line that gives these settings (Python API beyond its flags)."""
-    quick = settings["n_train"] < 50
-    default = json.loads(json.dumps(asdict(QUICK if quick else DemoSettings())))  # tuples as lists
-    flags = {"divergence": "--divergence", "gamma": "--gamma", "learning_rate": "--learning-rate",
-             "seed": "--seed", "seeds": "--seeds", "lora_r": "--lora-r",
-             "lora_target_modules": "--lora-target-modules"}
-    changed = {k: v for k, v in json.loads(json.dumps(settings)).items() if default.get(k) != v}
-    if set(changed) - set(flags):
-        return f"dail.demo.run(settings=DemoSettings(**{changed}))"
-    return " ".join(["dail demo", *(["--quick"] if quick else []),
-                     *(f"{flags[k]} {' '.join(v) if isinstance(v, list) else v}" for k, v in changed.items())])
-
-
-def report(results: dict[str, Any]) -> str:
-    """Markdown report: validity first, then the comparison tables."""
-    v, s = results["validity"], results["settings"]
-    lines = ["# DAIL in the didactic world", "",
-             f"Command: `{command_of(s)}` (this run: {results.get('minutes', '?')} minutes on this machine; "
-             "stages found in the output folder's cache were reused). "
-             f"Model: `{results['model']}`.", "", "## Validity of the world (base model)", ""]
-    known = v.get("known_student_pass@1", {})
-    lines += ["| known type | student pass@1 |", "|---|---|"]
-    lines += [f"| {k} | {x:.3f} |" for k, x in known.items()]
-    lines += ["", "| novel type | student pass@1 | student pass@64 | privileged pass@1 | "
-              "privileged copied items | forced didactic-line error | forced own-line error |",
-              "|---|---|---|---|---|---|---|"]
-    for k, x in v.get("novel", {}).items():
-        copied = x.get("privileged_copied_items")  # absent from validity files of older models
-        lines.append(f"| {k} | {x['student_pass@1']:.3f} | {x['student_pass@64']:.3f} | "
-                     f"{x['privileged_pass@1']:.3f} | {'n/a' if copied is None else f'{copied:.3f}'} | "
-                     f"{x['forced_didactic_error_rate']:.3f} | {x['forced_detailed_error_rate']:.3f} |")
-    ks = _ks(results)
-    lines += ["", f"## Held-out novel problems ({s['n_test']} problems x {s['eval_n']} samples)", "",
-              "| method | " + " | ".join(ks) + " | mean tokens | retention (known pass@1) | trainable share |",
-              "|---" * (len(ks) + 4) + "|"]
-    seeds = s.get("seeds", 1)
-    for name, m in results["methods"].items():
-        cells = [_figure(m, k, digits=3, seeds=seeds) for k in ks]
-        tokens = _figure(m, "mean_tokens", digits=1, seeds=seeds)
-        share = m.get("trainable_share")
-        share = "n/a" if share is None else f"{100 * share:.2f}%"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {tokens} | {_figure(m, 'retention', digits=3, seeds=seeds)} | "
-                     f"{share} |")
-    if seeds > 1:
-        lines += ["", f"Each trained method: the mean over {seeds} training seeds ({_seed_list(s)}; the same "
-                  "traces); brackets: the lowest and the highest seed's figure (the base model is evaluated "
-                  "once). A difference inside these ranges is not a difference. The other tables give means."]
-    else:
-        lines += ["", "Brackets: 95% bootstrap interval over problems (one training seed; `--seeds N` trains "
-                  "each method N times and gives the spread)."]
-    lines += [f"Trainable share: the adapter's parameters over all the model's (the paper's LoRA trains about "
-              f"0.5% of a 7B model). Contrastive rows: divergence {s.get('divergence', 'reverse')}, "
-              f"gamma {s['gamma']}."]
-    first = next(iter(results["methods"].values()))
-    if first.get("by_type"):
-        cols = [(t, k) for t, row in first["by_type"].items() for k in row]
-        lines += ["", "By problem type:", "", "| method | " + " | ".join(f"{t} {k}" for t, k in cols) + " |",
-                  "|---" * (len(cols) + 1) + "|"]
-        for name, m in results["methods"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{m['by_type'][t][k]:.3f}" for t, k in cols) + " |")
-    # Training problems get fewer samples than test ones: compare at the largest k both have.
-    top = [k for k in ks if k in first["train_pass@k"]][-1]
-    lines += ["", f"## Training problems ({s['n_train_eval']} x {s['train_eval_n']} samples) versus test "
-              "(the inverse generalization gap)", "",
-              f"| method | train pass@1 | test pass@1 | train {top} | test {top} |", "|---|---|---|---|---|"]
-    for name, m in results["methods"].items():
-        t = m["train_pass@k"]
-        lines.append(f"| {name} | {t['pass@1']:.3f} | {m['pass@1']:.3f} | {t[top]:.3f} | {m[top]:.3f} |")
-    lines += ["", "## Accuracy under a token budget (test)", ""]
-    budgets = list(next(iter(results["methods"].values()))["accuracy_under_budget"])
-    lines += ["| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
-    for name, m in results["methods"].items():
-        acc = m["accuracy_under_budget"]
-        lines.append(f"| {name} | " + " | ".join(f"{acc[b]:.3f}" if acc[b] is not None else "n/a"
-                                                 for b in budgets) + " |")
-    lines += ["", "## Rollouts", "", "Kept traces: items copied as the expert's fused line, and the base "
-              "student's mean NLL per token of them (its own style scores low).", "",
-              "| data | tau | mean acceptance | trace accuracy | problems kept | copied items | student NLL/token |",
-              "|---|---|---|---|---|---|---|"]
-    for source, r in results.get("rollouts", {}).items():
-        tau = SOURCES[source][0] if SOURCES[source][0] is not None else s["tau"]
-        cells = [f"{r[k]:.3f}" if r.get(k) is not None else "n/a"
-                 for k in ("trace_accuracy", "copied_items", "student_nll")]
-        lines.append(f"| {source} | {tau} | {r['mean_acceptance_rate']:.3f} | {cells[0]} | "
-                     f"{r['problems_selected']}/{r['problems']} | {cells[1]} | {cells[2]} |")
-    if shared := results.get("mixed_vs_direct"):
-        lines.append(f"\nMixed and direct traces are the same for {shared['identical']} of the "
-                     f"{shared['problems']} problems both kept.")
-    for name, why in results.get("skipped", {}).items():
-        lines.append(f"\nNot trained: **{name}** ({why}).")
-    lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1), "```", ""]
-    return "\n".join(lines)
-
-
-def _figure(method: dict[str, Any], key: str, *, digits: int, seeds: int) -> str:
-    """A figure of the held-out table: with several seeds its mean and [min, max] over them (the
-    base model, evaluated once, gets neither), with one its bootstrap interval when it has one."""
-    value = method[key]
-    if value is None:
-        return "n/a"
-    text = f"{value:.{digits}f}"
-    if seeds > 1:
-        spread = (method.get("spread") or {}).get(key)
-        shown = max(digits - 1, 1)
-        return text + (f" [{spread['min']:.{shown}f}, {spread['max']:.{shown}f}]" if spread else "")
-    ci = (method.get("pass@k_ci") or {}).get(key[5:]) if key.startswith("pass@") else None
-    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
-def _seed_list(settings: dict[str, Any]) -> str:
-    first = settings["seed"]
-    return ", ".join(str(first + i) for i in range(settings.get("seeds", 1)))
-
-
-def plot(results: dict[str, Any], root: Path) -> None:
-    """pass@k curves and accuracy against token budget of every method, as PNG."""
-    from dail.evaluation.plots import plot_summaries
-
-    plot_summaries(results["methods"], root, title="(held-out novel problems)")

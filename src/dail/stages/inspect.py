@@ -8,8 +8,8 @@ from dail.config import GenerateConfig
 from dail.data import DataError, iter_jsonl, resolve_problems
 
 
-def describe(cfg: GenerateConfig, *, problem_id: str, traces: str | None = None, sample: int | None = None,
-             max_rows: int = 24) -> str:
+def run(cfg: GenerateConfig, *, problem_id: str, traces: str | None = None, sample: int | None = None,
+        max_rows: int = 24) -> str:
     """A printable report: compatibility checks, the three prompts, waypoints, token alignment.
 
     The alignment table shows, for the first `max_rows` response tokens (0: all), the position of
@@ -28,10 +28,10 @@ def describe(cfg: GenerateConfig, *, problem_id: str, traces: str | None = None,
         DataError: an unknown problem, or no such trace (checked before the model loads).
     """
     from dail import models
-    from dail.generate import prepare_problems, prompt_builder
     from dail.rollout.mixed import mixed_rollout
     from dail.rollout.prompts import get_waypoint_extractor
     from dail.rollout.rule import RolloutSettings, sequence_seed
+    from dail.stages.generate import prepare_problems, prompt_builder
 
     problems = {p.id: p for p in resolve_problems(cfg.data)}
     if problem_id not in problems:

@@ -82,8 +82,9 @@ def cites_reference(text: str) -> bool:
 
 def run(cfg: ProbeConfig) -> dict[str, Any]:
     """Roll out, score and summarise; returns the summary also written to `<out>/probe.json`."""
-    from dail import models, preflight, provenance
-    from dail.generate import prepare_problems, prompt_token_limit
+    from dail import models, provenance
+    from dail.stages import preflight
+    from dail.stages.generate import prepare_problems, prompt_token_limit
 
     started = time.perf_counter()
     chosen = choose_problems(preflight.check_probe(cfg), cfg.problems, seed=cfg.sampling.seed)
@@ -138,9 +139,9 @@ def collect_records(cfg: ProbeConfig, model: Any, tokenizer: Any, prepared: list
     """
     from dail import models
     from dail.batching import run_per_problem
-    from dail.generate import suppressed_tokens, trace_record
     from dail.rollout.rule import RolloutSettings
-    from dail.train import solution_ids
+    from dail.stages.generate import suppressed_tokens, trace_record
+    from dail.stages.train import solution_ids
 
     eos_ids = tuple(models.eos_token_ids(model, tokenizer))
     context = getattr(model.config, "max_position_embeddings", None) or 32768

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dail.cli import main
-from dail.generate import _summary, select_traces, why_rejected
+from dail.stages.generate import _summary, select_traces, why_rejected
 
 
 def trace(pid, sample, *, correct, finished=True, answer="x", gold="5"):

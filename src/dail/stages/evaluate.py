@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and return the summary (also written to `<out>/summary.json`)."""
-    from dail import distributed, preflight
+    from dail import distributed
     from dail.evaluation.report import score_samples, summarize, to_markdown
     from dail.provenance import check_resumable, for_summary
+    from dail.stages import preflight
 
     problems = preflight.check_eval(cfg)
     gold = {p.id: p.answer for p in problems}
@@ -94,10 +95,10 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
         All problems' samples, or None when other array-job shards are still running.
     """
     from dail import models, provenance
-    from dail.generate import prompt_builder
     from dail.rollout.prompts import encode_prompt
     from dail.rollout.rule import RolloutSettings, sequence_seed
     from dail.rollout.token_loop import sample_responses
+    from dail.stages.generate import prompt_builder
 
     tokenizer = models.load_tokenizer(cfg.model)
     if cfg.adapter:
@@ -156,7 +157,7 @@ def check_adapter(adapter: str, name: str, tokenizer: Any, *, model: Any = None)
         DataError: one line naming the adapter, the model it was made for and `--model`.
     """
     from dail.provenance import architecture, tokenizer_fingerprint
-    from dail.train import ADAPTER_BASE_FILE
+    from dail.stages.train import ADAPTER_BASE_FILE
 
     made_for = Path(adapter) / ADAPTER_BASE_FILE
     recorded = json.loads(made_for.read_text(encoding="utf-8")) if made_for.is_file() else {}
