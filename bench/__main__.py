@@ -191,14 +191,15 @@ def time_generate(model, student, budget: int) -> float:
 @torch.inference_mode()
 def time_decoding_forward(model, prompts: list[list[int]], repeats: int = 7) -> float:
     """Median seconds of one KV-cached one-token forward over these rows (a decoding step)."""
+    from dail.models import returned_cache, with_cache
     from dail.rollout.token_loop import left_pad
 
     ids, mask = left_pad(prompts, 0, torch.device("cpu"))
-    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+    cache = returned_cache(model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True))
     times = []
     for _ in range(repeats + 1):  # the first one warms up
         tic = time.perf_counter()
-        model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, -1:], attention_mask=mask, **with_cache(model, cache), use_cache=True)
         times.append(time.perf_counter() - tic)
         cache.crop(-1)  # drop the slot this forward appended
     return statistics.median(times[1:])

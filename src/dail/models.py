@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -393,3 +394,27 @@ def check_compatible(model: Any, tokenizer: Any, *, name: str = "model") -> list
     for message in warnings:
         logger.warning(message)
     return warnings
+
+
+def with_cache(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The forward's keyword argument carrying a KV cache: `cache` in the versions of
+    `transformers` that renamed it (they warn on `past_key_values` and will drop it), else
+    `past_key_values`."""
+    return {_cache_keyword(type(_base_model(model))): cache}
+
+
+def returned_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache")  # not out.get("cache", out.past_key_values): reading that warns
+    return cache if cache is not None else out.past_key_values
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (whose forward takes **kwargs)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

@@ -240,3 +240,18 @@ def test_rollouts_run_in_inference_mode(tiny, contexts, monkeypatch, entry):
     else:
         mixed_rollout(model, student, privileged, [1, 2], settings, pad_id=tokenizer.pad_token_id)
     assert modes and all(modes)
+
+
+@pytest.mark.parametrize("engine", ["reference", "draft"])
+def test_rollouts_pass_the_cache_under_the_name_transformers_reads(tiny, contexts, engine):
+    """No deprecation warning about the KV cache's keyword from either engine or from sampling."""
+    import warnings
+
+    model, tokenizer = tiny
+    student, privileged = contexts
+    settings = RolloutSettings(tau=0.5, max_new_tokens=6, engine=engine)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mixed_rollout(model, student, privileged, [1, 2], settings, pad_id=tokenizer.pad_token_id)
+        sample_responses(model, student, [1, 2], settings, pad_id=tokenizer.pad_token_id)
+    assert [str(w.message) for w in caught if "past_key_values" in str(w.message)] == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dail.models import returned_cache, with_cache
 from dail.rollout.rule import (
     PRIVILEGED,
     STUDENT,
@@ -54,7 +55,7 @@ class _Decoder:
         ids, mask = left_pad(distinct, pad_id, device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         logits = out.logits[:, -1, :].float()
         if len(distinct) < len(prompts):
             index = torch.tensor(index, device=device)
@@ -68,8 +69,8 @@ class _Decoder:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)
         self.positions = self.positions + 1
         out = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=self.mask,
-                         position_ids=self.positions, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         position_ids=self.positions, **with_cache(self.model, self.cache), use_cache=True)
+        self.cache = returned_cache(out)
         self.logits = out.logits[:, -1, :].float()
 
 

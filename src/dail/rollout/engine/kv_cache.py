@@ -17,6 +17,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from dail.models import returned_cache, with_cache
 from dail.rollout.engine.shared_prompts import LayerKV, SharedPrompts
 from dail.rollout.engine.window import MaskLayout
 
@@ -144,14 +145,14 @@ class JointBatch:
             self.model.config._attn_implementation = GROUPED_SDPA
         try:
             out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions.clamp(min=0),
-                             past_key_values=self.cache, use_cache=True)
+                             **with_cache(self.model, self.cache), use_cache=True)
         finally:
             if grouped:
                 self.model.config._attn_implementation = "sdpa"
             if rows is not None:
                 for layer in self.cache.layers:
                     layer.fed_rows = None
-        self.cache = out.past_key_values
+        self.cache = returned_cache(out)
         self.forwards += 1
         return out.logits.float()
 
@@ -188,11 +189,11 @@ class JointBatch:
             attention = self.layout.masks(mask, width, self.dtype)
             cache = cache if cache is not None else DynamicCache()
         tic = clock(self.device)
-        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+        out = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, **with_cache(self.model, cache),
                          use_cache=True, logits_to_keep=1)
         self.prefill_seconds += clock(self.device) - tic
         self.forwards += 1
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask
+        return [(layer.keys, layer.values) for layer in returned_cache(out).layers], mask
 
     def admit(self, rows: list[int], student: list[list[int]], privileged: list[list[int]]) -> None:
         """Prefill `rows` and join them to the batch.
