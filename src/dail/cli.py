@@ -402,50 +402,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from dail.evaluation.plots import plot_summaries, plot_training
+    from dail.evaluation.plots import plot_files
 
     labels = args.labels or [None] * len(args.summaries)
     if len(labels) != len(args.summaries):
         raise ConfigError(f"--labels gives {len(labels)} names for {len(args.summaries)} summaries")
-    evals, trainings = {}, {}
-    for given, label in zip(args.summaries, labels, strict=True):
-        path, summary = _read_summary(given)
-        (trainings if "log_history" in summary else evals)[label or path.parent.name] = summary
-    written = []
-    if evals:
-        written += plot_summaries(evals, args.out)
-        if not written:
-            from dail.data import DataError
-
-            raise DataError(f"{', '.join(args.summaries)}: nothing to draw: pass@k and accuracy need "
-                            f"gold answers, and none of these evaluations had any")
-    if trainings:
-        written.append(plot_training(trainings, args.out))
-    for path in written:
+    for path in plot_files(args.summaries, labels, args.out):
         print(path)
-
-
-def _read_summary(given: str) -> tuple[Any, dict[str, Any]]:
-    """An eval `summary.json` or a `train_summary.json`, given as the file or its folder."""
-    import json
-
-    from dail.data import DataError
-
-    path = Path(given)
-    if path.is_dir():
-        found = [path / name for name in ("summary.json", "train_summary.json") if (path / name).exists()]
-        if not found:
-            raise DataError(f"{path}: holds neither summary.json (dail eval) nor train_summary.json (dail train)")
-        path = found[0]
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read a summary ({e})") from None
-    if not isinstance(summary, dict):
-        raise DataError(f"{path}: not a summary of dail eval or dail train")
-    if "log_history" in summary and not summary["log_history"]:
-        raise DataError(f"{path}: its log_history is empty, so there is no training curve to draw")
-    return path, summary
 
 
 def cmd_view(args: argparse.Namespace) -> None:

@@ -2,16 +2,18 @@
 curves (loss, each KL term, learning rate) from `train_summary.json`.
 
 Each `*_figure` function returns a matplotlib Figure (tests read its axes); `plot_summaries` and
-`plot_training` save them as PNG files.
+`plot_training` save them as PNG files, and `plot_files` (`dail plot`) reads the summaries first.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from dail.data import DataError
 from dail.evaluation.report import pass_at_k_keys
 
 #: Values of the Trainer's log history drawn as training curves, in panel order.
@@ -154,3 +156,44 @@ def plot_training(runs: Mapping[str, Mapping[str, Any]], out_dir: Any) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _save(training_figure(runs), out_dir / "training_curves.png")
+
+
+def plot_files(given: list[str], labels: list[str | None], out_dir: Any) -> list[Path]:
+    """`dail plot`: the figures of eval summaries and of training summaries, given as files or
+    their folders; each run is named by its label or its folder.
+
+    Raises:
+        DataError: an unreadable summary, or evaluations without gold answers (nothing to draw).
+    """
+    evals, trainings = {}, {}
+    for name, label in zip(given, labels, strict=True):
+        path, summary = read_summary(name)
+        (trainings if "log_history" in summary else evals)[label or path.parent.name] = summary
+    written = []
+    if evals:
+        written += plot_summaries(evals, out_dir)
+        if not written:
+            raise DataError(f"{', '.join(given)}: nothing to draw: pass@k and accuracy need "
+                            f"gold answers, and none of these evaluations had any")
+    if trainings:
+        written.append(plot_training(trainings, out_dir))
+    return written
+
+
+def read_summary(given: str) -> tuple[Path, dict[str, Any]]:
+    """An eval `summary.json` or a `train_summary.json`, given as the file or its folder."""
+    path = Path(given)
+    if path.is_dir():
+        found = [path / name for name in ("summary.json", "train_summary.json") if (path / name).exists()]
+        if not found:
+            raise DataError(f"{path}: holds neither summary.json (dail eval) nor train_summary.json (dail train)")
+        path = found[0]
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read a summary ({e})") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{path}: not a summary of dail eval or dail train")
+    if "log_history" in summary and not summary["log_history"]:
+        raise DataError(f"{path}: its log_history is empty, so there is no training curve to draw")
+    return path, summary
