@@ -533,11 +533,29 @@ def bench_real_model(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], d
 # --------------------------------------------------------------------------- main
 
 
+def update_real_model(quick: bool) -> None:
+    """Run the SmolLM2 rows alone (the world rows cost a third of `make bench`) and put them in
+    bench/results.json in place of the last run's, with this run's own command and minutes."""
+    started = time.perf_counter()
+    rows, real = bench_real_model(quick, 2 if quick else 3)
+    train = real.pop("train_step_detail")
+    real["command"] = "python -m bench --only real_model" + (" --quick" if quick else "")
+    real["minutes"] = round((time.perf_counter() - started) / 60, 1)
+    real["rows"] = rows
+    path = HERE / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["real_model"], results["train_step"] = real, train
+    results["rollout_details"] = [r for r in results.get("rollout_details", []) if r["model"] != rows[0]["model"]] + rows
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in real.items() if k not in ("rows", "shared_prompts")}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="fewer settings; finishes in a few minutes")
-    parser.add_argument("--only", choices=["train_step"],
-                        help="print this row's JSON alone (bench/results.json is left as it is)")
+    parser.add_argument("--only", choices=["train_step", "real_model"],
+                        help="train_step: print its JSON alone (bench/results.json is left as it is); "
+                             "real_model: run the SmolLM2 rows alone and replace their section of bench/results.json")
     parser.add_argument("--loss-memory-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -554,6 +572,9 @@ def main(argv: list[str] | None = None) -> None:
         from bench.real_model import smollm2
 
         print(json.dumps(bench_train_step(2 if quick else 5, smollm2()[0], "SmolLM2-135M-Instruct"), indent=2))
+        return
+    if args.only == "real_model":
+        update_real_model(quick)
         return
     started = time.perf_counter()
     demo, demo_name = demo_model()

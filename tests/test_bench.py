@@ -128,3 +128,21 @@ def test_real_model_prompts_hold_champ_problems_and_their_solutions(smollm2_dir)
         assert "You are a helpful AI assistant named SmolLM" in text and len(p) > len(s)
     same, _ = champ_prompts(tokenizer, 2, one_problem=True)
     assert same[0] == same[1]
+
+
+def test_real_model_rows_alone_replace_only_their_section(tmp_path, monkeypatch, capsys):
+    """`python -m bench --only real_model` keeps the world rows of the last full run and replaces
+    the SmolLM2 ones, recording its own command."""
+    world = {"model": "world base model 2.0M", "batch": 1, "tau": 0.8}
+    old, new = ({"model": "SmolLM2-135M-Instruct 134.5M", "batch": b, "tau": 0.8} for b in (1, 8))
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"rollout_details": [world, old], "real_model": {"budget": 32}, "lookup": {"speedup": 1.4}}))
+    monkeypatch.setattr(bench, "HERE", tmp_path)
+    monkeypatch.setattr(bench, "bench_real_model", lambda quick, repeats: (
+        [new], {"budget": 128, "train_step_detail": {"ratio": 1.9}, "shared_prompts": {}}))
+    bench.update_real_model(quick=False)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rollout_details"] == [world, new]
+    assert results["lookup"] == {"speedup": 1.4} and results["train_step"] == {"ratio": 1.9}
+    assert results["real_model"]["budget"] == 128
+    assert results["real_model"]["command"] == "python -m bench --only real_model"
