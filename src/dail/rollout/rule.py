@@ -41,8 +41,9 @@ class RolloutSettings:
         suppress_ids: Tokens never sampled (e.g. </think> for reasoning models).
         engine: "draft" (`dail.rollout.engine`: draft and verify, continuous batching; the default,
             faster than the token-by-token loop on the 134M model at every batch size in
-            `make bench`) or "reference" (the token-by-token loop, `dail.rollout.token_loop`). Both give the same
-            traces for the same seeds, up to float noise between differently batched forwards.
+            `make bench`) or "reference" (the token-by-token loop, `dail.rollout.token_loop`).
+            Both give the same traces for the same seeds, up to float noise between differently
+            batched forwards.
         draft_length: Draft tokens per round for the "draft" engine; 0 adapts it to the
             observed acceptance rate and measured forward costs, and allows privileged rounds
             (the student skipped where no proposal could pass) and lookup rounds (guessed

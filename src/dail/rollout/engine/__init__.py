@@ -45,8 +45,9 @@ count valid slots only, so holes change nothing. Holes are squeezed out (`compac
 grow, and whenever sequences finish: finished rows leave the batch and waiting rows are
 prefilled and join it (continuous batching), so one long trace does not hold a batch of short
 ones. Sliding-window layers (Mistral, Gemma 2 and 3, Qwen2 with a window) keep their whole cache
-too, and their masks count the window in valid slots (`dail.rollout.engine.window`); a model whose layers
-the engine cannot mask (convolution, linear or chunked attention) is decoded token by token.
+too, and their masks count the window in valid slots (`dail.rollout.engine.window`); a model
+whose layers the engine cannot mask (convolution, linear or chunked attention) is decoded token
+by token.
 
 Why the draft length is usually 1 here (lookup rounds aside): the draft model *is* the target
 model (same weights, other context) and both contexts already share one forward per token at
