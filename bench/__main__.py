@@ -533,13 +533,14 @@ def bench_real_model(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], d
 # --------------------------------------------------------------------------- main
 
 
-def update_real_model(quick: bool) -> None:
+def update_real_model(quick: bool, repeats: int | None = None) -> None:
     """Run the SmolLM2 rows alone (the world rows cost a third of `make bench`) and put them in
     bench/results.json in place of the last run's, with this run's own command and minutes."""
     started = time.perf_counter()
-    rows, real = bench_real_model(quick, 2 if quick else 3)
+    rows, real = bench_real_model(quick, repeats or (2 if quick else 3))
     train = real.pop("train_step_detail")
-    real["command"] = "python -m bench --only real_model" + (" --quick" if quick else "")
+    real["command"] = ("python -m bench --only real_model" + (" --quick" if quick else "")
+                       + (f" --repeats {repeats}" if repeats else ""))
     real["minutes"] = round((time.perf_counter() - started) / 60, 1)
     real["rows"] = rows
     path = HERE / "results.json"
@@ -556,6 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["train_step", "real_model"],
                         help="train_step: print its JSON alone (bench/results.json is left as it is); "
                              "real_model: run the SmolLM2 rows alone and replace their section of bench/results.json")
+    parser.add_argument("--repeats", type=int, help="with --only real_model: rounds at batch 32 (2 x N + 1 at "
+                                                   "batches up to 8; default 3)")
     parser.add_argument("--loss-memory-child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -574,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(bench_train_step(2 if quick else 5, smollm2()[0], "SmolLM2-135M-Instruct"), indent=2))
         return
     if args.only == "real_model":
-        update_real_model(quick)
+        update_real_model(quick, args.repeats)
         return
     started = time.perf_counter()
     demo, demo_name = demo_model()
