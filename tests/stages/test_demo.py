@@ -78,7 +78,11 @@ def test_quick_demo_with_two_seeds_gives_means_spreads_and_each_seed(tmp_path, c
     assert main(["demo", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["seeds"] == 2
-    assert len(list(out.glob("train-*"))) == 2 * len(saved["methods"]) - 2  # base is not trained
+    adapters = {a for m in saved["methods"].values() for a in m["adapters"]}
+    assert len(list(out.glob("train-*"))) == len(adapters)  # base is not trained
+    shared = saved["mixed_vs_direct"]["same_training_data"]
+    assert (saved["methods"]["direct_dail"]["adapters"] == saved["methods"]["dail"]["adapters"]) == shared
+    assert len(adapters) == 2 * (len(saved["methods"]) - 1 - shared)
     for name, m in saved["methods"].items():
         if name == "base":
             assert (m["seeds"], m["per_seed"], m["spread"], m["trainable_share"]) == ([], [], {}, None)
@@ -239,3 +243,26 @@ def test_adapter_settings_reach_every_trained_method(tmp_path, monkeypatch):
         assert cfg.training["lora_target_modules"] == ["q_proj", "k_proj"]
         assert cfg.training["lora_r"] == cfg.training["lora_alpha"] == 2
     assert len({cfg.out for cfg in seen}) == 6  # each its own cached stage
+
+
+def test_a_source_with_the_same_training_data_trains_on_the_earlier_file(tmp_path):
+    """Direct traces equal to the mixed ones (rollout statistics aside) reuse the mixed file, so
+    direct_dail shares dail's cached adapters; one differing token keeps them apart."""
+    from dail.stages.demo.comparison import same_training_data, training_traces
+
+    def write(name, rows, acceptance):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": pid, "prompt_ids": {"student": [1, 2]}, "token_ids": ids,
+                                            "acceptance_rate": acceptance}) + "\n" for pid, ids in rows))
+        return str(path)
+
+    rows = [("p1", [5, 6, 7]), ("p2", [8, 9])]
+    mixed = write("mixed.jsonl", rows, 0.9)
+    direct = write("direct.jsonl", rows, 0.0)
+    other = write("other.jsonl", [("p1", [5, 6, 7]), ("p2", [8, 4])], 0.0)
+    reordered = write("reordered.jsonl", rows[::-1], 0.0)
+    assert same_training_data(mixed, direct)
+    assert not same_training_data(mixed, other) and not same_training_data(mixed, reordered)
+    assert training_traces(direct, {"mixed": mixed, "direct": direct}) == mixed
+    assert training_traces(other, {"mixed": mixed, "direct": other}) == other
+    assert training_traces(mixed, {"mixed": mixed}) == mixed

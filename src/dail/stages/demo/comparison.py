@@ -79,6 +79,7 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
             if rollouts[source]["traces_selected"] == 0:
                 skipped[name] = f"no {source} trace survived selection"
                 continue
+            traces = training_traces(traces, selected)
         adapters[name] = [train_method(root, model_dir, data["train"], traces, loss, settings, seed=seed)
                           for seed in settings.training_seeds]
 
@@ -92,7 +93,8 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
     results["skipped"] = skipped
     results["rollouts"] = rollouts
     if {"mixed", "direct"} <= selected.keys():
-        results["mixed_vs_direct"] = shared_traces(selected["mixed"], selected["direct"])
+        results["mixed_vs_direct"] = shared_traces(selected["mixed"], selected["direct"]) | {
+            "same_training_data": same_training_data(selected["mixed"], selected["direct"])}
     results["minutes"] = round((time.monotonic() - started) / 60, 1)
     write_json_atomic(root / "results.json", results)
     write_text_atomic(root / "report.md", report(results))
@@ -234,6 +236,28 @@ def make_traces(root: Path, model_dir: Path, train_file: str, source: str,
     if not style_path.exists():
         write_json_atomic(style_path, trace_style(model_dir, selected))
     return str(selected), summary | json.loads(style_path.read_text())
+
+
+def training_traces(traces: str, earlier: dict[str, str]) -> str:
+    """The trace file to train on: an earlier source's file when it holds the same training data.
+
+    Where mixed rollout and direct sampling write the same traces (a nearly deterministic
+    privileged model), a method trained on either is the same run; training on the earlier
+    file lets it share that run's cached adapters and evaluations instead of repeating them.
+    """
+    return next((other for other in earlier.values() if other != traces and same_training_data(other, traces)),
+                traces)
+
+
+def same_training_data(a: str, b: str) -> bool:
+    """Whether two trace files give the same training examples in the same order (every role's
+    prompt and the response tokens; rollout statistics aside)."""
+    from dail.data import read_jsonl
+
+    def examples(path: str) -> list[tuple[Any, list[int]]]:
+        return [(r["prompt_ids"], r["token_ids"]) for r in read_jsonl(path)]
+
+    return examples(a) == examples(b)
 
 
 def shared_traces(a: str, b: str) -> dict[str, int]:

@@ -105,7 +105,9 @@ def report(results: dict[str, Any]) -> str:
                      f"{r['problems_selected']}/{r['problems']} | {cells[1]} | {cells[2]} |")
     if shared := results.get("mixed_vs_direct"):
         lines.append(f"\nMixed and direct traces are the same for {shared['identical']} of the "
-                     f"{shared['problems']} problems both kept.")
+                     f"{shared['problems']} problems both kept."
+                     + (" They are the same training data, so direct_dail is dail's run (its adapters and "
+                        "evaluations, not a second training)." if shared.get("same_training_data") else ""))
     for name, why in results.get("skipped", {}).items():
         lines.append(f"\nNot trained: **{name}** ({why}).")
     lines += ["", "## Settings", "", "```json", json.dumps(s, indent=1), "```", ""]
