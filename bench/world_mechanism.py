@@ -11,7 +11,9 @@ step 0 and every checkpoint measures, on a fixed probe of training traces (teach
   trace token, the privileged teacher's, the teacher's tail (1 - its top probability), the
   student's mass on tokens the teacher gives less than 1e-3, both KL directions, and how hard
   the positive term pushes the trace token's logit up (minus the gradient of the per-position
-  divergence with respect to that logit);
+  divergence with respect to that logit); and at the positions where the student gives the
+  trace token less than 0.01 ("locked"), its top token's probability, the teacher's probability
+  of that token, and the push of the reverse and of the forward KL;
 - the gradient norm of each loss term (positive, gamma x negative) over the LoRA weights, and
   of the next-token loss as a yardstick;
 - sampled pass@1 and pass@8 (temperature 0.6, top-p 0.95) on held-out novel problems, and
@@ -127,14 +129,16 @@ def position_figures(student: torch.Tensor, teacher: torch.Tensor, negative: tor
     p_s, q = log_s.exp(), log_t.exp()
     target = torch.tensor(response)[:, None]
     rows = torch.arange(len(response))
-    grad = contrastive_kl_with_grad(student, teacher, None, gamma=0.0, divergence=divergence)[2]
-    push = -grad.gather(-1, target)[:, 0]
+    push = {name: -contrastive_kl_with_grad(student, teacher, None, gamma=0.0, divergence=name)[2].gather(
+        -1, target)[:, 0] for name in {divergence, "reverse", "forward"}}
     return {
         "p_student": p_s.gather(-1, target)[:, 0], "p_teacher": q.gather(-1, target)[:, 0],
         "teacher_tail": 1 - q.max(-1).values, "student_mass_in_teacher_tail": (p_s * (q < TAIL)).sum(-1),
         "reverse_kl": (p_s * (log_s - log_t)).sum(-1), "forward_kl": (q * (log_t - log_s)).sum(-1),
         "reverse_kl_negative": (p_s * (log_s - F.log_softmax(negative, -1))).sum(-1),
-        "push_on_trace_token": push, "student_argmax_is_trace_token": (student.argmax(-1) == rows.new_tensor(
+        "push_on_trace_token": push[divergence], "reverse_push": push["reverse"], "forward_push": push["forward"],
+        "student_top_p": p_s.max(-1).values, "teacher_p_of_student_top": q.gather(-1, student.argmax(-1, keepdim=True))[:, 0],
+        "student_argmax_is_trace_token": (student.argmax(-1) == rows.new_tensor(
             response)).float(),
     }
 
@@ -175,6 +179,10 @@ def measure(model: Any, examples: list[dict[str, Any]], divergence: str, gamma: 
         p = [figures["p_student"][i] for i in index]
         row["p_student_median"] = statistics.median(p)
         row["p_student_below_0.01"] = sum(x < 0.01 for x in p) / len(p)
+        # Locked positions: the student all but rules out the trace token; what each loss does there.
+        locked = [i for i in index if figures["p_student"][i] < 0.01]
+        for key in ("student_top_p", "teacher_p_of_student_top", "reverse_push", "forward_push"):
+            row[f"locked_{key}"] = statistics.fmean(figures[key][i] for i in locked) if locked else None
         by_group[group] = row
     norms = {term: float(torch.sqrt(sum((g.float() ** 2).sum() for g in gs))) for term, gs in grads.items()}
     positive_mean = sum(figures["reverse_kl" if divergence == "reverse" else "forward_kl"]) / total
@@ -245,6 +253,15 @@ def table(name: str, result: dict[str, Any]) -> str:
                 f"{r['p_student_below_0.01']:.2f} | {r['p_teacher']:.3f} | {r['teacher_tail']:.3f} | "
                 f"{r['student_mass_in_teacher_tail']:.3f} | {r['reverse_kl']:.3f} | {r['forward_kl']:.3f} | "
                 f"{r['push_on_trace_token']:.4f} | {r['student_argmax_is_trace_token']:.3f} |")
+    lines += ["", "Locked positions (the student gives the trace token < 0.01):", "",
+              "| step | positions | share | student's top p | teacher p of it | reverse push | forward push |",
+              "|---|---|---|---|---|---|---|"]
+    for p in result["trajectory"]:
+        for group, r in p["by_group"].items():
+            if r.get("locked_student_top_p") is not None:
+                lines.append(f"| {p['step']} | {group} | {r['p_student_below_0.01']:.2f} | {r['locked_student_top_p']:.3f} | "
+                             f"{r['locked_teacher_p_of_student_top']:.4f} | {r['locked_reverse_push']:.4f} | "
+                             f"{r['locked_forward_push']:.4f} |")
     logged = [h for h in result["log_history"] if "kl_privileged" in h]
     if logged:
         lines += ["", "Trainer log (every 10 steps): step: loss, positive term, negative term, grad norm", "",
