@@ -68,8 +68,9 @@ def report(results: dict[str, Any]) -> str:
     else:
         lines += ["", "Brackets: 95% bootstrap interval over problems (one training seed; `--seeds N` trains "
                   "each method N times and gives the spread)."]
-    lines += [f"Trainable share: the adapter's parameters over all the model's (the paper's LoRA trains about "
-              f"0.5% of a 7B model). Contrastive rows: divergence {s.get('divergence', 'reverse')}, "
+    lines += [f"Trainable share: the adapter's parameters over all the model's (the paper's LoRA, r 32 on the seven "
+              f"projections of Qwen2.5-7B, trains 80.7M weights beside 7.6B: 1.05%; `--lora-r 1` gives the world model "
+              f"0.68%). Contrastive rows: divergence {s.get('divergence', 'reverse')}, "
               f"gamma {s['gamma']}."]
     first = next(iter(results["methods"].values()))
     if first.get("by_type"):
