@@ -504,14 +504,15 @@ def bench_real_model(quick: bool, repeats: int) -> tuple[list[dict[str, Any]], d
     model, tokenizer = smollm2()
     name = f"SmolLM2-135M-Instruct {params(model)}"
     make = partial(champ_prompts, tokenizer)
-    # A quick run keeps batch 1 and three rounds: a forward of this model over the CHAMP prompts
-    # costs seconds on two cores, and every round times three engines.
+    # A quick run keeps batch 1 and three rounds (a forward of this model over the CHAMP prompts
+    # costs seconds on two cores, and every round times three engines) and 64-token responses
+    # in the train step.
     budget = 32 if quick else 128
     rows = bench_rollout(model, name, [1] if quick else [1, 8, 32], budget, [0.8], 1 if quick else repeats, make)
     if not quick:  # the student at every position: what the joint forward costs on real text
         rows += bench_rollout(model, name, [1, 8], budget, [0.0], repeats, make)
     shared = bench_shared_prompts(model, tokenizer, 16 if quick else budget, 2 if quick else 5)
-    train = bench_train_step(1 if quick else 5, model, "SmolLM2-135M-Instruct")
+    train = bench_train_step(1 if quick else 5, model, "SmolLM2-135M-Instruct", response=64 if quick else 256)
     memory = bench_loss_memory(512 if quick else 2048, vocab=model.config.vocab_size, hidden=model.config.hidden_size)
     main = [r for r in rows if r["tau"] == 0.8]
     section = {
