@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,17 @@ def test_real_model_rows_alone_replace_only_their_section(tmp_path, monkeypatch,
     assert results["lookup"] == {"speedup": 1.4} and results["train_step"] == {"ratio": 1.9}
     assert results["real_model"]["budget"] == 128
     assert results["real_model"]["command"] == "python -m bench --only real_model"
+
+
+def test_divergence_push_matches_the_closed_forms_at_one_position():
+    from bench.divergence_push import STUDENT_TAIL, TEACHER_TOP, one_position, push
+
+    for p in (0.5, 0.01, 0.001):
+        student, teacher = (x.exp()[0] for x in one_position(p, TEACHER_TOP, STUDENT_TAIL))
+        # forward KL(teacher || student): d/dz_b = s_b - t_b, so the push is t_b - s_b
+        assert push(p, "forward") == pytest.approx(TEACHER_TOP - p, rel=1e-5)
+        # reverse KL(student || teacher): d/dz_b = s_b (log(s_b / t_b) - KL), which vanishes with s_b
+        kl = (student * (student / teacher).log()).sum().item()
+        assert push(p, "reverse") == pytest.approx(p * (kl - math.log(p / TEACHER_TOP)), rel=1e-4)
+    assert push(0.001, "jsd:0.5") < 0.05 * push(0.5, "jsd:0.5")
+    assert push(0.001, "jsd:1") == pytest.approx(push(0.001, "reverse"))

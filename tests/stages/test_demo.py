@@ -89,7 +89,7 @@ def test_quick_demo_with_two_seeds_gives_means_spreads_and_each_seed(tmp_path, c
             continue
         assert m["seeds"] == [0, 1] and len(m["per_seed"]) == len(set(m["adapters"])) == 2, name
         assert 0 < m["trainable_share"] < 1
-        assert m["divergence"] == ("reverse" if name in ("dail", "direct_dail") else None)
+        assert m["divergence"] == ("forward" if name in ("dail", "direct_dail") else None)
         for key in ("pass@1", "pass@4", "retention"):
             values = [run[key] for run in m["per_seed"]]
             assert m[key] == pytest.approx(sum(values) / 2), (name, key)
@@ -153,7 +153,8 @@ def test_report_names_the_command_that_gives_its_settings():
 
     assert command_of(asdict(DemoSettings())) == "dail demo"
     assert command_of(asdict(QUICK)) == "dail demo --quick"
-    assert command_of(asdict(replace(DemoSettings(), divergence="forward"))) == "dail demo --divergence forward"
+    assert DemoSettings().divergence == "forward"  # the paper's reverse KL taught nothing in the world
+    assert command_of(asdict(replace(DemoSettings(), divergence="reverse"))) == "dail demo --divergence reverse"
     assert command_of(asdict(replace(DemoSettings(), divergence="jsd:0.50"))) == "dail demo --divergence jsd:0.5"
     assert command_of(asdict(replace(DemoSettings(), seed=1))) == "dail demo --seed 1"
     assert command_of(asdict(replace(QUICK, seeds=2))) == "dail demo --quick --seeds 2"
