@@ -267,3 +267,29 @@ def test_a_source_with_the_same_training_data_trains_on_the_earlier_file(tmp_pat
     assert training_traces(direct, {"mixed": mixed, "direct": direct}) == mixed
     assert training_traces(other, {"mixed": mixed, "direct": other}) == other
     assert training_traces(mixed, {"mixed": mixed}) == mixed
+
+
+def test_seeded_plot_bands_span_the_seeds_and_shared_runs_are_drawn_once(tmp_path, monkeypatch):
+    from dail.evaluation import plots
+    from dail.stages.demo.report import plot
+
+    def trained(adapters, low, high, divergence=None):
+        return {"pass@1": (low + high) / 2, "adapters": adapters, "divergence": divergence,
+                "pass@k_ci": {"1": None}, "spread": {"pass@1": {"min": low, "max": high, "std": 0.1}}}
+
+    results = {"settings": {"seeds": 2}, "methods": {
+        "base": {"pass@1": 0.0, "adapters": [], "pass@k_ci": {"1": [0.0, 0.0]}, "spread": {}},
+        "dail": trained(["a0", "a1"], 0.2, 0.4, "forward"),
+        "direct_dail": trained(["a0", "a1"], 0.2, 0.4, "forward")}}
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_summaries", lambda s, root, title: drawn.update(s, title=title))
+    plot(results, tmp_path)
+    assert set(drawn) == {"base", "dail (forward)", "title"}
+    assert drawn["dail (forward)"]["pass@k_ci"] == {"1": [0.2, 0.4]}
+    assert "2 seeds" in drawn["title"]
+    results["methods"]["direct_dail"]["adapters"] = ["b0", "b1"]  # trained on data of its own
+    results["settings"]["seeds"] = 1
+    drawn.clear()
+    plot(results, tmp_path)
+    assert {"dail (forward)", "direct_dail (forward)"} <= set(drawn)
+    assert drawn["dail (forward)"]["pass@k_ci"] == {"1": None}  # one seed: the bootstrap interval

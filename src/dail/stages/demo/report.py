@@ -136,7 +136,24 @@ def _seed_list(settings: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], root: Path) -> None:
-    """pass@k curves and accuracy against token budget of every method, as PNG."""
+    """pass@k curves and accuracy against token budget of every method, as PNG. With several
+    training seeds a method's band spans its lowest and highest seed (else the bootstrap
+    interval over problems); a method trained on another's data (its adapters) is drawn once."""
     from dail.evaluation.plots import plot_summaries
 
-    plot_summaries(results["methods"], root, title="(held-out novel problems)")
+    seeds = results["settings"].get("seeds", 1)
+    drawn: dict[str, Any] = {}
+    for name, m in results["methods"].items():
+        if m.get("adapters") and any(m["adapters"] == other.get("adapters") for other in drawn.values()):
+            continue
+        label = f"{name} ({m['divergence']})" if m.get("divergence") else name
+        drawn[label] = m | {"pass@k_ci": seed_range(m)} if seeds > 1 else m
+    bands = f"band: {seeds} seeds' range" if seeds > 1 else "band: 95% bootstrap"
+    plot_summaries(drawn, root, title=f"(held-out novel; {bands})")
+
+
+def seed_range(method: dict[str, Any]) -> dict[str, list[float]]:
+    """pass@k's [lowest, highest] over the training seeds, keyed like a bootstrap interval."""
+    spread = method.get("spread") or {}
+    return {key[5:]: [spread[key]["min"], spread[key]["max"]]
+            for key in spread if key.startswith("pass@") and key[5:].isdigit()}
