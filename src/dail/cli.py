@@ -114,14 +114,14 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="sequences decoded together")
 
 
-def _divergence(p: argparse.ArgumentParser, *, whose: str = "both loss terms",
-                default: str = "reverse, the paper's") -> None:
+def _divergence(p: argparse.ArgumentParser, *, whose: str = "both loss terms", default: str = "reverse",
+                why: str = "the paper's") -> None:
     p.add_argument("--divergence", metavar="{reverse,forward,jsd:BETA}",
                    help=f"divergence of {whose}: reverse = KL(student || teacher), forward = KL(teacher || "
                         "student), jsd:BETA = generalized Jensen-Shannon, BETA in [0, 1] from forward (0) to "
-                        f"reverse (1) (default: {default})")
+                        f"reverse (1) (default: {default}, {why})")
     p.add_argument("--kl-direction", choices=["reverse", "forward"],
-                   help=f"the older name of --divergence (default: {default.split(',')[0]})")
+                   help=f"the older name of --divergence (default: {default})")
 
 
 def _report_to(p: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None,
                    help="world base model directory (default: the committed one; see `dail world pretrain`)")
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
-    _divergence(d, whose="the contrastive runs' loss terms",
-                default="forward, measured best in this world; reverse is the paper's")
+    _divergence(d, whose="the contrastive runs' loss terms", default="forward",
+                why="measured best in this world; reverse is the paper's")
     d.add_argument("--gamma", type=float, default=None,
                    help="weight of the negative term of the contrastive runs (default: 0.1, the paper's)")
     d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method (default: 1e-3)")

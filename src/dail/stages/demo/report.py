@@ -147,13 +147,14 @@ def plot(results: dict[str, Any], root: Path) -> None:
         if m.get("adapters") and any(m["adapters"] == other.get("adapters") for other in drawn.values()):
             continue
         label = f"{name} ({m['divergence']})" if m.get("divergence") else name
-        drawn[label] = m | {"pass@k_ci": seed_range(m)} if seeds > 1 else m
+        drawn[label] = (m | {"pass@k_ci": seed_range(m)}) if seeds > 1 else m
     bands = f"band: {seeds} seeds' range" if seeds > 1 else "band: 95% bootstrap"
     plot_summaries(drawn, root, title=f"(held-out novel; {bands})")
 
 
 def seed_range(method: dict[str, Any]) -> dict[str, list[float]]:
     """pass@k's [lowest, highest] over the training seeds, keyed like a bootstrap interval."""
+    from dail.evaluation.report import pass_at_k_keys
+
     spread = method.get("spread") or {}
-    return {key[5:]: [spread[key]["min"], spread[key]["max"]]
-            for key in spread if key.startswith("pass@") and key[5:].isdigit()}
+    return {key[5:]: [spread[key]["min"], spread[key]["max"]] for key in pass_at_k_keys(spread)}
