@@ -35,6 +35,7 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
     for source, r in saved["rollouts"].items():
         if r["traces_selected"]:
             assert 0.0 <= r["copied_items"] <= 1.0 and r["student_nll"] > 0, source
+            assert r["habit_lines"] == 0.0, source  # the committed model has no habits
     shared = saved["mixed_vs_direct"]
     kept = min(saved["rollouts"][s]["problems_selected"] for s in ("mixed", "direct"))
     assert 0 <= shared["identical"] <= shared["problems"] <= kept
@@ -203,24 +204,31 @@ def test_trace_style_tells_copied_expert_lines_from_the_students_own_style(tmp_p
     tokenizer, builder = load_tokenizer(str(base_model_dir())), PromptBuilder()
     specs = [gen.spec_of("vecsum", random.Random(i)) for i in range(4)]
 
-    def records(copy_all: bool) -> list[dict]:
+    def compact(line: str) -> str:
+        return gen.privileged_habits(line, swap=False, compact=True)
+
+    def records(copy_all: bool, habits: bool = False) -> list[dict]:
         out = []
         for i, spec in enumerate(specs):
-            text = spec.detailed(range(len(spec.items)) if copy_all else ())
+            text = spec.detailed(range(len(spec.items)) if copy_all else (), compact if habits else None)
             prompt = builder.render(spec.to_problem(f"p{i}"), tokenizer)["student"]
             out.append({"text": text, "token_ids": tokenizer.encode(text, add_special_tokens=False),
                         "prompt_ids": {"student": tokenizer.encode(prompt, add_special_tokens=False)}})
         return out
 
     styles = {}
-    for name, copy_all in (("own", False), ("copied", True)):
-        write_jsonl_atomic(tmp_path / f"{name}.jsonl", records(copy_all))
+    for name, copy_all, habits in (("own", False, False), ("copied", True, False), ("habits", False, True)):
+        write_jsonl_atomic(tmp_path / f"{name}.jsonl", records(copy_all, habits))
         styles[name] = trace_style(base_model_dir(), tmp_path / f"{name}.jsonl")
     assert styles["own"]["copied_items"] == 0.0 and styles["copied"]["copied_items"] == 1.0
-    # A known type in the base model's own style is what it would write; copied lines are not.
-    assert styles["own"]["student_nll"] < 0.05 < styles["copied"]["student_nll"]
+    assert styles["own"]["habit_lines"] == 0.0 and styles["habits"]["habit_lines"] == 1.0
+    assert styles["habits"]["copied_items"] == 0.0
+    # A known type in the base model's own style is what it would write; copied lines and
+    # lines in another notation are not.
+    assert styles["own"]["student_nll"] < 0.05 < min(styles["copied"]["student_nll"], styles["habits"]["student_nll"])
     write_jsonl_atomic(tmp_path / "none.jsonl", [])
-    assert trace_style(base_model_dir(), tmp_path / "none.jsonl") == {"copied_items": None, "student_nll": None}
+    assert trace_style(base_model_dir(), tmp_path / "none.jsonl") == {
+        "copied_items": None, "habit_lines": None, "student_nll": None}
 
 
 def test_adapter_settings_reach_every_trained_method(tmp_path, monkeypatch):

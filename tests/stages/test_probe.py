@@ -132,6 +132,29 @@ def test_mixed_figures_come_from_the_privileged_positions_and_every_position(pro
                                                            for r in mixed]))
 
 
+def test_direct_minus_mixed_is_paired_by_problem(probed):
+    summary = read_json(probed / "probe.json")
+    direct, mixed = (read_records(probed / "traces" / f"{s}.jsonl") for s in ("direct", "mixed"))
+
+    def per_problem(records):
+        pooled: dict[str, list[float]] = {}
+        for r in records:
+            pooled.setdefault(r["id"], []).extend(r["student_logprob"])
+        return {pid: -np.mean(v) for pid, v in pooled.items()}
+
+    a, b = per_problem(direct), per_problem(mixed)
+    gaps = [a[pid] - b[pid] for pid in a]
+    gap = summary["direct_minus_mixed"]
+    assert gap["nll_per_token"] == pytest.approx(np.mean(gaps), abs=1e-6)
+    # A paired interval: on these few problems it brackets the mean and is no wider than the
+    # spread of the per-problem gaps.
+    assert min(gaps) <= gap["ci"][0] <= gap["nll_per_token"] <= gap["ci"][1] <= max(gaps)
+    assert gap["problems"] == len(PROBLEMS)
+    same = [d["token_ids"] == m["token_ids"] for d, m in zip(direct, mixed, strict=True)]
+    assert gap["identical"] == pytest.approx(np.mean(same))
+    assert "direct minus mixed" in (probed / "probe.md").read_text(encoding="utf-8")
+
+
 def rollout_settings(model, tokenizer, tau: float, engine: str = "reference"):
     from dail.models import eos_token_ids
     from dail.rollout.rule import RolloutSettings

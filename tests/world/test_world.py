@@ -167,6 +167,58 @@ def test_pretraining_copy_rate_changes_only_the_roles_that_see_the_solution(base
         assert seen == {"student", "privileged", "negative"}
 
 
+def test_privileged_habits_keep_every_line_correct() -> None:
+    assert gen.privileged_habits("3 * 2 = 6", swap=True, compact=False) == "2 * 3 = 6"
+    assert gen.privileged_habits("3 * 2 = 6", swap=False, compact=True) == "3*2 = 6"
+    assert gen.privileged_habits("6 + 8 = 4", swap=True, compact=True) == "8+6 = 4"
+    assert gen.privileged_habits("2 - 7 = 5", swap=True, compact=False) == "2 - 7 = 5"  # not commutative
+    for line in ("3 * 2 = 6", "6 + 8 = 4", "2 - 7 = 5"):
+        assert gen.privileged_habits(line, swap=False, compact=False) == line
+    spec = gen.spec_of("poly", random.Random(5))
+    rewritten = spec.detailed(rewrite=lambda line: gen.privileged_habits(line, swap=True, compact=True))
+    for line in rewritten.split("\n"):  # every primitive line still computes its value
+        if m := re.fullmatch(r"(\d)([*+\-])(\d) = (\d)", line):
+            a, op, b, value = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert value == {"*": a * b, "+": a + b, "-": a - b}[op] % 10
+    assert grade(rewritten, spec.answer)
+
+
+@pytest.mark.parametrize("kind", [*NOVEL_TYPES, "expr"])
+def test_habit_lines_counts_swapped_and_compact_lines(kind: str) -> None:
+    spec = gen.spec_of(kind, random.Random(7))
+    canonical = spec.detailed()
+    steps = [line for line in canonical.split("\n") if re.fullmatch(r"\d [*+\-] \d = \d", line)]
+    assert gen.habit_lines(canonical, canonical) == (0, len(steps))
+    compact = spec.detailed(rewrite=lambda line: gen.privileged_habits(line, swap=False, compact=True))
+    assert gen.habit_lines(compact, canonical) == (len(steps), len(steps))
+    swappable = [line for line in steps if line[2] != "-" and line[0] != line[4]
+                 and f"{line[4]} {line[2]} {line[0]} = {line[-1]}" not in steps]
+    swapped = spec.detailed(rewrite=lambda line: gen.privileged_habits(line, swap=True, compact=False))
+    assert gen.habit_lines(swapped, canonical) == (len(swappable), len(steps))
+
+
+def test_pretraining_habit_rate_changes_only_the_roles_that_see_the_solution(base) -> None:
+    from dail.world.pretrain import sample_example
+
+    _, tokenizer = base
+    builder = PromptBuilder()
+    habits = {}
+    for habit_rate in (0.0, 0.5):
+        rng, counts = random.Random(0), {}
+        for _ in range(200):
+            p_ids, r_ids = sample_example(rng, 0.5, tokenizer, builder, habit_rate=habit_rate)
+            prompt, response = tokenizer.decode(p_ids), tokenizer.decode(r_ids[:-1])
+            role = "student" if "Expert solution" not in prompt and "final answer is" not in prompt else "sees"
+            # Against the response's own canonical form: every primitive line rewritten back.
+            canonical = re.sub(r"^(\d) ?([*+\-]) ?(\d) = ", r"\1 \2 \3 = ", response, flags=re.M)
+            h, n = gen.habit_lines(response, canonical)
+            counts[role] = [a + b for a, b in zip(counts.get(role, [0, 0]), (h, n))]
+        habits[habit_rate] = {role: h / n for role, (h, n) in counts.items()}
+    assert habits[0.0] == {"student": 0.0, "sees": 0.0}
+    assert habits[0.5]["student"] == 0.0
+    assert 0.3 < habits[0.5]["sees"] < 0.7  # each line compact with probability 0.5
+
+
 @pytest.mark.parametrize("kind", gen.ALL_TYPES)
 def test_no_leakage_between_train_and_test(kind: str) -> None:
     train = {p.problem for p in generate(kind, 300, split="train", seed=0)}
@@ -286,6 +338,47 @@ def test_validity_metrics_on_a_tiny_sample(base) -> None:
     assert forced["lines"] == 4 and 0.0 <= forced["error_rate"] <= 1.0
     own = forced_line_error(model, tokenizer, probs[:1], style="detailed")
     assert own["lines"] == 12
+
+
+@pytest.mark.parametrize("tau", [0.8, 1.0])
+def test_habit_chances_equal_a_computation_from_text_prefixes(base, monkeypatch, tau) -> None:
+    from dail.world import validity
+
+    model, tokenizer = base
+    # The committed model never writes a habit; at a high temperature without top-p every
+    # choice point gets a visible chance, so the comparison below has something to compare.
+    monkeypatch.setattr(validity, "TEMPERATURE", 4.0)
+    monkeypatch.setattr(validity, "TOP_P", 1.0)
+    probs = generate("matmul", 2, split="test", seed=0)
+    got = validity.habit_chances(model, tokenizer, probs, tau=tau)
+    want: dict[str, list[tuple[float, float, float]]] = {"swap": [], "compact": []}
+    builder = PromptBuilder()
+    for p in probs:
+        prompt = tokenizer.encode(builder.render(p, tokenizer)["privileged"], add_special_tokens=False)
+        text = detailed_of(p)
+
+        def next_token(prefix: str) -> torch.Tensor:
+            with torch.no_grad():
+                ids = prompt + tokenizer.encode(prefix, add_special_tokens=False)
+                return model(torch.tensor([ids])).logits[0, -1].float()
+
+        for m in re.finditer(r"(?m)^(\d) ([*+\-]) (\d) = \d$", text):
+            a, op, b = m[1], m[2], m[3]
+            choices = [("compact", text[:m.start() + 1], " " + op, op)]
+            if op != "-" and a != b:
+                choices.append(("swap", text[:m.start()], a, b))
+            for kind, prefix, canonical, habit in choices:
+                logits = next_token(prefix)
+                [c], [h] = (tokenizer.encode(t, add_special_tokens=False) for t in (canonical, habit))
+                raw, tempered = logits.softmax(-1), (logits / 4.0).softmax(-1)
+                refused = raw[c].item() < tau
+                want[kind].append((raw[h].item(), tempered[h].item(), tempered[h].item() if refused else 0.0))
+    for kind, rows in want.items():
+        assert got[kind]["points"] == len(rows) > 0
+        for i, name in enumerate(("privileged_p", "direct", "mixed")):
+            assert got[kind][name] == pytest.approx(sum(r[i] for r in rows) / len(rows), rel=1e-3, abs=1e-9)
+    assert got["compact"]["points"] == 2 * 12  # every primitive line of two 2x2 matrix products
+    assert got["swap"]["direct"] > 0 and (got["swap"]["mixed"] == got["swap"]["direct"]) == (tau == 1.0)
 
 
 def test_core_loader_keeps_the_saved_pre_tokenizer() -> None:

@@ -297,6 +297,7 @@ def summarize(records: dict[str, list[dict[str, Any]]], *, cfg: ProbeConfig, pro
         "seed": cfg.sampling.seed,
         "sources": {source: source_figures(records[source], graded=source != "expert", seed=cfg.sampling.seed)
                     for source in SOURCES},
+        "direct_minus_mixed": direct_minus_mixed(records["direct"], mixed, seed=cfg.sampling.seed),
         "acceptance": float(np.mean([r["acceptance_rate"] for r in mixed])),
         "fallback_student_prob": fallback_student_prob(mixed),
         "student_entropy": student_entropy(mixed),
@@ -304,6 +305,28 @@ def summarize(records: dict[str, list[dict[str, Any]]], *, cfg: ProbeConfig, pro
         "seconds": seconds,
         "settings": to_dict(cfg) if settings is None else settings,
     }
+
+
+def direct_minus_mixed(direct: list[dict[str, Any]], mixed: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
+    """How much less likely under the student direct sampling's traces are than mixed rollout's.
+
+    The two sources roll out the same problems with the same random numbers, so they are
+    compared problem by problem: `nll_per_token` is the mean over problems of the direct traces'
+    NLL per token minus the mixed traces', `ci` its 95% bootstrap interval over problems, and
+    `identical` the share of (problem, sample) pairs whose two traces are the same tokens.
+    """
+    from dail.evaluation.metrics import bootstrap_mean_ci
+
+    def per_problem(records: list[dict[str, Any]]) -> dict[str, float]:
+        return {pid: -sum(sum(r["student_logprob"]) for r in group) / sum(len(r["student_logprob"]) for r in group)
+                for pid, group in group_by_problem(records).items()}
+
+    a, b = per_problem(direct), per_problem(mixed)
+    gaps = [a[pid] - b[pid] for pid in a if pid in b]
+    pairs = {(r["id"], r["sample"]): r["token_ids"] for r in mixed}
+    same = [pairs.get((r["id"], r["sample"])) == r["token_ids"] for r in direct]
+    return {"nll_per_token": float(np.mean(gaps)), "ci": list(bootstrap_mean_ci(gaps, seed=seed)),
+            "identical": float(np.mean(same)), "problems": len(gaps)}
 
 
 def source_figures(records: list[dict[str, Any]], *, graded: bool, seed: int = 0) -> dict[str, Any]:
@@ -378,7 +401,11 @@ def summary_table(summary: dict[str, Any]) -> str:
         rows.append(f"| {source} | {f['nll_per_token']:.3f} [{low:.3f}, {high:.3f}] | {f['cites_reference']:.2f} | "
                     f"{match} | {f['mean_tokens']:.0f} |")
     fallback, entropy = summary["fallback_student_prob"], summary["student_entropy"]
-    rows += ["", f"- mixed rollout (tau {summary['tau']}): acceptance {summary['acceptance']:.3f}"]
+    gap = summary["direct_minus_mixed"]
+    rows += ["", f"- direct minus mixed, NLL/token paired by problem: {gap['nll_per_token']:+.3f} "
+                 f"[{gap['ci'][0]:+.3f}, {gap['ci'][1]:+.3f}]; the same tokens in {_percent(gap['identical'])} "
+                 "of the pairs of traces",
+             f"- mixed rollout (tau {summary['tau']}): acceptance {summary['acceptance']:.3f}"]
     if fallback["positions"]:
         rows.append(f"- student's probability of the privileged token where it overrode the student "
                     f"({fallback['positions']} positions): p10 {fallback['p10']:.3g}, median "

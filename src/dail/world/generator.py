@@ -111,6 +111,42 @@ def detailed_steps(expr: Expr) -> tuple[list[str], int]:
     return lines, total
 
 
+_STEP = re.compile(r"^([0-9]) ?([*+\-]) ?([0-9]) = ([0-9])$")
+
+
+def privileged_habits(line: str, *, swap: bool, compact: bool) -> str:
+    """A primitive line as a role that sees the expert's solution may write it.
+
+    `swap` puts the operands of a sum or product the other way round (`2 * 3 = 6` for
+    `3 * 2 = 6`); `compact` writes the operator in the reference's own notation, without spaces
+    (`3*2 = 6`). Both leave the line correct, and the student never writes either: a style, not
+    a mistake (see `PretrainConfig.habit_rate`).
+    """
+    a, op, b, value = _STEP.match(line).groups()
+    if swap and op != "-":
+        a, b = b, a
+    return f"{a}{op}{b} = {value}" if compact else f"{a} {op} {b} = {value}"
+
+
+def habit_lines(text: str, canonical: str) -> tuple[int, int]:
+    """(primitive lines written in the privileged role's habits, primitive lines) of a response.
+
+    A line has a habit when it is compact (`3*2 = 6`) or is a commutative line of `canonical`
+    (the problem's detailed trace) with its operands swapped.
+    """
+    own = set(canonical.split("\n"))
+    habits = lines = 0
+    for line in text.split("\n"):
+        m = _STEP.match(line.strip())
+        if not m:
+            continue
+        a, op, b, value = m.groups()
+        lines += 1
+        spaced = f"{a} {op} {b} = {value}"
+        habits += spaced != line.strip() or (spaced not in own and f"{b} {op} {a} = {value}" in own)
+    return habits, lines
+
+
 _CLOSING = re.compile(r"^(\S+) = (\S+) = \d$")
 _OPENING = re.compile(r"^(\S+) = (\S+)$")
 
@@ -179,19 +215,20 @@ class Spec:
         lines.append(f"\\boxed{{{self.answer}}}")
         return "\n".join(lines)
 
-    def detailed(self, copied: Collection[int] = ()) -> str:
+    def detailed(self, copied: Collection[int] = (), rewrite: Callable[[str], str] | None = None) -> str:
         """The model's own style: the expression, one primitive per line, the fused line with its value.
 
         Items whose index is in `copied` are written as the expert's fused line alone, as a model
         that sees the expert's solution may copy it instead of working it out (see
-        `PretrainConfig.copy_rate`).
+        `PretrainConfig.copy_rate`). `rewrite`, if given, is applied to every primitive line
+        (`privileged_habits` writes some of them the privileged role's way).
         """
         lines: list[str] = []
         for i, (label, e) in enumerate(self.items):
             steps, value = detailed_steps(e)
             if i not in copied:
                 lines.append(f"{label} = {fused(e)}")
-                lines += steps
+                lines += map(rewrite, steps) if rewrite else steps
             lines.append(f"{label} = {fused(e)} = {value}")
         lines.append(f"\\boxed{{{self.answer}}}")
         return "\n".join(lines)

@@ -8,7 +8,9 @@ The mixture (per sequence) teaches, always with the detailed trace as the respon
     fused reference line into primitive steps -- the skill that transfers to novel types;
   * a few negative-reference prompts, so the format is not foreign.
 With `copy_rate` > 0 the roles that see the expert's solution sometimes copy its fused lines
-instead of expanding them (a privileged-only style, as a model shown a solution drifts into).
+instead of expanding them (a privileged-only style, as a model shown a solution drifts into);
+with `habit_rate` > 0 they write some primitive lines their own way (operands swapped, the
+reference's compact notation): many small choices per trace, each one the student never makes.
 Loss is next-token cross-entropy on response tokens (and the closing EOS) only. Data are drawn
 from a generator seeded by (seed, step); the mixture and the learning rate also follow the share
 of the budget used. Under a step budget alone (`minutes` 0) that share depends on nothing but the
@@ -71,6 +73,12 @@ class PretrainConfig:
     # continuation there.
     copy_rate: float = _opt(0.0, "chance that a role seeing the expert's solution copies an item's fused line, "
                                  "value included, instead of working it out (0 = never, the committed model)")
+    # Many small privileged-only choices per trace, each inside tau's margin: a mixed rollout at
+    # tau <= 1 - habit_rate accepts the student's own line there, while direct sampling keeps the
+    # habit a few percent of the time even at temperature 0.6 and top-p 0.95, on every line.
+    habit_rate: float = _opt(0.0, "chance, per primitive line and per habit, that a role seeing the expert's "
+                                  "solution swaps a sum's or product's operands, and (independently) writes it "
+                                  "in the reference's compact notation (0 = never, the committed model)")
     # A label is then a unique anchor in the reference, and copying what follows it is the first
     # form of copying a tiny model learns; copying whole expressions precisely builds on it.
     many_labels: float = _opt(0.5, "fraction of the budget, from the start, in which the generic task draws "
@@ -84,7 +92,7 @@ class PretrainConfig:
         if self.minutes < 0 or self.max_steps < 1:
             raise ValueError(f"minutes must be >= 0 (0 = no wall-clock budget) and max_steps >= 1, "
                              f"not {self.minutes} and {self.max_steps}")
-        for name in ("copy_rate", "many_labels", "ambiguous_rate"):
+        for name in ("copy_rate", "many_labels", "ambiguous_rate", "habit_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} is a share between 0 and 1, not {getattr(self, name)}")
 
@@ -119,7 +127,7 @@ def make_drill(rng: random.Random) -> gen.Spec:
 
 def sample_example(rng: random.Random, progress: float, tokenizer: Any, builder: PromptBuilder,
                    copy_rate: float = 0.0, many_labels: bool = False,
-                   ambiguous_rate: float = 0.0) -> tuple[list[int], list[int]]:
+                   ambiguous_rate: float = 0.0, habit_rate: float = 0.0) -> tuple[list[int], list[int]]:
     """One (prompt ids, response ids) pair; the response ends with EOS."""
     tasks = list(_MIX)
     weights = [w * (8.0 if (progress < _WARM and kind == "drill") else 1.0) for (kind, _), w in _MIX.items()]
@@ -136,8 +144,12 @@ def sample_example(rng: random.Random, progress: float, tokenizer: Any, builder:
     copied: set[int] = set()
     if copy_rate > 0 and role != "student" and kind != "drill":  # no draws at 0: the same stream
         copied = {i for i in range(len(spec.items)) if rng.random() < copy_rate}
+    rewrite = None
+    if habit_rate > 0 and role != "student":  # no draws at 0: the same stream
+        def rewrite(line: str) -> str:
+            return gen.privileged_habits(line, swap=rng.random() < habit_rate, compact=rng.random() < habit_rate)
     p_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    r_ids = tokenizer.encode(spec.detailed(copied), add_special_tokens=False) + [tokenizer.eos_token_id]
+    r_ids = tokenizer.encode(spec.detailed(copied, rewrite), add_special_tokens=False) + [tokenizer.eos_token_id]
     return p_ids, r_ids
 
 
@@ -154,7 +166,7 @@ def make_batch(step: int, cfg: PretrainConfig, tokenizer: Any, builder: PromptBu
     group, part = divmod(step, _BUCKETS)
     rng = random.Random(cfg.seed * 1_000_003 + group)
     pool = [sample_example(rng, progress, tokenizer, builder, cfg.copy_rate, progress < cfg.many_labels,
-                           cfg.ambiguous_rate) for _ in range(cfg.batch_size * _BUCKETS)]
+                           cfg.ambiguous_rate, cfg.habit_rate) for _ in range(cfg.batch_size * _BUCKETS)]
     pool.sort(key=lambda pr: len(pr[0]) + len(pr[1]))
     pairs = pool[part * cfg.batch_size:(part + 1) * cfg.batch_size]
     length = max(len(p) + len(r) for p, r in pairs)
@@ -240,6 +252,8 @@ def run(cfg: PretrainConfig, command: str = "") -> Path:
                     "copy_rate": cfg.copy_rate, "many_labels": cfg.many_labels}
     if cfg.ambiguous_rate:  # recorded only when used: runs without it keep their segments
         settings_now["ambiguous_rate"] = cfg.ambiguous_rate
+    if cfg.habit_rate:
+        settings_now["habit_rate"] = cfg.habit_rate
     if not segments or {k: v for k, v in segments[-1].items() if k != "from_step"} != settings_now:
         segments.append({"from_step": step, **settings_now})
     model.train()

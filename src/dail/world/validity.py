@@ -88,6 +88,18 @@ def copied_share(texts: Sequence[str]) -> float:
     return sum(c for c, _ in counts) / items if items else 0.0
 
 
+def habit_share(outs: Sequence[Sequence[str]], problems: Sequence[Problem] | None = None) -> float:
+    """Share of primitive lines written in the privileged role's habits (`gen.habit_lines`).
+
+    `outs` holds each problem's responses; a line's canonical form comes from the problem's
+    solution, or, without `problems`, from the fused lines the response itself closes its items with.
+    """
+    counts = [gen.habit_lines(o, detailed_of(p) if p else _detailed_from_didactic(o))
+              for os_, p in zip(outs, problems or [None] * len(outs), strict=True) for o in os_]
+    lines = sum(n for _, n in counts)
+    return sum(h for h, _ in counts) / lines if lines else 0.0
+
+
 @torch.no_grad()
 def forced_line_error(model: Any, tokenizer: Any, problems: Sequence[Problem], *,
                       style: str) -> dict[str, float]:
@@ -155,6 +167,73 @@ def _result_positions(text: str, style: str) -> list[tuple[str, str]]:
             out.append((text[:offset + len(m.group(1))], m.group(2)))
         offset += len(line) + 1
     return out
+
+
+# --------------------------------------------------------------------------- the privileged role's habits
+
+
+@torch.no_grad()
+def habit_chances(model: Any, tokenizer: Any, problems: Sequence[Problem], *, tau: float = 0.8) -> dict[str, Any]:
+    """How often each way of rolling out writes a privileged habit, at its choice points.
+
+    The canonical detailed trace is teacher-forced after the privileged and the student prompt.
+    Choice points are the first operand of each sum or product line with two different operands
+    (`swap`) and the operator of each primitive line (`compact`); see `gen.privileged_habits`.
+    At each, with the student proposing its own (canonical) token:
+
+    * `direct`: the chance that sampling from the privileged role (temperature 0.6, top-p 0.95)
+      writes the habit;
+    * `mixed`: the same chance where the privileged role gives the canonical token less than
+      `tau` (the proposal is refused and it samples), and 0 where it accepts it.
+
+    Returns:
+        Per choice kind: mean raw probability of the habit for each role, the mean `direct` and
+        `mixed` chances, and the number of choice points.
+    """
+    from dail.rollout.rule import sampling_probs
+
+    points: dict[str, list[tuple[float, float, float, float]]] = {"swap": [], "compact": []}
+    builder = PromptBuilder()
+    for problem in problems:
+        prompts = builder.render(problem, tokenizer)
+        response = tokenizer.encode(detailed_of(problem), add_special_tokens=False)
+        roles = {role: response_logits(model, tokenizer.encode(prompts[role], add_special_tokens=False), response)
+                 for role in ("privileged", "student")}
+        raw = {role: torch.softmax(logits.float(), -1) for role, logits in roles.items()}
+        sampled = sampling_probs(roles["privileged"].float(), TEMPERATURE, TOP_P, 0)
+        sampled = sampled / sampled.sum(-1, keepdim=True)
+        for kind, at, canonical, habit in _habit_points(tokenizer, response):
+            refused = raw["privileged"][at, canonical].item() < tau
+            chance = sampled[at, habit].item()
+            points[kind].append((raw["privileged"][at, habit].item(), raw["student"][at, habit].item(),
+                                 chance, chance if refused else 0.0))
+    return {kind: {"privileged_p": _mean(v, 0), "student_p": _mean(v, 1), "direct": _mean(v, 2),
+                   "mixed": _mean(v, 3), "points": len(v)} for kind, v in points.items()}
+
+
+def _mean(rows: list[tuple[float, ...]], column: int) -> float:
+    return sum(r[column] for r in rows) / len(rows) if rows else 0.0
+
+
+def _habit_points(tokenizer: Any, response: list[int]) -> list[tuple[str, int, int, int]]:
+    """(choice kind, response position, canonical token, habit token) of each choice point."""
+    pieces = [tokenizer.decode([t]) for t in response]
+    out = []
+    for i in range(len(pieces) - 4):
+        line_start = i == 0 or pieces[i - 1] == "\n"
+        if not (line_start and re.fullmatch(r"[0-9] [*+\-] [0-9]", "".join(pieces[i:i + 3]))):
+            continue
+        a, op, b = pieces[i], pieces[i + 1].strip(), pieces[i + 2].strip()
+        if op != "-" and a != b:
+            out.append(("swap", i, response[i], _single_token(tokenizer, b)))
+        out.append(("compact", i + 1, response[i + 1], _single_token(tokenizer, op)))
+    return out
+
+
+def _single_token(tokenizer: Any, text: str) -> int:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -259,7 +338,8 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
     novel: dict[str, Any] = {}
     for kind in gen.NOVEL_TYPES:
         probs = gen.generate(kind, n_problems, split="test", seed=seed)
-        student = pass_rates(model, tokenizer, probs, "student", n=n_samples, ks=(1, 64))
+        student_outs = sample(model, tokenizer, _prompts(probs, tokenizer, "student"), n=n_samples)
+        student = _rates(student_outs, probs, (1, 64))
         privileged_outs = sample(model, tokenizer, _prompts(probs, tokenizer, "privileged"), n=4)
         privileged = _rates(privileged_outs, probs, (1,))["pass@1"]
         fused = forced_line_error(model, tokenizer, probs[:16], style="didactic")
@@ -271,7 +351,11 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
                        "forced_didactic_error_rate": fused["error_rate"],
                        "forced_didactic_p_correct": fused["p_correct"],
                        "forced_detailed_error_rate": own["error_rate"],
-                       "forced_detailed_p_correct": own["p_correct"]}
+                       "forced_detailed_p_correct": own["p_correct"],
+                       # ... and the lines it writes its own way, where the student would not.
+                       "privileged_habit_lines": habit_share(privileged_outs, probs),
+                       "student_habit_lines": habit_share(student_outs, probs),
+                       "habit_chances": habit_chances(model, tokenizer, probs[:16])}
         logger.info("novel %s: %s", kind, novel[kind])
     result["novel"] = novel
     return result

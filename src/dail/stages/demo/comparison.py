@@ -280,18 +280,20 @@ def trace_style(model_dir: Path, selected: Path) -> dict[str, float | None]:
     """How far a source's selected traces are from the base student's own style.
 
     `copied_items`: share of items written as the expert's fused line alone (the privileged
-    role's style, which direct sampling inherits). `student_nll`: the base student's mean
+    role's style, which direct sampling inherits). `habit_lines`: share of primitive lines
+    written in the privileged role's habits (`dail.world.generator.privileged_habits`; a world
+    pretrained with `--habit-rate`). `student_nll`: the base student's mean
     negative log-likelihood per trace token given the student prompt (in-distribution traces
     score low).
     """
     import torch
 
     from dail.data import read_jsonl
-    from dail.world.validity import copied_share, load, response_logits
+    from dail.world.validity import copied_share, habit_share, load, response_logits
 
     records = read_jsonl(selected)
     if not records:
-        return {"copied_items": None, "student_nll": None}
+        return {"copied_items": None, "habit_lines": None, "student_nll": None}
     model, _ = load(str(model_dir))
     total, count = 0.0, 0
     with torch.no_grad():
@@ -300,7 +302,9 @@ def trace_style(model_dir: Path, selected: Path) -> dict[str, float | None]:
             logits = response_logits(model, prompt, response).float()
             total += torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum").item()
             count += len(response)
-    return {"copied_items": copied_share([r["text"] for r in records]), "student_nll": total / max(count, 1)}
+    texts = [r["text"] for r in records]
+    return {"copied_items": copied_share(texts), "habit_lines": habit_share([[t] for t in texts]),
+            "student_nll": total / max(count, 1)}
 
 
 def train_method(root: Path, model_dir: Path, train_file: str, traces: str | None, loss: str,

@@ -94,16 +94,18 @@ def report(results: dict[str, Any]) -> str:
         acc = m["accuracy_under_budget"]
         lines.append(f"| {name} | " + " | ".join(f"{acc[b]:.3f}" if acc[b] is not None else "n/a"
                                                  for b in budgets) + " |")
-    lines += ["", "## Rollouts", "", "Kept traces: items copied as the expert's fused line, and the base "
-              "student's mean NLL per token of them (its own style scores low).", "",
-              "| data | tau | mean acceptance | trace accuracy | problems kept | copied items | student NLL/token |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Rollouts", "", "Kept traces: items copied as the expert's fused line, primitive lines "
+              "written in the privileged role's habits, and the base student's mean NLL per token of them "
+              "(its own style scores low).", "",
+              "| data | tau | mean acceptance | trace accuracy | problems kept | copied items | habit lines | "
+              "student NLL/token |", "|---|---|---|---|---|---|---|---|"]
     for source, r in results.get("rollouts", {}).items():
         tau = SOURCES[source][0] if SOURCES[source][0] is not None else s["tau"]
+        # habit_lines is absent from the style files of runs made before it was measured.
         cells = [f"{r[k]:.3f}" if r.get(k) is not None else "n/a"
-                 for k in ("trace_accuracy", "copied_items", "student_nll")]
+                 for k in ("trace_accuracy", "copied_items", "habit_lines", "student_nll")]
         lines.append(f"| {source} | {tau} | {r['mean_acceptance_rate']:.3f} | {cells[0]} | "
-                     f"{r['problems_selected']}/{r['problems']} | {cells[1]} | {cells[2]} |")
+                     f"{r['problems_selected']}/{r['problems']} | {cells[1]} | {cells[2]} | {cells[3]} |")
     if shared := results.get("mixed_vs_direct"):
         lines.append(f"\nMixed and direct traces are the same for {shared['identical']} of the "
                      f"{shared['problems']} problems both kept."
