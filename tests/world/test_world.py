@@ -294,6 +294,25 @@ def test_committed_assets(base) -> None:
     assert gap_is_real(recorded) == (True, "ok")
 
 
+def test_committed_habits_model_is_valid_and_separates_mixed_from_direct() -> None:
+    """The second committed model: the first, continued with the privileged role's habits."""
+    from dail.stages.demo.comparison import gap_is_real
+    from dail.world import habits_model_dir
+
+    path = habits_model_dir()
+    settings = json.loads((path / "pretrain_settings.json").read_text())
+    assert settings["config"]["habit_rate"] > 0 and settings["config"]["init"].endswith("assets/base")
+    assert settings["init_from"]["config"] == json.loads((base_model_dir() / "pretrain_settings.json").read_text())["config"]
+    recorded = json.loads((path / "validity.json").read_text())
+    assert recorded["settings"]["n_samples"] >= 64 and gap_is_real(recorded) == (True, "ok")
+    for kind, row in recorded["novel"].items():
+        compact = row["habit_chances"]["compact"]
+        # Direct sampling writes the compact notation where mixed rollout keeps the student's own.
+        assert compact["direct"] > 0.03 > 0.01 > compact["mixed"], kind
+        assert compact["student_p"] < 0.02 < compact["privileged_p"], kind
+        assert row["privileged_habit_lines"] > row["student_habit_lines"], kind
+
+
 def test_pretraining_defaults_are_the_committed_models_recipe() -> None:
     """`dail world pretrain` with no options reruns the run the committed model came from."""
     from dail.world.pretrain import PretrainConfig

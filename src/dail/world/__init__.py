@@ -17,12 +17,19 @@ from dail.world.generator import ALL_TYPES, KNOWN_TYPES, NOVEL_TYPES, generate
 from dail.world.scoring import grade, pass_at_k
 
 __all__ = ["ALL_TYPES", "KNOWN_TYPES", "NOVEL_TYPES", "base_model_dir", "export_problems",
-           "generate", "grade", "pass_at_k", "problems"]
+           "generate", "grade", "habits_model_dir", "pass_at_k", "problems"]
 
 
 def base_model_dir() -> Path:
     """Directory of the committed pretrained base model (loadable with `from_pretrained`)."""
     return Path(__file__).parent / "assets" / "base"
+
+
+def habits_model_dir() -> Path:
+    """Directory of the committed model whose privileged role has habits of its own: the base
+    model continued with `dail world pretrain --habit-rate`, so that direct sampling's traces
+    differ from mixed rollout's (docs/world.md)."""
+    return Path(__file__).parent / "assets" / "habits"
 
 
 def problems(kind: str = "novel", *, split: str = "train", n: int = 64, seed: int = 0) -> list:
