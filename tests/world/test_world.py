@@ -212,7 +212,7 @@ def test_pretraining_habit_rate_changes_only_the_roles_that_see_the_solution(bas
             # Against the response's own canonical form: every primitive line rewritten back.
             canonical = re.sub(r"^(\d) ?([*+\-]) ?(\d) = ", r"\1 \2 \3 = ", response, flags=re.M)
             h, n = gen.habit_lines(response, canonical)
-            counts[role] = [a + b for a, b in zip(counts.get(role, [0, 0]), (h, n))]
+            counts[role] = [a + b for a, b in zip(counts.get(role, [0, 0]), (h, n), strict=True)]
         habits[habit_rate] = {role: h / n for role, (h, n) in counts.items()}
     assert habits[0.0] == {"student": 0.0, "sees": 0.0}
     assert habits[0.5]["student"] == 0.0
@@ -379,7 +379,7 @@ def test_habit_chances_equal_a_computation_from_text_prefixes(base, monkeypatch,
         prompt = tokenizer.encode(builder.render(p, tokenizer)["privileged"], add_special_tokens=False)
         text = detailed_of(p)
 
-        def next_token(prefix: str) -> torch.Tensor:
+        def next_token(prefix: str, prompt: list[int] = prompt) -> torch.Tensor:
             with torch.no_grad():
                 ids = prompt + tokenizer.encode(prefix, add_special_tokens=False)
                 return model(torch.tensor([ids])).logits[0, -1].float()
