@@ -307,6 +307,12 @@ def summarize(records: dict[str, list[dict[str, Any]]], *, cfg: ProbeConfig, pro
     }
 
 
+def nll_per_problem(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Each problem's NLL per token under the student, its traces' tokens pooled."""
+    return {pid: -sum(sum(r["student_logprob"]) for r in group) / sum(len(r["student_logprob"]) for r in group)
+            for pid, group in group_by_problem(records).items()}
+
+
 def direct_minus_mixed(direct: list[dict[str, Any]], mixed: list[dict[str, Any]], *, seed: int = 0) -> dict[str, Any]:
     """How much less likely under the student direct sampling's traces are than mixed rollout's.
 
@@ -317,11 +323,7 @@ def direct_minus_mixed(direct: list[dict[str, Any]], mixed: list[dict[str, Any]]
     """
     from dail.evaluation.metrics import bootstrap_mean_ci
 
-    def per_problem(records: list[dict[str, Any]]) -> dict[str, float]:
-        return {pid: -sum(sum(r["student_logprob"]) for r in group) / sum(len(r["student_logprob"]) for r in group)
-                for pid, group in group_by_problem(records).items()}
-
-    a, b = per_problem(direct), per_problem(mixed)
+    a, b = nll_per_problem(direct), nll_per_problem(mixed)
     gaps = [a[pid] - b[pid] for pid in a if pid in b]
     pairs = {(r["id"], r["sample"]): r["token_ids"] for r in mixed}
     same = [pairs.get((r["id"], r["sample"])) == r["token_ids"] for r in direct]
@@ -339,8 +341,7 @@ def source_figures(records: list[dict[str, Any]], *, graded: bool, seed: int = 0
     """
     from dail.evaluation.metrics import bootstrap_mean_ci
 
-    per_problem = [-sum(sum(r["student_logprob"]) for r in group) / sum(len(r["student_logprob"]) for r in group)
-                   for group in group_by_problem(records).values()]
+    per_problem = list(nll_per_problem(records).values())
     verifiable = [r for r in records if r.get("gold") is not None and r.get("correct") is not None]
     return {
         "nll_per_token": float(np.mean(per_problem)),

@@ -136,14 +136,13 @@ def habit_lines(text: str, canonical: str) -> tuple[int, int]:
     """
     own = set(canonical.split("\n"))
     habits = lines = 0
-    for line in text.split("\n"):
-        m = _STEP.match(line.strip())
-        if not m:
+    for line in map(str.strip, text.split("\n")):
+        if not _STEP.match(line):
             continue
-        a, op, b, value = m.groups()
         lines += 1
-        spaced = f"{a} {op} {b} = {value}"
-        habits += spaced != line.strip() or (spaced not in own and f"{b} {op} {a} = {value}" in own)
+        spaced = privileged_habits(line, swap=False, compact=False)
+        swapped = privileged_habits(line, swap=True, compact=False)
+        habits += spaced != line or (spaced not in own and swapped in own)
     return habits, lines
 
 

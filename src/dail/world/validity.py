@@ -219,7 +219,7 @@ def _habit_points(tokenizer: Any, response: list[int]) -> list[tuple[str, int, i
     """(choice kind, response position, canonical token, habit token) of each choice point."""
     pieces = [tokenizer.decode([t]) for t in response]
     out = []
-    for i in range(len(pieces) - 4):
+    for i in range(len(pieces) - 2):  # a primitive line's first three tokens: operand, operator, operand
         line_start = i == 0 or pieces[i - 1] == "\n"
         if not (line_start and re.fullmatch(r"[0-9] [*+\-] [0-9]", "".join(pieces[i:i + 3]))):
             continue
