@@ -18,6 +18,7 @@ whichever process runs the sampler).
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,8 @@ class PairRecord:
 
 # Records of finished and running pairs by key, in the process that runs the sampler.
 _RECORDS: dict[str, PairRecord] = {}
+# Seconds spent deciding tokens in this process (`bench/vllm_backend.py` reads it).
+DECIDING_SECONDS = [0.0]
 
 
 def take_records(_worker: Any, keys: list[str]) -> dict[str, dict[str, list]]:
@@ -126,6 +129,12 @@ class DailLogitsProcessor(LogitsProcessor):
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.rows:
             return logits
+        started = time.perf_counter()
+        logits = self._decide(logits)
+        DECIDING_SECONDS[0] += time.perf_counter() - started
+        return logits
+
+    def _decide(self, logits: torch.Tensor) -> torch.Tensor:
         samples: dict[tuple, list[int]] = defaultdict(list)
         pairs: dict[str, dict[str, int]] = defaultdict(dict)
         for index, row in self.rows.items():
