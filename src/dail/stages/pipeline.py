@@ -12,6 +12,7 @@ Config keys (all optional but `model`, `data`, `out`):
     data: training problems; eval_data: held-out test problems (required unless
         `eval_on_train: true`, which evaluates on the training problems instead)
     prompts, sampling: shared by every stage
+    backend: the engine that samples in generate and eval (builtin, vllm, auto; see `dail generate`)
     generate: GenerateConfig fields (tau, samples, keep, ...)
     train: TrainConfig fields (loss, gamma, training: {TrainingArguments fields}); `traces` as a
         bare file name is a file of the generate stage's folder (default selected.jsonl;
@@ -41,8 +42,8 @@ from dail.data import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-_SECTIONS = {"model", "data", "eval_data", "eval_on_train", "out", "prompts", "sampling", "generate", "train",
-             "eval"}
+_SECTIONS = {"model", "data", "eval_data", "eval_on_train", "out", "prompts", "sampling", "backend", "generate",
+             "train", "eval"}
 
 
 def stage_configs(config: dict[str, Any], *, where: str = "config",
@@ -70,6 +71,8 @@ def stage_configs(config: dict[str, Any], *, where: str = "config",
     model = config["model"] if isinstance(config["model"], dict) else {"model": config["model"]}
     shared = {"model": model, "prompts": config.get("prompts", {})}
     sampling = config.get("sampling", {})
+    # The engine that samples, for generate and eval (`backend: vllm`; each section may override it).
+    sampler = {"backend": config["backend"]} if config.get("backend") is not None else {}
     tokenizer = inputs.get("tokenizer")
 
     def build(cls: type, name: str, values: dict[str, Any], section: str, read: dict[str, Any],
@@ -83,7 +86,7 @@ def stage_configs(config: dict[str, Any], *, where: str = "config",
             return cfg  # the user named this stage's folder
         return replace(cfg, out=str(out / f"{name}-{stage_key(cfg, {**read, 'tokenizer': tokenizer})}"))
 
-    generate = build(GenerateConfig, "generate", {**shared, "data": config["data"], "sampling": sampling},
+    generate = build(GenerateConfig, "generate", {**shared, **sampler, "data": config["data"], "sampling": sampling},
                      "generate", {"data": inputs.get("data")})
     # A bare file name names a file of the generate stage's folder (traces.jsonl: every trace).
     traces = config["train"].get("traces") if isinstance(config.get("train"), dict) else None
@@ -93,7 +96,7 @@ def stage_configs(config: dict[str, Any], *, where: str = "config",
     train = build(TrainConfig, "train", {**shared, "data": config["data"]}, "train", {"data": inputs.get("data")},
                   fixed={"traces": traces})
     stages: dict[str, Any] = {"generate": generate, "train": train}
-    eval_values = {**shared, "data": config.get("eval_data") or config["data"], "sampling": sampling}
+    eval_values = {**shared, **sampler, "data": config.get("eval_data") or config["data"], "sampling": sampling}
     eval_input = {"data": inputs.get("eval_data") or inputs.get("data")}
     for name, adapter in (("base", None), ("trained", str(Path(train.out) / "adapter"))):
         stages[f"eval_{name}"] = build(EvalConfig, f"eval_{name}", {**eval_values, "adapter": adapter},
@@ -106,9 +109,13 @@ def stage_key(cfg: Any, inputs: dict[str, Any]) -> str:
     folder, batch sizes, where logs go) and the fingerprints of its inputs. An upstream stage's
     folder is part of the path of what this stage reads, so its key flows downstream."""
     from dail.provenance import NEUTRAL_KEYS, TRAIN_NEUTRAL_KEYS, digest, without_neutral
+    from dail.rollout.backend import resolve_backend
 
     neutral = TRAIN_NEUTRAL_KEYS if isinstance(cfg, TrainConfig) else NEUTRAL_KEYS
-    return digest({"settings": without_neutral(to_dict(cfg), neutral), "inputs": inputs})
+    settings = to_dict(cfg)
+    if "backend" in settings:  # resolved: `auto` may stand for another backend on another machine
+        settings["backend"] = resolve_backend(settings["backend"])
+    return digest({"settings": without_neutral(settings, neutral), "inputs": inputs})
 
 
 def input_fingerprints(config: dict[str, Any]) -> dict[str, str]:

@@ -32,11 +32,15 @@ def run(cfg: TrainConfig) -> Path:
     from transformers import set_seed
 
     from dail import distributed, models, provenance
+    from dail.rollout.vllm_backend import engine as vllm_engine
     from dail.stages import preflight
     from dail.training import report_to
     from dail.training.arguments import check_lora_targets
     from dail.training.trainer import DAILCollator, DAILTrainer
 
+    # A stage that sampled on vLLM in this process (`dail run`, a script) left its engine
+    # holding the KV cache (on a GPU, 90% of the memory): training gets it back first.
+    vllm_engine.close()
     out = Path(cfg.out)
     report_to.check_report_to(cfg.training.get("report_to"), where="report_to")
     args = preflight.check_train(cfg)
