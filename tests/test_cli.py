@@ -161,7 +161,19 @@ def test_shipped_configs_are_valid(name):
 
 
 @pytest.mark.slow
-def test_merged_model_evaluates_like_base_plus_adapter(tiny_model_dir, problems_file, tmp_path):
+def test_merged_model_evaluates_like_base_plus_adapter(tiny_model_dir, problems_file, tmp_path, monkeypatch):
+    from dail.rollout.vllm_backend import engine
+
+    class Engine:  # a vLLM engine left running by a stage that sampled in this process
+        shut = False
+
+        class llm_engine:  # noqa: N801 (vLLM's attribute names)
+            class engine_core:  # noqa: N801
+                @staticmethod
+                def shutdown():
+                    Engine.shut = True
+
+    monkeypatch.setattr(engine, "_ENGINE", (engine.EngineSpec(model="m"), Engine))
 
     gen = tmp_path / "gen"
     assert run_cli("generate", "--model", tiny_model_dir, "--data", problems_file, "--out", gen,
@@ -173,6 +185,7 @@ def test_merged_model_evaluates_like_base_plus_adapter(tiny_model_dir, problems_
     assert run_cli("train", "--config", cfg, "--model", tiny_model_dir, "--traces", gen / "traces.jsonl",
                    "--out", train, "--loss", "nll") == 0
     assert (train / "merged" / "config.json").exists()
+    assert Engine.shut and engine.started_spec() is None  # its memory went back before training
     common = ["--data", problems_file, "--n", 3, "--max-new-tokens", 8, "--temperature", 1.0]
     assert run_cli("eval", "--model", tiny_model_dir, "--adapter", train / "adapter", "--out", tmp_path / "a",
                    *common) == 0

@@ -74,6 +74,11 @@ def test_each_stage_folder_is_keyed_by_the_settings_it_depends_on():
     assert rebuilt(RUN, data="d2") == ["eval_trained", "generate", "train"]
     assert rebuilt(RUN, eval_data="e2") == ["eval_base", "eval_trained"]
     assert rebuilt(RUN, tokenizer="t2") == sorted(before)
+    # The sampling backend, resolved (auto is the built-in engine without a GPU), keys what samples.
+    assert rebuilt({**RUN, "backend": "vllm"}) == ["eval_base", "eval_trained", "generate", "train"]
+    assert rebuilt({**RUN, "backend": "builtin"}) == rebuilt({**RUN, "backend": "auto"}) == []
+    vllm = stage_configs({**RUN, "backend": "vllm"})
+    assert [vllm[name].backend for name in ("generate", "eval_base", "eval_trained")] == ["vllm"] * 3
 
 
 def test_a_stage_folder_named_in_the_config_is_kept():
