@@ -143,10 +143,34 @@ def make_adapter(model: Any, folder: Path) -> str:
     return str(folder)
 
 
+def lora_slots(batch: int = 8) -> None:
+    """Seconds of vLLM's sampling and of the vLLM mixed rollout at one batch on engines without,
+    with (rank 32) and again without LoRA slots, one round each; printed only."""
+    from bench.real_model import champ_prompts, smollm2
+    from dail.models import resolve_model
+    from dail.rollout.vllm_backend import engine, rollout
+
+    _, tokenizer = smollm2()
+    student, privileged = champ_prompts(tokenizer, batch)
+    for rank in (0, 32, 0):
+        llm = engine.engine(engine.EngineSpec(model=resolve_model("smollm2"), dtype="float32", max_lora_rank=rank))
+        _native(llm, student[:1])  # warm-up
+        sampling, _ = _timed(lambda: _native(llm, student))  # noqa: B023 (called at once)
+        mixed, _ = _timed(lambda: rollout.mixed_rollout(llm, student, privileged, _seeds(batch), _settings()))  # noqa: B023
+        print(json.dumps({"lora_slots": rank, "batch": batch, "vllm_sampling_seconds": round(sampling, 1),
+                          "vllm_mixed_seconds": round(mixed, 1)}), flush=True)
+        engine.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.vllm_backend")
     parser.add_argument("--rounds", type=int, default=2, help="rounds at batch 1 and 8 (one at 32)")
+    parser.add_argument("--only", choices=["lora_slots"],
+                        help="lora_slots: vLLM's speed at batch 8 without and with LoRA slots, printed only")
     args = parser.parse_args(argv)
+    if args.only == "lora_slots":
+        lora_slots()
+        return
     import tempfile
 
     from bench.real_model import smollm2
