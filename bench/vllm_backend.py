@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 BUDGET = 128
 TAU = 0.8
@@ -123,24 +121,10 @@ def bench_eval(model: Any, tokenizer: Any, adapter: str | None, rounds: int, n: 
     served.sample(prompts[:1], seeds[:1], settings)  # loads the adapter
     ratios = []
     for _ in range(rounds):
-        vllm_seconds, a = _timed(lambda: served.sample(prompts, seeds, settings))
-        builtin_seconds, b = _timed(lambda: builtin.sample(prompts, seeds, settings))
+        vllm_seconds, _ = _timed(lambda: served.sample(prompts, seeds, settings))
+        builtin_seconds, _ = _timed(lambda: builtin.sample(prompts, seeds, settings))
         ratios.append(builtin_seconds / vllm_seconds)
     return round(statistics.median(ratios), 3)
-
-
-def make_adapter(model: Any, folder: Path) -> str:
-    """LoRA r 32 on every projection, random B (a fresh adapter would be the base model)."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, target_modules="all-linear"))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
-    peft_model.save_pretrained(folder)
-    peft_model.unload()
-    return str(folder)
 
 
 def lora_slots(batch: int = 8) -> None:
@@ -176,12 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     from bench.real_model import smollm2
     from dail.models import resolve_model
     from dail.rollout.vllm_backend import engine
+    from dail.testing import random_lora_adapter
 
     started = time.perf_counter()
     model, tokenizer = smollm2()
     engine.check_available()
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = make_adapter(model, Path(tmp) / "adapter")
+        adapter = str(random_lora_adapter(model, Path(tmp) / "adapter", r=32, alpha=32))
         start_seconds, llm = _timed(lambda: engine.engine(engine.EngineSpec(
             model=resolve_model("smollm2"), dtype="float32")))
         rows = [bench_batch(model, llm, tokenizer, batch, args.rounds if batch < 32 else 1) for batch in (1, 8, 32)]

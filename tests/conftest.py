@@ -55,6 +55,16 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return Path(resolve_model("smollm2"))
 
 
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, loaded by `dail.models.load` (per module: a
+    module may wrap it in an adapter and unload it)."""
+    from dail.config import ModelConfig
+    from dail.models import load
+
+    return load(ModelConfig(model="smollm2"))
+
+
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, tokenizer) of the tiny non-reasoning model, loaded by `dail.models.load`."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from dail.cli import main
+from dail.testing import champ_problems_file
 
 pytestmark = pytest.mark.slow
 
@@ -29,21 +30,7 @@ def run_cli(*argv) -> int:
 
 @pytest.fixture(scope="module")
 def champ_file(tmp_path_factory) -> Path:
-    from dail.data import load_champ
-
-    problems = {p.id: p for p in load_champ()}
-    path = tmp_path_factory.mktemp("champ") / "problems.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "problem": problems[i].problem, "solution": problems[i].solution,
-                                        "answer": problems[i].answer}) + "\n" for i in PROBLEM_IDS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    from dail.config import ModelConfig
-    from dail.models import load
-
-    return load(ModelConfig(model="smollm2"))
+    return champ_problems_file(tmp_path_factory.mktemp("champ") / "problems.jsonl", PROBLEM_IDS)
 
 
 @pytest.fixture(scope="module")

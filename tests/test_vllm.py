@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dail.cli import main
+from dail.testing import champ_problems_file, random_lora_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -33,38 +34,12 @@ def run_cli(*argv) -> int:
 
 @pytest.fixture(scope="module")
 def champ_file(tmp_path_factory) -> Path:
-    from dail.data import load_champ
-
-    problems = {p.id: p for p in load_champ()}
-    path = tmp_path_factory.mktemp("champ") / "problems.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "problem": problems[i].problem, "solution": problems[i].solution,
-                                        "answer": problems[i].answer}) + "\n" for i in PROBLEM_IDS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_dir):
-    from dail.config import ModelConfig
-    from dail.models import load
-
-    return load(ModelConfig(model="smollm2"))
+    return champ_problems_file(tmp_path_factory.mktemp("champ") / "problems.jsonl", PROBLEM_IDS)
 
 
 @pytest.fixture(scope="module")
 def adapter(smollm2, tmp_path_factory) -> Path:
-    """A LoRA adapter with random, non-zero B (a fresh one would change nothing)."""
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = smollm2
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=16, target_modules="all-linear"))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.02)
-    folder = tmp_path_factory.mktemp("adapter") / "adapter"
-    peft_model.save_pretrained(folder)
-    peft_model.unload()  # the module's model is the base model again
-    return folder
+    return random_lora_adapter(smollm2[0], tmp_path_factory.mktemp("adapter") / "adapter", r=LORA_RANK, alpha=16)
 
 
 @pytest.fixture(scope="module")

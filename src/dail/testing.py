@@ -121,3 +121,32 @@ def build_tiny_model(out_dir: str | Path, *, thinking: bool = False, seed: int =
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def champ_problems_file(path: str | Path, ids: tuple[str, ...]) -> Path:
+    """A JSONL problems file of these CHAMP problems (`dail[champ]`), in this order."""
+    import json
+
+    from dail.data import load_champ
+
+    problems = {p.id: p for p in load_champ()}
+    path = Path(path)
+    path.write_text("".join(json.dumps({"id": i, "problem": problems[i].problem, "solution": problems[i].solution,
+                                        "answer": problems[i].answer}) + "\n" for i in ids))
+    return path
+
+
+def random_lora_adapter(model, folder: str | Path, *, r: int, alpha: int, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter on every projection of `model` with random, non-zero B (a fresh one
+    would change nothing), saved to `folder`; `model` is left as it was."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.02)
+    peft_model.save_pretrained(folder)
+    peft_model.unload()
+    return Path(folder)

@@ -51,8 +51,10 @@ def _mixed_group(llm: Any, rows: list[tuple[list[int], list[int], int]], setting
     for i, key in enumerate(keys):
         student, privileged = outputs[2 * i].outputs[0], outputs[2 * i + 1].outputs[0]
         tokens = list(student.token_ids)
-        if tokens != list(privileged.token_ids) or key not in records:
+        if tokens != list(privileged.token_ids):
             raise PairOutOfStepError(f"mixed trace {key}: its two contexts wrote different tokens")
+        if key not in records:
+            raise PairOutOfStepError(f"mixed trace {key}: the logits processor recorded nothing for it")
         record = records[key]
         traces.append(Trace(token_ids=tokens, sources=record["sources"][:len(tokens)],
                             proposal_ids=record["proposal_ids"][:len(tokens)],
