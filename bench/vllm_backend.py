@@ -19,6 +19,9 @@ Each ratio is the median of the rounds' own ratios:
   decides a whole batch, one engine step per position);
 - deciding_share: the share of vllm_mixed's time spent in the logits processor (the rule);
 - start_seconds: the engine's start (model load, KV cache, no compilation on a CPU).
+
+`--only distribution` compares 256 mixed traces per backend (8 problems x 32 samples, 64 tokens),
+each backend on its own seeds; `--only lora_slots` times vLLM with and without LoRA slots.
 """
 
 from __future__ import annotations
@@ -146,14 +149,63 @@ def lora_slots(batch: int = 8) -> None:
         engine.close()
 
 
+def distribution(problems: int = 8, samples: int = 32, budget: int = 64) -> dict[str, Any]:
+    """The two backends' mixed traces in distribution: `problems` CHAMP problems x `samples`, each
+    backend with its own seeds (so their traces are independent draws), acceptance of proposals,
+    privileged share and length with 95% bootstrap intervals of each difference."""
+    from bench.real_model import champ_prompts, smollm2
+    from dail.evaluation.metrics import bootstrap_ratio_difference_ci
+    from dail.models import eos_token_ids, resolve_model
+    from dail.rollout.mixed import mixed_rollout
+    from dail.rollout.rule import sequence_seed
+    from dail.rollout.vllm_backend import engine, rollout
+    from dail.testing import TRACE_STATISTICS
+
+    model, tokenizer = smollm2()
+    student, privileged = (
+        [p for p in prompts for _ in range(samples)] for prompts in champ_prompts(tokenizer, problems))
+    settings = _settings(max_new_tokens=budget, eos_ids=tuple(eos_token_ids(model, tokenizer)))
+
+    def seeds(run: int) -> list[int]:
+        return [sequence_seed(run, f"{i}\x00{s}") for i in range(problems) for s in range(samples)]
+
+    batch = 32
+    builtin_seconds, builtin = _timed(lambda: [trace for start in range(0, len(student), batch) for trace in mixed_rollout(
+        model, student[start:start + batch], privileged[start:start + batch], seeds(1)[start:start + batch],
+        settings, pad_id=tokenizer.pad_token_id)])
+    llm = engine.engine(engine.EngineSpec(model=resolve_model("smollm2"), dtype="float32"))
+    vllm_seconds, served = _timed(lambda: rollout.mixed_rollout(llm, student, privileged, seeds(2), settings))
+    engine.close()
+    row: dict[str, Any] = {"problems": problems, "samples": samples, "budget": budget, "seeds": "1 (built-in), 2 (vLLM)",
+                           "builtin_seconds": round(builtin_seconds, 1), "vllm_seconds": round(vllm_seconds, 1)}
+    for name, per_trace in TRACE_STATISTICS.items():
+        pairs = {"builtin": [per_trace(t) for t in builtin], "vllm": [per_trace(t) for t in served]}
+        rates = {k: sum(a for a, _ in v) / sum(b for _, b in v) for k, v in pairs.items()}
+        low, high = bootstrap_ratio_difference_ci(pairs["builtin"], pairs["vllm"], resamples=2000)
+        row[name] = {**{k: round(v, 4) for k, v in rates.items()}, "difference_ci95": [round(low, 4), round(high, 4)]}
+    row["identical_traces"] = sum(a.token_ids == b.token_ids for a, b in zip(builtin, served, strict=True))
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.vllm_backend")
     parser.add_argument("--rounds", type=int, default=2, help="rounds at batch 1 and 8 (one at 32)")
-    parser.add_argument("--only", choices=["lora_slots"],
-                        help="lora_slots: vLLM's speed at batch 8 without and with LoRA slots, printed only")
+    parser.add_argument("--only", choices=["lora_slots", "distribution"],
+                        help="lora_slots: vLLM's speed at batch 8 without and with LoRA slots, printed only; "
+                             "distribution: 256 mixed traces per backend on their own seeds, compared "
+                             "(written to the vllm section's `distribution`)")
     args = parser.parse_args(argv)
     if args.only == "lora_slots":
         lora_slots()
+        return
+    path = HERE / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if args.only == "distribution":
+        row = distribution()
+        row["command"] = "python -m bench.vllm_backend --only distribution"
+        results.setdefault("vllm", {})["distribution"] = row
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(row, indent=2))
         return
     import tempfile
 
@@ -185,8 +237,8 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }
-    path = HERE / "results.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    if "distribution" in results.get("vllm", {}):  # its own command's
+        section["distribution"] = results["vllm"]["distribution"]
     results["vllm"] = section
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in section.items() if k != "rows"}, indent=2))

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from dail.cli import main
-from dail.testing import champ_problems_file, random_lora_adapter
+from dail.evaluation.metrics import bootstrap_ratio_difference_ci
+from dail.testing import TRACE_STATISTICS, champ_problems_file, random_lora_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,30 @@ def rows(smollm2, champ_file):
             [sequence_seed(0, f"{p.problem.id}\x00{s}") for p, s in picked])
 
 
+# Short prompts, so that a few dozen traces per backend fit the suite's time.
+SHORT_PROBLEMS = [("What is 17 + 25?", "17 + 25 = 42, so the answer is \\boxed{42}.", "42"),
+                  ("How many legs do 3 spiders have?", "A spider has 8 legs: 3 x 8 = 24. \\boxed{24}", "24"),
+                  ("What is 15% of 80?", "0.15 x 80 = 12, so the answer is \\boxed{12}.", "12"),
+                  ("Solve 2x + 6 = 14.", "2x = 8, so x = 4. \\boxed{4}", "4")]
+SHORT_SAMPLES = 12
+
+
+@pytest.fixture(scope="module")
+def short_rows(smollm2, tmp_path_factory):
+    from dail.config import PromptConfig
+    from dail.data import load_problems
+    from dail.rollout.rule import sequence_seed
+    from dail.stages.generate import prepare_problems
+
+    path = tmp_path_factory.mktemp("short") / "problems.jsonl"
+    path.write_text("".join(json.dumps({"id": f"short-{i}", "problem": q, "solution": s, "answer": a}) + "\n"
+                            for i, (q, s, a) in enumerate(SHORT_PROBLEMS)))
+    prepared, _ = prepare_problems(load_problems(path), smollm2[1], PromptConfig(), max_prompt_tokens=4096)
+    picked = [(p, s) for p in prepared for s in range(SHORT_SAMPLES)]
+    return ([p.prompt_ids["student"] for p, _ in picked], [p.prompt_ids["privileged"] for p, _ in picked],
+            [sequence_seed(0, f"{p.problem.id}\x00{s}") for p, s in picked])
+
+
 def settings_for(smollm2, **changes):
     from dail.models import eos_token_ids
     from dail.rollout.rule import RolloutSettings
@@ -95,8 +120,8 @@ def greedy_traces(smollm2, llm, rows):
 
 
 @pytest.fixture(scope="module")
-def sampled_traces(smollm2, llm, rows):
-    return both_backends(smollm2, llm, rows, settings_for(smollm2))
+def sampled_traces(smollm2, llm, short_rows):
+    return both_backends(smollm2, llm, short_rows, settings_for(smollm2, max_new_tokens=24))
 
 
 def test_mixed_traces_equal_the_builtin_engines_at_temperature_0(smollm2, rows, greedy_traces):
@@ -125,69 +150,18 @@ def test_mixed_traces_at_temperature_06_agree_with_the_builtin_engine(sampled_tr
     # Same random numbers and the same rule: the traces are the same but where float noise
     # moves a draw across a boundary, which is rare at 1e-5 apart.
     same = sum(a.token_ids == b.token_ids and a.sources == b.sources for a, b in zip(builtin, served, strict=True))
-    assert same >= len(served) - 1
-
-    def acceptance(traces):
-        return sum(t.sources.count("S") for t in traces) / sum(len(t.sources) for t in traces)
-
-    assert acceptance(served) == pytest.approx(acceptance(builtin), abs=0.05)
-    assert 0 < acceptance(served) < 1
-
-
-def difference_interval(a, b, numerator, denominator, *, draws: int = 2000, level: float = 0.99,
-                        seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ratio(a) - ratio(b), ratio = sum(numerator) /
-    sum(denominator) over traces; whole traces are resampled (their tokens are not independent)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def ratios(traces):
-        num = np.array([numerator(t) for t in traces], dtype=float)
-        den = np.array([denominator(t) for t in traces], dtype=float)
-        picks = rng.integers(0, len(traces), size=(draws, len(traces)))
-        return num[picks].sum(axis=1) / den[picks].sum(axis=1)
-
-    return tuple(np.quantile(ratios(a) - ratios(b), [(1 - level) / 2, (1 + level) / 2]))
-
-
-DISTRIBUTION_SAMPLES = 64  # per problem: 256 traces
-
-
-def test_mixed_traces_at_temperature_06_agree_in_distribution_over_other_seeds(smollm2, llm, rows):
-    """A few hundred traces per backend, each backend with its own seeds: the traces differ, and
-    their acceptance, privileged share and length agree within bootstrap intervals."""
-    from dail.rollout.mixed import mixed_rollout
-    from dail.rollout.rule import sequence_seed
-    from dail.rollout.vllm_backend import rollout
-
-    student, privileged = rows[0][::2], rows[1][::2]  # one row per problem
-    n = DISTRIBUTION_SAMPLES
-    settings = settings_for(smollm2, max_new_tokens=32)
-
-    def seeds(run: int) -> list[int]:
-        return [sequence_seed(run, f"{i}\x00{s}") for i in range(len(student)) for s in range(n)]
-
-    many_student, many_privileged = ([p for p in prompts for _ in range(n)] for prompts in (student, privileged))
-    builtin = [trace for start in range(0, len(many_student), 32) for trace in mixed_rollout(
-        smollm2[0], many_student[start:start + 32], many_privileged[start:start + 32], seeds(1)[start:start + 32],
-        settings, pad_id=smollm2[1].pad_token_id)]
-    served = rollout.mixed_rollout(llm, many_student, many_privileged, seeds(2), settings)
-    assert sum(a.token_ids != b.token_ids for a, b in zip(builtin, served, strict=True)) > len(served) // 2
-
-    statistics = {
-        "acceptance": (lambda t: t.sources.count("S"), lambda t: sum(p is not None for p in t.proposal_ids)),
-        "privileged share": (lambda t: t.sources.count("P"), lambda t: len(t.sources)),
-        "length": (lambda t: len(t.token_ids), lambda t: 1),
-    }
-    for name, (numerator, denominator) in statistics.items():
-        low, high = difference_interval(builtin, served, numerator, denominator)
+    assert same >= len(served) - 2
+    # So their statistics agree: each difference's bootstrap interval holds 0.
+    for name, per_trace in TRACE_STATISTICS.items():
+        low, high = bootstrap_ratio_difference_ci([per_trace(t) for t in builtin], [per_trace(t) for t in served],
+                                                  level=0.99)
         assert low <= 0 <= high, f"{name}: built-in - vLLM, 99% interval [{low:.3f}, {high:.3f}] excludes 0"
-    assert 0.1 < sum(map(statistics["acceptance"][0], served)) / sum(map(statistics["acceptance"][1], served)) < 0.9
+    proposals = [TRACE_STATISTICS["acceptance"](t) for t in served]
+    assert 0.1 < sum(a for a, _ in proposals) / sum(n for _, n in proposals) < 0.95  # both roles decide tokens
 
 
-def test_recorded_probabilities_equal_a_teacher_forced_recomputation(smollm2, rows, sampled_traces):
-    for prompt, trace in zip(rows[1], sampled_traces[1], strict=True):
+def test_recorded_probabilities_equal_a_teacher_forced_recomputation(smollm2, short_rows, sampled_traces):
+    for prompt, trace in zip(short_rows[1][::4], sampled_traces[1][::4], strict=True):
         probs = privileged_probs(smollm2[0], prompt, trace.token_ids)
         for t, (token, source) in enumerate(zip(trace.token_ids, trace.sources, strict=True)):
             proposal, recorded = trace.proposal_ids[t], trace.proposal_probs[t]

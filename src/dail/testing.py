@@ -123,6 +123,15 @@ def build_tiny_model(out_dir: str | Path, *, thinking: bool = False, seed: int =
     return out_dir
 
 
+# (numerator, denominator) of a trace's share in each rate the two backends are compared on:
+# accepted proposals, privileged tokens, length (tokens per trace).
+TRACE_STATISTICS = {
+    "acceptance": lambda t: (t.sources.count("S"), sum(p is not None for p in t.proposal_ids)),
+    "privileged share": lambda t: (t.sources.count("P"), len(t.sources)),
+    "length": lambda t: (len(t.token_ids), 1),
+}
+
+
 def champ_problems_file(path: str | Path, ids: tuple[str, ...]) -> Path:
     """A JSONL problems file of these CHAMP problems (`dail[champ]`), in this order."""
     import json

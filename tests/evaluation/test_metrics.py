@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from dail.evaluation.metrics import (
     accuracy_under_budget,
     bootstrap_ci,
+    bootstrap_ratio_difference_ci,
     default_ks,
     pass_at_k,
     pass_at_k_table,
@@ -138,3 +139,21 @@ def test_metrics_does_not_import_torch():
     code = "import sys, dail.evaluation.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_ratio_difference_interval_pools_units_and_separates_only_real_differences():
+    half = [(1, 2), (3, 4), (0, 4), (4, 6)] * 10  # pooled rate 8/16 = 0.5
+    low, high = bootstrap_ratio_difference_ci(half, half, resamples=2000)
+    assert low < 0 < high and high - low < 0.3
+    # Pooled, not a mean of per-unit rates: (9 + 1) / (10 + 90) = 0.1, where the rates' mean is 0.455.
+    skewed = [(9, 10), (1, 90)] * 20
+    low, high = bootstrap_ratio_difference_ci(skewed, [(1, 10)] * 40, resamples=2000)
+    assert low <= 0 <= high
+    low, high = bootstrap_ratio_difference_ci(half, [(1, 10)] * 40, resamples=2000)
+    assert 0.2 < low < 0.4 < high < 0.6  # around 0.5 - 0.1
+    assert bootstrap_ratio_difference_ci(half, half, seed=3) == bootstrap_ratio_difference_ci(half, half, seed=3)
+    for bad in ({"resamples": 0}, {"level": 1.0}):
+        with pytest.raises(ValueError):
+            bootstrap_ratio_difference_ci(half, half, **bad)
+    with pytest.raises(ValueError, match="no units"):
+        bootstrap_ratio_difference_ci([], half)

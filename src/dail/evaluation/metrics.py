@@ -156,6 +156,43 @@ def bootstrap_mean_ci(values: Sequence[float], *, resamples: int = 1000, seed: i
     return float(low), float(high)
 
 
+def bootstrap_ratio_difference_ci(first: Sequence[tuple[float, float]], second: Sequence[tuple[float, float]], *,
+                                  resamples: int = 1000, seed: int = 0,
+                                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ratio(first) - ratio(second), where ratio is the sum of
+    numerators over the sum of denominators (a rate pooled over units: accepted proposals over
+    proposals, per trace), each sample's units resampled with replacement on their own.
+
+    Args:
+        first / second: One `(numerator, denominator)` pair per unit (a trace) of each sample.
+        resamples: Bootstrap replicates.
+        seed: Seed of the resampling generator (same seed, same interval).
+        level: Coverage, strictly between 0 and 1.
+
+    Returns:
+        `(low, high)`.
+
+    Raises:
+        ValueError: on an empty sample, `resamples < 1`, or `level` outside (0, 1).
+    """
+    if not first or not second:
+        raise ValueError("no units to resample")
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
+    rng = np.random.default_rng(seed)
+
+    def ratios(pairs: Sequence[tuple[float, float]]) -> np.ndarray:
+        values = np.asarray(pairs, dtype=float)
+        idx = rng.integers(0, len(values), size=(resamples, len(values)))
+        return values[idx, 0].sum(axis=1) / values[idx, 1].sum(axis=1)
+
+    alpha = (1 - level) / 2
+    low, high = np.quantile(ratios(first) - ratios(second), [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
 def accuracy_under_budget(samples: Sequence[Mapping[str, Any]],
                           budgets: Iterable[int]) -> dict[str, float]:
     """Accuracy when a response only counts if it fits in a token budget.
