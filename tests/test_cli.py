@@ -88,7 +88,22 @@ def test_eval_scores_samples_from_elsewhere_without_a_model(problems_file, tmp_p
     assert summary["pass@1"] == pytest.approx(0.5)
     assert summary["pass@2"] == pytest.approx(1.0)
     assert summary["mean_tokens"] == pytest.approx(21 / 4)
-    assert (tmp_path / "ev" / "summary.md").exists()
+    assert (summary["model"], summary["samples_file"]) == (None, str(samples))
+    problems = len(problems_file.read_text().splitlines())
+    assert summary["problems_without_samples"] == problems - 2  # the file holds two of them
+    assert summary["samples_per_problem"] == {"min": 2, "max": 2}
+    assert f"Evaluation of the samples in {samples}" in (tmp_path / "ev" / "summary.md").read_text()
+
+
+def test_eval_counts_uneven_samples_per_problem_and_prints_rounded_figures(problems_file, tmp_path, capsys):
+    samples = tmp_path / "samples.jsonl"
+    rows = [{"id": "add", "text": "so \\boxed{5}", "num_tokens": 3}] * 3 + [{"id": "div", "text": "?", "num_tokens": 4}]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli("eval", "--data", problems_file, "--samples", samples, "--out", tmp_path / "ev") == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["samples_per_problem"] == {"min": 1, "max": 3} and summary["n"] == 1
+    printed = capsys.readouterr().out
+    assert "mean_tokens=3.2" in printed and "3.25" not in printed  # 13 / 4, for people
 
 
 @pytest.mark.parametrize("content, message", [
@@ -266,7 +281,9 @@ def test_train_flags_land_in_the_training_arguments_over_the_config(tmp_path):
 
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(yaml.safe_dump({"training": {"teacher_cache_gb": 1.0, "lora_r": 4, "learning_rate": 0.1}}))
-    args = build_parser().parse_args(["train", "--model", "m", "--traces", "t.jsonl", "--out", "o", "--config",
+    traces = tmp_path / "t.jsonl"
+    traces.write_text("")
+    args = build_parser().parse_args(["train", "--model", "m", "--traces", str(traces), "--out", "o", "--config",
                                       str(cfg_file), "--teacher-cache-gb", "2.5", "--epochs", "3"])
     cfg = stage_config(TrainConfig, args, ("data", "traces", "out", "loss", "gamma"))
     assert cfg.training == {"teacher_cache_gb": 2.5, "lora_r": 4, "learning_rate": 0.1, "num_train_epochs": 3.0}

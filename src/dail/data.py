@@ -27,6 +27,11 @@ REQUIRED_FIELDS = ("id", "problem", "solution")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop by the user, with what rerunning the command will do (when it is not resuming
+    where the work stopped)."""
+
+
 class DataError(ValueError):
     """Input that cannot be used; the message names file, line and field."""
 
@@ -315,16 +320,28 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def match_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes the user's umask gives a new file or
+    folder: libraries that write weights through private temporary files (`safetensors`,
+    `torch.save`, `tempfile`) leave them readable by their owner alone."""
+    mask = _umask()
+    folder_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not path.is_symlink():
+            path.chmod(folder_mode if path.is_dir() else file_mode)
+
+
 def save_dir_atomic(final: Path, save: Callable[[Path], Any]) -> Path:
     """`save(dir)` into a temporary sibling directory, then swap it in for `final`: readers see
     the old directory or the new one whole, never a half-written one (a failed save leaves the
-    old one in place)."""
+    old one in place). Its files get the user's umask, whatever wrote them."""
     tmp = final.with_name(f".{final.name}.tmp")
     old = final.with_name(f".{final.name}.old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     try:
         save(tmp)
+        match_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -306,6 +306,19 @@ def skeleton(cfg: ModelConfig) -> Any | None:
         return None
 
 
+def context_length(cfg: ModelConfig) -> int | None:
+    """The model's context in tokens (`max_position_embeddings` of its config), None when its
+    config does not say or cannot be read (loading will say why)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
+
+
 def layout(cfg: ModelConfig) -> Any:
     """The model without its weights (`skeleton`) and with its saved generation config: what
     the stages check and read when another engine holds the weights.

@@ -20,7 +20,7 @@ from dail.config import ConfigError
 
 # Settings that cannot change what a finished generate/eval part holds.
 NEUTRAL_KEYS = frozenset({"out", "batch_size", "device", "dtype", "shard", "engine", "draft_length",
-                          "tensor_parallel_size"})
+                          "tensor_parallel_size", "allow_other_base"})
 
 # Training arguments that change speed, logging or checkpointing but not the adapter.
 TRAIN_NEUTRAL_KEYS = NEUTRAL_KEYS | frozenset({
@@ -45,9 +45,10 @@ def check_resumable(config_path: Path, settings: dict[str, Any], *,
     """
     from dail.data import write_json_atomic
 
+    settings = canonical_paths(settings)
     if config_path.exists():
         try:
-            old = json.loads(config_path.read_text(encoding="utf-8"))
+            old = canonical_paths(json.loads(config_path.read_text(encoding="utf-8")))
         except ValueError:
             old = None
         changed = sorted(differing_keys(old, settings, neutral=neutral))
@@ -55,6 +56,26 @@ def check_resumable(config_path: Path, settings: dict[str, Any], *,
             raise ConfigError(f"{config_path.parent} holds outputs made with other settings "
                               f"({', '.join(changed)}); use another --out, or delete it to start over")
     write_json_atomic(config_path, settings)
+
+
+# Settings that name an input by its path (at any depth: `model.model`, `prompts.*_template`).
+_PATH_KEYS = frozenset({"model", "data", "traces", "adapter", "samples_file", "student_template",
+                        "privileged_template", "negative_template"})
+
+
+def canonical_paths(settings: Any) -> Any:
+    """The settings with every input path that exists spelled one way (absolute, resolved): the
+    same file named relatively, absolutely or with a trailing slash is the same input."""
+    if not isinstance(settings, dict):
+        return settings
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            value = canonical_paths(value)
+        elif key in _PATH_KEYS and isinstance(value, str) and value and Path(value).exists():
+            value = str(Path(value).resolve())
+        out[key] = value
+    return out
 
 
 def for_summary(settings: dict[str, Any], neutral: Iterable[str] = NEUTRAL_KEYS) -> dict[str, Any]:
@@ -97,6 +118,32 @@ def file_fingerprint(path: str | Path, length: int = 16) -> str:
     return sha.hexdigest()[:length]
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_fingerprint(model_dir: str | Path, *, blocks: int = 64, block: int = 4096) -> str | None:
+    """A hash of a model folder's weight files: their names, sizes and `blocks` evenly spaced
+    `block`-byte samples of each (256 KiB of a file, whatever its size: read in a moment).
+
+    Copies of one model agree; two fine-tunes of one architecture (a base model and its
+    instruct version: the same names, shapes and headers) differ, since training changes the
+    values every sample lands in. None for a folder without weight files or a hub id.
+    """
+    folder = Path(model_dir)
+    files = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        return None
+    sha = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        sha.update(f"{path.name}\x00{size}\x00".encode())
+        with open(path, "rb") as f:
+            for offset in sorted({size * i // blocks for i in range(blocks)}):
+                f.seek(offset)
+                sha.update(f.read(block))
+    return sha.hexdigest()[:16]
+
+
 def problems_fingerprint(problems: Iterable[Any]) -> str:
     """A hash of the problems as read (any source: file, folder or named dataset)."""
     return digest([p.to_dict() for p in problems], length=16)
@@ -112,6 +159,27 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest({"vocab": sorted(tokenizer.get_vocab().items()), "special": special,
                    "added": sorted(map(str, getattr(tokenizer, "added_tokens_decoder", {}).values()))},
                   length=16)
+
+
+class TraceTokenizerCheck:
+    """Refuses trace records whose token ids another tokenizer wrote: the fingerprint recorded
+    with them, else ids beyond the vocabulary. `what` ends the message: what to do instead."""
+
+    def __init__(self, tokenizer: Any, model: str, what: str):
+        self.fingerprint, self.vocab = tokenizer_fingerprint(tokenizer), len(tokenizer)
+        self.model, self.what = model, what
+
+    def __call__(self, where: str, row: dict[str, Any], ids: Iterable[Iterable[int]]) -> None:
+        from dail.data import DataError
+
+        if row.get("tokenizer") not in (None, self.fingerprint):
+            raise DataError(f"{where}: these traces were written with the tokenizer of {row.get('model')!r}, not "
+                            f"that of --model {self.model} (tokenizer fingerprints {row['tokenizer']} and "
+                            f"{self.fingerprint}); {self.what}")
+        highest = max((max(part) for part in ids if part), default=-1)
+        if highest >= self.vocab:
+            raise DataError(f"{where}: token id {highest} is outside the vocabulary of --model {self.model} "
+                            f"({self.vocab} tokens); these traces come from another tokenizer")
 
 
 # Configuration fields that fix the shapes and meaning of a model's weights.

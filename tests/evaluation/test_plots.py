@@ -109,7 +109,7 @@ def test_comparison_table_stops_at_max_new_tokens_and_shows_the_difference():
     table = comparison_table({"base": {**RUNS["base"], "mean_tokens": 50.0}, "trained": trained})
     assert "| pass@1 | 0.1000 | 0.2500 | +0.1500 |" in table
     assert "| pass@8 | 0.4000 | 0.4000 | +0.0000 |" in table
-    assert "| mean tokens | 50.0000 | 40.0000 | -10.0000 |" in table
+    assert "| mean tokens | 50.0 | 40.0 | -10.0 |" in table
     assert "within 128 tokens" in table and "within 256 tokens" not in table
 
 
@@ -121,3 +121,22 @@ def test_summaries_without_answers_draw_no_empty_figures(tmp_path, capsys):
     (tmp_path / "ev" / "summary.json").write_text(json.dumps(proofs))
     assert main(["plot", str(tmp_path / "ev"), "--out", str(tmp_path / "figs")]) == 2
     assert "nothing to draw: pass@k and accuracy need gold answers" in capsys.readouterr().err
+
+
+def test_dail_plot_draws_runs_of_like_named_folders_and_says_which_it_leaves_out(tmp_path, monkeypatch, caplog):
+    import matplotlib.axes
+
+    drawn: list[str] = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **k: (drawn.append(k.get("label")), plot(self, *a, **k))[1])
+    folders = []
+    for method, summary in (("sft", RUNS["base"]), ("dail", RUNS["dail"]), ("proofs", {"mean_tokens": 9.0})):
+        folder = tmp_path / method / "eval"  # every run's folder is called eval
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps(summary))
+        folders.append(str(folder))
+    with caplog.at_level("WARNING"):
+        assert main(["plot", *folders, "--out", str(tmp_path / "figs")]) == 0
+    assert {"sft/eval", "dail/eval"} <= set(drawn) and "proofs/eval" not in drawn
+    assert any("proofs/eval is not in pass_at_k.png" in r.message for r in caplog.records)

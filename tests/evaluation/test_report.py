@@ -108,5 +108,5 @@ def test_problems_without_answers_report_lengths_and_say_why_there_is_no_pass_at
     assert "| k | pass@k |" not in md and "| token budget |" not in md
     assert "Responses that ended within the token budget: 0.6000" in md and f"Note: {s['note']}." in md
     table = comparison_table({"base": s, "trained": {**s, "mean_tokens": 900.0}})
-    assert table.splitlines()[2:] == ["| mean tokens | 1000.0000 | 900.0000 | -100.0000 |",
+    assert table.splitlines()[2:] == ["| mean tokens | 1000.0 | 900.0 | -100.0 |",
                                       "| responses that ended | 0.6000 | 0.6000 | +0.0000 |"]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dail.config import ConfigError
 from dail.stages.demo import ALL_METHODS, DemoSettings, run
 
 TINY = DemoSettings(n_train=4, n_test=2, n_known=2, n_train_eval=2, samples=2, eval_n=4, train_eval_n=2,
@@ -301,3 +302,27 @@ def test_seeded_plot_bands_span_the_seeds_and_shared_runs_are_drawn_once(tmp_pat
     plot(results, tmp_path)
     assert {"dail (forward)", "direct_dail (forward)"} <= set(drawn)
     assert drawn["dail (forward)"]["pass@k_ci"] == {"1": None}  # one seed: the bootstrap interval
+
+
+def test_demo_samples_on_the_backend_it_is_given(tmp_path, monkeypatch, capsys):
+    from dail.cli import main
+    from dail.rollout.vllm_backend import engine
+    from dail.stages import generate
+
+    monkeypatch.setattr(engine, "vllm_installed", lambda: False)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--backend", "vllm"]) == 2  # checked before any stage
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'dail[vllm]'" in err and not out.exists()
+    with pytest.raises(ConfigError, match="'bogus': not one of auto, builtin, vllm"):
+        DemoSettings(backend="bogus")
+
+    seen = []
+
+    def first_rollout(cfg):
+        seen.append(cfg.backend)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "run", first_rollout)
+    assert main(["demo", "--quick", "--out", str(out), "--backend", "builtin"]) == 130
+    assert seen == ["builtin"]

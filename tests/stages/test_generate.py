@@ -32,6 +32,16 @@ def test_selection_keeps_right_answers_and_finished_proofs():
     assert [(r["id"], r["sample"]) for r in selected] == [("a", 3), ("proof", 1)]
 
 
+def test_selection_keeps_no_unfinished_trace_unless_asked():
+    cut_off = [trace("a", 0, correct=True, finished=False, answer="5"),  # right, but hit the budget
+               trace("proof", 0, correct=None, finished=False, answer=None, gold=None)]
+    assert select_traces(cut_off, keep=2) == []
+    assert _summary([], [object()] * 2, [], cut_off, [])["traces_unfinished"] == 2
+    kept = select_traces(cut_off, keep=2, unfinished=True)
+    assert [(r["id"], r["sample"]) for r in kept] == [("a", 0), ("proof", 0)]
+    assert _summary([], [object()] * 2, [], cut_off, kept)["traces_selected_unfinished"] == 2
+
+
 def test_the_summary_counts_why_traces_were_not_kept():
     selected = select_traces(RECORDS)
     summary = _summary([], [object()] * 3, [], RECORDS, selected)
@@ -69,3 +79,24 @@ def test_when_selection_keeps_nothing_generate_says_why_and_train_names_the_caus
     assert code == 2 and err.count("\n") == 1
     assert f"{gen / 'selected.jsonl'}: no traces to train on: {why_rejected(summary, 3)}" in err
     assert not (tmp_path / "train").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "probe"])
+def test_a_budget_the_context_cannot_hold_is_refused_before_any_output(command, tiny_model_dir, problems_file,
+                                                                      tmp_path, capsys):
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    out = tmp_path / "out"
+    argv = [command, "--model", tiny_model_dir, "--data", problems_file, "--out", out, "--max-new-tokens", context]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--max-new-tokens {context}" in err and f"{context} tokens" in err and "below" in err
+    assert not out.exists()
+
+
+def test_problems_that_all_outgrow_the_prompt_limit_fail_generate(tiny_model_dir, problems_file, tmp_path, capsys):
+    argv = ["generate", "--model", tiny_model_dir, "--data", problems_file, "--out", tmp_path / "out",
+            "--max-prompt-tokens", 3, "--max-new-tokens", 4]
+    assert main([str(a) for a in argv]) == 2
+    assert "fits in 3 tokens (--max-prompt-tokens)" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "traces.jsonl").exists()

@@ -132,3 +132,19 @@ def test_train_traces_by_file_name_are_read_from_the_generate_folder():
     assert stage_configs(_edit(RUN, "train", traces="elsewhere/t.jsonl"))["train"].traces == "elsewhere/t.jsonl"
     with pytest.raises(ConfigError, match="train: expected a mapping of settings, got 'kl'"):
         stage_configs({**RUN, "train": "kl"})
+
+
+@pytest.mark.slow
+def test_stages_json_names_only_the_stages_a_run_has(tiny_model_dir, problems_file, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    config = {"model": str(tiny_model_dir), "data": str(problems_file), "eval_on_train": True, "out": str(out),
+              "sampling": {"max_new_tokens": 2}, "train": {"loss": "sft", "training": {"max_steps": 1, "lora_r": 2}},
+              "eval": {"n": 1}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(path)]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert sorted(stages) == ["eval_base", "eval_trained", "train"]  # sft trains on the solutions: no generate
+    assert all(Path(folder).is_dir() for folder in stages.values())

@@ -197,6 +197,27 @@ def test_train_stage_resumes_from_its_last_checkpoint(tiny_model_dir, traces_fil
     summary = json.loads((run / "train_summary.json").read_text())
     assert max(h.get("step", 0) for h in summary["log_history"]) == 3
     assert summary["resumed_from"] == "checkpoint-2"
+    # The whole run's figures, not those of its last step alone.
+    losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
+    assert summary["steps"] == 3 and len(losses) == 3
+    assert summary["metrics"]["train_loss"] == pytest.approx(sum(losses) / 3)
+    assert "train_runtime" in summary["metrics"]["since_resume"]
+
+
+def test_training_stopped_before_its_first_checkpoint_says_it_will_start_over(tiny_model_dir, traces_file,
+                                                                              tmp_path, monkeypatch, capsys):
+    from dail.cli import main
+    from dail.training.trainer import DAILTrainer
+
+    def stopped(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DAILTrainer, "training_step", stopped)
+    traces, _ = traces_file
+    assert main([str(a) for a in ("train", "--model", tiny_model_dir, "--traces", traces,
+                                  "--out", tmp_path / "run")]) == 130
+    assert ("interrupted; no checkpoint was saved yet (one is saved every 50 steps): rerunning the same command "
+            "starts over") in capsys.readouterr().err
 
 
 def test_train_summary_and_log_give_the_trainable_share(tiny_model_dir, traces_file, tmp_path, caplog):
@@ -418,3 +439,51 @@ def test_named_lora_targets_the_model_lacks_are_refused_before_it_loads(tiny_mod
     assert "lora_target_modules: wq, query_key_value are no linear layer of this model; its linear layers " \
            "are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_short_run_scales_the_default_warm_up_and_refuses_a_longer_one(tiny_model_dir, traces_file, tmp_path,
+                                                                        capsys):
+    """8 traces, 1 epoch, batch 1 x 4: 2 optimizer steps, which the release's 5 warm-up steps
+    would spend at learning rates below the one asked for, the first at 0."""
+    from safetensors.torch import load_file
+
+    from dail.cli import main
+
+    traces, _ = traces_file
+    examples = len(traces.read_text().splitlines())
+    steps = -(-examples // 4)
+    args = ["train", "--model", tiny_model_dir, "--traces", traces, "--epochs", 1, "--learning-rate", 0.01]
+    assert main([str(a) for a in (*args, "--out", tmp_path / "set", "--warmup-steps", steps)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert f"warmup_steps {steps} is {steps} steps, not shorter than the run's {steps} optimizer steps" in err
+    assert not (tmp_path / "set").exists()
+
+    assert main([str(a) for a in (*args, "--out", tmp_path / "default")]) == 0
+    summary = json.loads((tmp_path / "default" / "train_summary.json").read_text())
+    assert (summary["optimizer_steps"], summary["warmup_steps"]) == (steps, 0)
+    assert summary["peak_learning_rate"] == pytest.approx(0.01)
+    weights = load_file(tmp_path / "default" / "adapter" / "adapter_model.safetensors")
+    assert any(bool(w.abs().sum() > 0) for name, w in weights.items() if "lora_B" in name)  # it learned
+
+
+def test_weights_checkpoints_and_merged_models_get_the_users_umask(tiny_model_dir, traces_file, tmp_path):
+    import os
+
+    from dail.stages import train
+
+    traces, _ = traces_file
+    previous = os.umask(0o027)
+    try:
+        train.run(TrainConfig(traces=str(traces), out=str(tmp_path / "run"),
+                              model=ModelConfig(model=str(tiny_model_dir)),
+                              training={"max_steps": 2, "save_steps": 1, "lora_r": 4, "merge": True,
+                                        "save_total_limit": None}))
+    finally:
+        os.umask(previous)
+    run = tmp_path / "run"
+    written = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"adapter_model.safetensors", "model.safetensors", "optimizer.pt"}
+    assert {(p.relative_to(run), p.stat().st_mode & 0o777) for p in written if p.stat().st_mode & 0o777 != 0o640} \
+        == set()
+    assert all(p.stat().st_mode & 0o777 == 0o750 for p in run.rglob("*") if p.is_dir())

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from dail.data import DataError
 from dail.evaluation.report import pass_at_k_keys
+
+logger = logging.getLogger(__name__)
 
 #: Values of the Trainer's log history drawn as training curves, in panel order.
 TRAINING_CURVES = {
@@ -166,18 +169,39 @@ def plot_files(given: list[str], labels: list[str | None], out_dir: Any) -> list
         DataError: an unreadable summary, or evaluations without gold answers (nothing to draw).
     """
     evals, trainings = {}, {}
-    for name, label in zip(given, labels, strict=True):
-        path, summary = read_summary(name)
-        (trainings if "log_history" in summary else evals)[label or path.parent.name] = summary
+    read = [read_summary(name) for name in given]
+    for name, (_, summary) in zip(run_names([path for path, _ in read], labels), read, strict=True):
+        (trainings if "log_history" in summary else evals)[name] = summary
     written = []
     if evals:
         written += plot_summaries(evals, out_dir)
         if not written:
             raise DataError(f"{', '.join(given)}: nothing to draw: pass@k and accuracy need "
                             f"gold answers, and none of these evaluations had any")
+        for name, summary in evals.items():
+            if not pass_at_k_keys(summary):
+                logger.warning("%s is not in pass_at_k.png: its problems have no gold answers", name)
+            elif not budget_points(summary):
+                logger.warning("%s is not in accuracy_vs_budget.png: its summary has no accuracy under a budget",
+                               name)
     if trainings:
         written.append(plot_training(trainings, out_dir))
     return written
+
+
+def run_names(paths: list[Path], labels: list[str | None]) -> list[str]:
+    """Each run's name in the legends: its label, else its folder's name, else (when folders
+    share a name) as much of its path as tells them apart."""
+    names = [label or path.parent.name for path, label in zip(paths, labels, strict=True)]
+    depth = 1
+    while len(set(names)) < len(names):
+        depth += 1
+        clashing = {n for n in names if names.count(n) > 1}
+        longer = ["/".join(path.resolve().parent.parts[-depth:]) for path in paths]
+        names = [longer[i] if n in clashing and not labels[i] else n for i, n in enumerate(names)]
+        if depth > max(len(p.resolve().parts) for p in paths):
+            raise DataError(f"two runs are named {sorted(clashing)[0]!r}; give each its own --labels")
+    return names
 
 
 def read_summary(given: str) -> tuple[Path, dict[str, Any]]:

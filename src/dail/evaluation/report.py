@@ -135,11 +135,11 @@ def summarize(samples: Sequence[Mapping[str, Any]], *, budgets: Iterable[int] | 
     return summary
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.{digits}f}"
     return str(value)
 
 
@@ -173,8 +173,8 @@ def to_markdown(summary: Mapping[str, Any], title: str) -> str:
         lines += ["| token budget | accuracy |", "|---:|---:|"]
         lines += [f"| {b} | {_fmt(acc)} |" for b, acc in budgets.items()]
         lines.append("")
-    lines.append(f"Mean response tokens: {_fmt(summary.get('mean_tokens'))} "
-                 f"(correct responses: {_fmt(summary.get('mean_tokens_correct'))})")
+    lines.append(f"Mean response tokens: {_fmt(summary.get('mean_tokens'), 1)} "
+                 f"(correct responses: {_fmt(summary.get('mean_tokens_correct'), 1)})")
     if summary.get("finished_share") is not None:
         lines += ["", f"Responses that ended within the token budget: {_fmt(summary['finished_share'])}"]
     if summary.get("note"):
@@ -212,9 +212,11 @@ def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     header = "| | " + " | ".join(names) + (f" | {names[1]} - {names[0]} |" if delta else " |")
     lines = [header, "|---|" + "---:|" * (len(names) + delta)]
     for label, values in rows:
-        cells = [_fmt(v) for v in values]
+        digits = 1 if label == "mean tokens" else 4  # tokens are counted, shares are read to 4 places
+        cells = [_fmt(v, digits) for v in values]
         if delta:
             a, b = values
-            cells.append(f"{b - a:+.4f}" if isinstance(a, int | float) and isinstance(b, int | float) else "n/a")
+            cells.append(f"{b - a:+.{digits}f}" if isinstance(a, int | float) and isinstance(b, int | float)
+                         else "n/a")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

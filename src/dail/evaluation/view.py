@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PER_PROBLEM = 4
 
 
-def load_traces(path: str | Path) -> list[dict[str, Any]]:
-    """Trace records with the fields the page needs, checked line by line.
+def load_traces(path: str | Path, check: Callable[[str, dict[str, Any], list[list[int]]], None] | None = None
+                ) -> list[dict[str, Any]]:
+    """Trace records with the fields the page needs, checked line by line (and by `check`, given
+    each record's place, the record and its token ids).
 
     Raises:
         DataError: a record without `id`, `token_ids` or a `sources` string of the same length.
@@ -40,6 +42,8 @@ def load_traces(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{where}: field 'token_ids' must be a list of token ids")
         if not isinstance(sources, str) or len(sources) != len(ids) or set(sources) - {"S", "P"}:
             raise DataError(f"{where}: field 'sources' must hold one S or P per token ({len(ids)})")
+        if check is not None:
+            check(where, row, [ids])
         records.append({**row, "id": str(row["id"])})
     if not records:
         raise DataError(f"{path}: no traces")
@@ -154,14 +158,17 @@ def run(traces: str, out: str, *, model: str | None = None, per_problem: int = D
     recorded in `generate_config.json` beside the traces."""
     from dail import models
     from dail.config import ModelConfig
+    from dail.provenance import TraceTokenizerCheck
 
-    records = load_traces(traces)
     settings = _generate_settings(Path(traces))
     name = model or (settings.get("model") or {}).get("model")
     if not name:
+        load_traces(traces)  # a file that is no trace file says so first
         raise DataError(f"{traces}: no generate_config.json beside it names the model; pass --model "
                         "(its tokenizer turns the token ids into text)")
     tokenizer = models.load_tokenizer(ModelConfig(model=name))
+    check = TraceTokenizerCheck(tokenizer, name, "view them with the model that wrote them")
+    records = load_traces(traces, check=check)
     page = build_page(records, tokenizer, per_problem=per_problem, title=Path(traces).name, tau=settings.get("tau"))
     write_text_atomic(out, page)
     logger.info("wrote %s (%d traces of %d problems)", out, len(records), len(group_by_problem(records)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +49,41 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             return {"shard": shard.describe(), "complete": False}
     samples = score_samples(samples, gold, grader=cfg.grader)
     summary = summarize(samples, budgets=cfg.budgets)
-    summary["model"] = cfg.model.model
-    summary["adapter"] = cfg.adapter
+    # Samples made elsewhere: no model of ours made them, and they need not cover every problem.
+    summary["model"] = None if cfg.samples_file else cfg.model.model
+    summary["adapter"] = None if cfg.samples_file else cfg.adapter
+    summary["samples_file"] = cfg.samples_file
+    per_problem = Counter(s["id"] for s in samples)
+    summary["samples_per_problem"] = {"min": min(per_problem.values()), "max": max(per_problem.values())}
+    summary["problems_without_samples"] = sum(p.id not in per_problem for p in problems)
+    if summary["problems_without_samples"]:
+        logger.warning("%d of the %d problems have no sample in %s; the figures cover the other %d",
+                       summary["problems_without_samples"], len(problems), cfg.samples_file, len(per_problem))
+    if summary["samples_per_problem"]["min"] != summary["samples_per_problem"]["max"]:
+        logger.warning("problems have %d to %d samples each; pass@k goes up to the fewest",
+                       summary["samples_per_problem"]["min"], summary["samples_per_problem"]["max"])
     # What made these samples: the settings record checked before they were read or sampled.
     summary["settings"] = for_summary(json.loads((out / "eval_config.json").read_text(encoding="utf-8")))
     # The responses' token budget (unknown for samples made elsewhere): plots stop there.
     summary["max_new_tokens"] = None if cfg.samples_file else cfg.sampling.max_new_tokens
     if shard.writes_merged:  # summary.json after samples.jsonl: its presence marks completion
         write_jsonl_atomic(out / "samples.jsonl", samples)
-        write_text_atomic(out / "summary.md", to_markdown(summary, title=f"Evaluation of {cfg.adapter or cfg.model.model}"))
+        write_text_atomic(out / "summary.md", to_markdown(summary, title=f"Evaluation of {_source(cfg)}"))
         write_json_atomic(out / "summary.json", summary)
     distributed.barrier(shard)
+    tokens = "n/a" if summary.get("mean_tokens") is None else f"{summary['mean_tokens']:.1f}"
     if "pass@1" in summary:
-        logger.info("pass@1 %.4f, mean tokens %s", summary["pass@1"], summary.get("mean_tokens"))
+        logger.info("pass@1 %.4f, mean tokens %s", summary["pass@1"], tokens)
     else:
-        logger.info("mean tokens %s; pass@k not reported (no problem has a gold answer)", summary.get("mean_tokens"))
+        logger.info("mean tokens %s; pass@k not reported (no problem has a gold answer)", tokens)
     return summary
+
+
+def _source(cfg: EvalConfig) -> str:
+    """What made the samples, in words."""
+    if cfg.samples_file:
+        return f"the samples in {cfg.samples_file}"
+    return f"{cfg.model.model} with the adapter {cfg.adapter}" if cfg.adapter else cfg.model.model
 
 
 def load_samples(path: str, gold: dict[str, str | None]) -> list[dict[str, Any]]:
@@ -111,7 +131,7 @@ def sample_problems(cfg: EvalConfig, problems: list[Any], *,
     def check(model: Any) -> None:  # before the adapter is applied or served
         models.check_compatible(model, tokenizer, name=cfg.model.model)
         if cfg.adapter:
-            check_adapter(cfg.adapter, cfg.model.model, tokenizer, model=model)
+            check_adapter(cfg.adapter, cfg.model.model, tokenizer, model=model, allow_other_base=cfg.allow_other_base)
 
     sampler = open_sampler(cfg.backend, cfg.model, tokenizer, adapter=cfg.adapter, check=check,
                            tensor_parallel_size=cfg.tensor_parallel_size)
@@ -154,17 +174,20 @@ def eval_settings(cfg: EvalConfig, problems: list[Any], tokenizer: Any | None) -
     return record
 
 
-def check_adapter(adapter: str, name: str, tokenizer: Any, *, model: Any = None) -> None:
+def check_adapter(adapter: str, name: str, tokenizer: Any, *, model: Any = None,
+                  allow_other_base: bool = False) -> None:
     """Refuse an adapter made for another base model, before any sampling.
 
-    The base model, tokenizer and architecture recorded beside the adapter by `dail train` must
-    be those of `--model`; with `model` given, every LoRA weight must also fit the layer it
-    adapts (for adapters made elsewhere too).
+    The base model's tokenizer, weights (unless `allow_other_base`) and architecture recorded
+    beside the adapter by `dail train` must be those of `--model`, whatever path names it; with
+    `model` given, every LoRA weight must also fit the layer it adapts (for adapters made
+    elsewhere too).
 
     Raises:
         DataError: one line naming the adapter, the model it was made for and `--model`.
     """
-    from dail.provenance import architecture, tokenizer_fingerprint
+    from dail.models import resolve_model
+    from dail.provenance import architecture, tokenizer_fingerprint, weights_fingerprint
     from dail.stages.train import ADAPTER_BASE_FILE
 
     made_for = Path(adapter) / ADAPTER_BASE_FILE
@@ -182,6 +205,11 @@ def check_adapter(adapter: str, name: str, tokenizer: Any, *, model: Any = None)
         raise DataError(f"{adapter}: this adapter was trained on {base}, whose architecture differs from "
                         f"that of --model {name} ({', '.join(differ)}); evaluate it with --model {base}")
     _check_lora_shapes(adapter, name, model)
+    if recorded.get("weights") and not allow_other_base:
+        ours = weights_fingerprint(resolve_model(name))
+        if ours is not None and ours != recorded["weights"]:
+            raise DataError(f"{adapter}: this adapter was trained on {base}, whose weights differ from those of "
+                            f"--model {name}; evaluate it with --model {base}, or pass --allow-other-base")
 
 
 def _check_lora_shapes(adapter: str, name: str, model: Any) -> None:

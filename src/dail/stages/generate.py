@@ -19,6 +19,7 @@ from typing import Any
 from dail.batching import run_per_problem
 from dail.config import GenerateConfig, ProbeConfig, PromptConfig, to_dict
 from dail.data import (
+    DataError,
     Problem,
     group_by_problem,
     write_json_atomic,
@@ -57,8 +58,12 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
                            check=lambda m: models.check_compatible(m, tokenizer, name=cfg.model.model))
     model = sampler.model
     budget = cfg.sampling.max_new_tokens
-    prepared, skipped = prepare_problems(problems, tokenizer, cfg.prompts,
-                                         max_prompt_tokens=prompt_token_limit(cfg, model))
+    limit = prompt_token_limit(cfg, model)
+    prepared, skipped = prepare_problems(problems, tokenizer, cfg.prompts, max_prompt_tokens=limit)
+    if not prepared:
+        where = "--max-prompt-tokens" if cfg.prompts.max_prompt_tokens is not None else "the context minus the budget"
+        raise DataError(f"{cfg.data}: none of the {len(problems)} problems' privileged prompts fits in {limit} "
+                        f"tokens ({where})")
 
     settings = RolloutSettings(
         tau=cfg.tau, retries=cfg.retries, temperature=cfg.sampling.temperature,
@@ -84,7 +89,7 @@ def run(cfg: GenerateConfig) -> dict[str, Any]:
                               shard=shard)
     if records is None:  # an array-job shard whose siblings are still running
         return {"shard": shard.describe(), "complete": False}
-    selected = select_traces(records, keep=cfg.keep, seed=cfg.sampling.seed)
+    selected = select_traces(records, keep=cfg.keep, seed=cfg.sampling.seed, unfinished=cfg.keep_unfinished)
     summary = {**_summary(problems, prepared, skipped, records, selected), "settings": provenance.for_summary(settings_record)}
     if shard.writes_merged:  # the summary last: its presence marks the stage complete
         write_jsonl_atomic(out / "traces.jsonl", records)
@@ -206,18 +211,17 @@ def trace_record(p: PreparedProblem, sample: int, trace: Any, tokenizer: Any, gr
     }
 
 
-def select_traces(records: list[dict[str, Any]], *, keep: int = 1, seed: int = 0) -> list[dict[str, Any]]:
-    """Keep up to `keep` traces per problem: correct ones if verifiable, else random ones.
-
-    Unverifiable problems prefer traces that reached EOS. The choice is seeded per problem.
+def select_traces(records: list[dict[str, Any]], *, keep: int = 1, seed: int = 0,
+                  unfinished: bool = False) -> list[dict[str, Any]]:
+    """Keep up to `keep` traces per problem, chosen at random (seeded per problem) among its
+    finished ones (or all, with `unfinished`) that are correct, where the problem has an answer.
     """
     selected = []
     for pid, group in group_by_problem(records).items():
         rng = random.Random(f"{seed}\x00{pid}")
+        pool = [r for r in group if unfinished or r.get("finished")]
         if group[0].get("gold") is not None:
-            pool = [r for r in group if r.get("correct")]
-        else:
-            pool = [r for r in group if r.get("finished")] or group
+            pool = [r for r in pool if r.get("correct")]
         selected.extend(sorted(rng.sample(pool, min(keep, len(pool))), key=lambda r: r["sample"]))
     return selected
 
@@ -238,6 +242,7 @@ def _summary(problems: list[Problem], prepared: list[PreparedProblem], skipped: 
         "traces": len(records),
         "problems_selected": len({r["id"] for r in selected}),
         "traces_selected": len(selected),
+        "traces_selected_unfinished": sum(not r.get("finished") for r in selected),
         "mean_acceptance_rate": sum(rates) / len(rates) if rates else 0.0,
         "trace_accuracy": (sum(bool(r["correct"]) for r in verifiable) / len(verifiable)
                            if verifiable else None),

@@ -41,6 +41,11 @@ def run(cfg: GenerateConfig, *, problem_id: str, traces: str | None = None, samp
         raise DataError("--sample picks a trace from --traces FILE; give the file too")
     trace = _find_trace(traces, problem_id, sample) if traces else None
     model, tokenizer = models.load(cfg.model)
+    if trace is not None:
+        from dail.provenance import TraceTokenizerCheck
+
+        TraceTokenizerCheck(tokenizer, cfg.model.model, "inspect them with the model that wrote them")(
+            f"{traces} (problem {problem_id})", trace, [trace.get("token_ids") or []])
     lines = [f"# Problem {problem.id}", "", "## Model and tokenizer"]
     warnings = models.check_compatible(model, tokenizer, name=cfg.model.model)
     lines += [f"- {w}" for w in warnings] or ["- tokenizer and model agree (vocabulary, EOS, chat template)"]

@@ -165,9 +165,11 @@ def run(config: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     out = Path(config["out"])
     gen_cfg, train_cfg = stages["generate"], stages["train"]
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "stages.json", {name: cfg.out for name, cfg in stages.items()})
+    # The sft loss trains on the expert solutions: no traces are generated.
+    runs = {name: cfg for name, cfg in stages.items() if not (name == "generate" and train_cfg.loss == "sft")}
+    write_json_atomic(out / "stages.json", {name: cfg.out for name, cfg in runs.items()})
 
-    if train_cfg.loss != "sft" and not _complete("generate", gen_cfg.out, "generate_summary.json"):
+    if "generate" in runs and not _complete("generate", gen_cfg.out, "generate_summary.json"):
         generate.run(gen_cfg)
     if not _complete("train", train_cfg.out, "train_summary.json"):  # written after the adapter
         train.run(train_cfg)

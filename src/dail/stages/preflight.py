@@ -35,6 +35,7 @@ def check_generate(cfg: GenerateConfig) -> list[Problem]:
     problems = resolve_problems(cfg.data)
     check_prompts(cfg.prompts)
     check_grader(cfg.grader)
+    check_budget(cfg)
     return problems
 
 
@@ -91,6 +92,7 @@ def check_eval(cfg: EvalConfig, *, adapter_pending: bool = False) -> list[Proble
             raise DataError(f"{cfg.samples_file}: no such samples file (--samples)")
         return problems
     check_prompts(cfg.prompts)
+    check_budget(cfg)
     if cfg.adapter and not adapter_pending and not (Path(cfg.adapter) / "adapter_config.json").is_file():
         raise DataError(f"{cfg.adapter}: not a PEFT adapter directory (no adapter_config.json; --adapter)")
     return problems
@@ -103,7 +105,23 @@ def check_probe(cfg: ProbeConfig) -> list[Problem]:
     problems = resolve_problems(cfg.data)
     check_prompts(cfg.prompts)
     check_grader(cfg.grader)
+    check_budget(cfg)
     return problems
+
+
+def check_budget(cfg: GenerateConfig | EvalConfig | ProbeConfig) -> None:
+    """The token budget must leave room for a prompt in the model's context, or every problem
+    would be skipped as too long.
+
+    Raises:
+        ConfigError: `--max-new-tokens` is not below the model's context.
+    """
+    from dail.models import context_length
+
+    budget, context = cfg.sampling.max_new_tokens, context_length(cfg.model)
+    if context is not None and budget >= context:
+        raise ConfigError(f"--max-new-tokens {budget}: not below the context of {cfg.model.model}, {context} tokens "
+                          f"(max_position_embeddings), so no prompt would fit; set it below {context}")
 
 
 def check_prompts(cfg: PromptConfig) -> None:

@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from dail.config import ConfigError, TrainConfig, to_dict
-from dail.data import DataError, iter_jsonl, load_problems, save_dir_atomic, write_json_atomic
+from dail.data import (
+    DataError,
+    Interrupted,
+    iter_jsonl,
+    load_problems,
+    save_dir_atomic,
+    write_json_atomic,
+)
 from dail.rollout.prompts import ROLES, encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -35,7 +42,7 @@ def run(cfg: TrainConfig) -> Path:
     from dail.rollout.vllm_backend import engine as vllm_engine
     from dail.stages import preflight
     from dail.training import report_to
-    from dail.training.arguments import check_lora_targets
+    from dail.training.arguments import check_lora_targets, optimizer_steps, resolve_warmup
     from dail.training.trainer import DAILCollator, DAILTrainer
 
     # A stage that sampled on vLLM in this process (`dail run`, a script) left its engine
@@ -48,6 +55,8 @@ def run(cfg: TrainConfig) -> Path:
     sharded = strategy["deepspeed_stage"] == 3 or strategy["fsdp_version"] is not None
     tokenizer = models.load_tokenizer(cfg.model)
     examples = load_examples(cfg, tokenizer, max_length=args.max_length)
+    steps = optimizer_steps(args, len(examples), int(os.environ.get("WORLD_SIZE", 1)))
+    warmup = resolve_warmup(args, steps, explicit="warmup_steps" in cfg.training)
     settings = train_settings(cfg, args, tokenizer)
     if record_settings(out, settings):
         logger.info("train: %s is complete with these settings, skipped", out)
@@ -60,7 +69,8 @@ def run(cfg: TrainConfig) -> Path:
     models.check_compatible(model, tokenizer, name=cfg.model.model)
     # What the adapter is made for, saved beside it: `dail eval --adapter` checks it first.
     base = {"base_model": cfg.model.model, "tokenizer": settings["tokenizer"],
-            "architecture": provenance.architecture(model.config)}
+            "architecture": provenance.architecture(model.config),
+            "weights": provenance.weights_fingerprint(models.resolve_model(cfg.model.model))}
     check_lora_targets(model, args.lora_target_modules)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.lora_target_modules,
@@ -81,7 +91,14 @@ def run(cfg: TrainConfig) -> Path:
     last = last_complete_checkpoint(Path(args.output_dir), remove_incomplete=trainer.is_world_process_zero())
     if last:
         logger.info("resuming from %s", last)
-    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    except KeyboardInterrupt as e:
+        if last_complete_checkpoint(Path(args.output_dir)) is None:
+            every = (f" (one is saved every {args.save_steps:g} steps)"
+                     if _plain(args.save_strategy) == "steps" else "")
+            raise Interrupted(f"no checkpoint was saved yet{every}: rerunning the same command starts over") from e
+        raise
 
     if sharded:
         # Sharded parameters: only the Trainer can gather them (a collective on every rank).
@@ -109,10 +126,38 @@ def run(cfg: TrainConfig) -> Path:
             "effective_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
             * settings["world_size"],
             "resumed_from": last.name if last else None,
-            "metrics": result.metrics, "log_history": trainer.state.log_history,
+            "optimizer_steps": steps, "warmup_steps": warmup,
+            "peak_learning_rate": peak_learning_rate(trainer, args.learning_rate, steps),
+            "steps": trainer.state.global_step,
+            "metrics": whole_run_metrics(result.metrics, trainer.state.log_history, resumed=last is not None),
+            "log_history": trainer.state.log_history,
         })
     trainer.accelerator.wait_for_everyone()  # no rank moves on before the adapter exists
     return out / "adapter"
+
+
+def whole_run_metrics(metrics: dict[str, Any], log_history: list[dict[str, Any]], *, resumed: bool) -> dict[str, Any]:
+    """The Trainer's end-of-run metrics, for the whole run when it was resumed: its mean loss is
+    taken over every logged step (the Trainer's covers the steps since the resume), and its
+    times and rates move under `since_resume`."""
+    if not resumed:
+        return metrics
+    whole = {k: v for k, v in metrics.items() if not k.startswith("train_") or k == "train_loss"}
+    whole["since_resume"] = {k: v for k, v in metrics.items() if k.startswith("train_") and k != "train_loss"}
+    logged = [(row["step"], row["loss"]) for row in log_history if "loss" in row and "step" in row]
+    if logged:  # each logged loss is the mean over the steps since the log before it
+        spans = [step - before for (step, _), before in zip(logged, [0] + [s for s, _ in logged[:-1]], strict=True)]
+        whole["train_loss"] = sum(loss * span for (_, loss), span in zip(logged, spans, strict=True)) / sum(spans)
+    return whole
+
+
+def peak_learning_rate(trainer: Any, learning_rate: float, steps: int) -> float | None:
+    """The highest learning rate any of the run's optimizer steps used, read from its schedule
+    (the rates logged are those of the step after each log); None for a schedule without one."""
+    lambdas = getattr(trainer.lr_scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return None
+    return max(learning_rate * lambdas[0](step) for step in range(steps))
 
 
 # Training arguments that shape the adapter, recorded with their effective values (defaults
@@ -285,10 +330,11 @@ def _why_empty(traces: Path) -> str:
 
 
 def _trace_examples(path: str, tokenizer: Any, *, model: str) -> list[dict[str, Any]]:
-    from dail.provenance import tokenizer_fingerprint
+    from dail.provenance import TraceTokenizerCheck
 
     examples = []
-    ours, vocab = tokenizer_fingerprint(tokenizer), len(tokenizer)
+    check_tokenizer = TraceTokenizerCheck(
+        tokenizer, model, "train the model that generated them, or generate traces with this one")
     for where, row in iter_jsonl(path):
         prompt_ids = row.get("prompt_ids") if isinstance(row, dict) else None
         if not isinstance(prompt_ids, dict) or any(not _is_ids(prompt_ids.get(r)) for r in ROLES):
@@ -296,14 +342,7 @@ def _trace_examples(path: str, tokenizer: Any, *, model: str) -> list[dict[str, 
                             f"to lists of token ids (is this a trace file from `dail generate`?)")
         if not _is_ids(row.get("token_ids")) or not row["token_ids"]:
             raise DataError(f"{where}: field 'token_ids' must be a non-empty list of token ids")
-        if row.get("tokenizer") not in (None, ours):
-            raise DataError(f"{where}: these traces were written with the tokenizer of {row.get('model')!r}, "
-                            f"not that of --model {model} (tokenizer fingerprints {row['tokenizer']} and "
-                            f"{ours}); train the model that generated them, or generate traces with this one")
-        highest = max(max(ids) for ids in (row["token_ids"], *(prompt_ids[r] for r in ROLES)))
-        if highest >= vocab:
-            raise DataError(f"{where}: token id {highest} is outside the vocabulary of --model {model} "
-                            f"({vocab} tokens); these traces come from another tokenizer")
+        check_tokenizer(where, row, (row["token_ids"], *(prompt_ids[r] for r in ROLES)))
         examples.append({"prompt_ids": {r: prompt_ids[r] for r in ROLES},
                          "response_ids": row["token_ids"], "id": row.get("id")})
     return examples

@@ -4,6 +4,8 @@ it may name, both checked before any model loads."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ import torch
 from transformers import TrainingArguments
 
 from dail.config import ConfigError, TrainConfig, check_types, unknown_keys
+
+logger = logging.getLogger(__name__)
 
 
 def training_arguments(cfg: TrainConfig, out: Path | None = None) -> Any:
@@ -52,6 +56,43 @@ def training_arguments(cfg: TrainConfig, out: Path | None = None) -> Any:
 
 
 _TRAINING_ARGUMENT_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def optimizer_steps(args: Any, examples: int, world_size: int = 1) -> int:
+    """The optimizer steps the Trainer will take: `max_steps`, else epochs x ceil(batches per
+    process / accumulation), counted as the Trainer counts them."""
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    batches = math.ceil(examples / (args.per_device_train_batch_size * world_size))
+    return max(1, math.ceil(args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)))
+
+
+RELEASE_WARMUP_STEPS = 5
+
+
+def resolve_warmup(args: Any, steps: int, *, explicit: bool) -> int:
+    """Set and return the warm-up's optimizer steps for a run of `steps`.
+
+    Unless set, the release's 5 steps, at most a tenth of the run: a short run would otherwise
+    spend most of its steps, or all of them, below the learning rate asked for (the rate is 0 at
+    the first step). A warm-up that is set is kept, and refused if it is not shorter than the run.
+
+    Raises:
+        ConfigError: a warm-up that was set is as long as the run or longer.
+    """
+    if not explicit:
+        args.warmup_steps = min(RELEASE_WARMUP_STEPS, steps // 10)
+        return args.warmup_steps
+    warmup = args.get_warmup_steps(steps)
+    if warmup >= steps:
+        raise ConfigError(
+            f"training: warmup_steps {args.warmup_steps:g} is {warmup} steps, not shorter than the run's {steps} "
+            f"optimizer steps: the learning rate would never reach {args.learning_rate:g}; set --warmup-steps "
+            f"below {steps} (a value below 1 is a share of the run), or train longer")
+    if warmup > steps / 2:
+        logger.warning("the warm-up takes %d of the run's %d optimizer steps: the learning rate reaches %g only "
+                       "at step %d", warmup, steps, args.learning_rate, warmup + 1)
+    return warmup
 
 
 def check_lora_targets(model: torch.nn.Module, wanted: str | list[str]) -> None:

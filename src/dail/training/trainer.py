@@ -14,12 +14,15 @@ import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dail.config import ConfigError, check_choice, check_range, resolve_divergence
+from dail.data import match_umask
 from dail.training.logits import check_model_head, model_head
 from dail.training.loss import (
     chunked_contrastive_kl_terms,
@@ -91,7 +94,9 @@ class DAILConfig(TrainingArguments):
     teacher_cache_gb: float = 0.0
     # The authors' release hyperparameters.
     learning_rate: float = 2e-4
-    warmup_steps: int = 5
+    # `dail train` scales this default to at most a tenth of the run (`resolve_warmup`); below 1
+    # it is a share of the run.
+    warmup_steps: float = 5
     weight_decay: float = 0.01
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 4
@@ -266,6 +271,14 @@ class DAILTrainer(Trainer):
         self._teacher_cache = (TeacherCache(int(self.args.teacher_cache_gb * 2**30))
                                if self.args.teacher_cache_gb > 0 and self.args.uses_teacher else None)
         self._cache_lookups = {"hit": 0, "miss": 0}
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        # Weights and optimizer states are written readable by their owner alone; a checkpoint
+        # gets the user's umask like every other output.
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.is_world_process_zero() and folder.is_dir():
+            match_umask(folder)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:

@@ -17,7 +17,27 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m dail.world") -
         argv: The arguments after the program name.
         prog: The name usage and help messages give the command (`dail world` from `dail`).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    from dail.config import ConfigError
+    from dail.data import DataError
+
+    parser = build_parser(prog)
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        return _run(parser, args, argv)
+    except SystemExit as e:  # a bad argument (said in one line) or --help
+        return e.code if isinstance(e.code, int) else 0
+    except (DataError, ConfigError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser(prog: str = "python -m dail.world") -> argparse.ArgumentParser:
+    from dail.cli import OneLineParser
+    from dail.config import Number, PathArg
+    from dail.world import ALL_TYPES
+
+    parser = OneLineParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from dail.world.pretrain import PretrainConfig
@@ -25,31 +45,44 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m dail.world") -
     pre = sub.add_parser("pretrain", help="pretrain the base model from scratch (CPU)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(PretrainConfig):
-        pre.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                         help=f.metadata.get("help"))
+        kind = type(f.default)
+        if kind in (int, float):
+            kind = Number(kind, **f.metadata.get("range", {}))
+        elif f.name in ("out", "work"):
+            kind = PathArg("folder", exists=False)
+        pre.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata.get("help"), type=kind)
 
+    count, seed = Number(int, low=1), Number(int, low=0)
     val = sub.add_parser("validity", help="measure the gap on a saved model")
-    val.add_argument("--model", default=None, help="model directory (default: committed base)")
-    val.add_argument("--n-problems", type=int, default=32)
-    val.add_argument("--n-samples", type=int, default=64)
-    val.add_argument("--seed", type=int, default=0)
-    val.add_argument("--out", default=None, help="also write the numbers to this JSON file")
+    val.add_argument("--model", default=None, type=PathArg("folder"),
+                     help="model directory (default: committed base)")
+    val.add_argument("--n-problems", type=count, default=32)
+    val.add_argument("--n-samples", type=count, default=64)
+    val.add_argument("--seed", type=seed, default=0)
+    val.add_argument("--out", default=None, type=PathArg("file", exists=False),
+                     help="also write the numbers to this JSON file")
 
     dia = sub.add_parser("diagnose", help="teacher-forced token errors by kind of token")
-    dia.add_argument("--model", default=None, help="model directory (default: committed base)")
-    dia.add_argument("--n-problems", type=int, default=8)
-    dia.add_argument("--seed", type=int, default=0)
+    dia.add_argument("--model", default=None, type=PathArg("folder"),
+                     help="model directory (default: committed base)")
+    dia.add_argument("--n-problems", type=count, default=8)
+    dia.add_argument("--seed", type=seed, default=0)
     dia.add_argument("--split", choices=("train", "test"), default="test")
-    dia.add_argument("--adapter", default=None, help="a trained LoRA adapter to apply (e.g. from `dail demo`)")
+    dia.add_argument("--adapter", default=None, type=PathArg("folder"),
+                     help="a trained LoRA adapter to apply (e.g. from `dail demo`)")
 
     exp = sub.add_parser("export", help="write problems as JSONL for `dail generate/train/eval`")
-    exp.add_argument("path")
+    exp.add_argument("path", type=PathArg("file", exists=False))
     exp.add_argument("--split", choices=("train", "test"), default="train")
-    exp.add_argument("--kind", default="novel", help="novel, known, or one type name")
-    exp.add_argument("--n", type=int, default=64)
-    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--kind", default="novel", choices=("novel", "known", *ALL_TYPES),
+                     help="novel, known, or one type name")
+    exp.add_argument("--n", type=count, default=64)
+    exp.add_argument("--seed", type=seed, default=0)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.command == "validity":
         from dail.world.validity import too_few_samples
 
@@ -57,7 +90,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m dail.world") -
             parser.error(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.command == "pretrain":
-        from dail.world.pretrain import run
+        from dail.world.pretrain import PretrainConfig, run
 
         try:
             cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})

@@ -25,7 +25,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,10 @@ from dail.world import generator as gen
 logger = logging.getLogger(__name__)
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A field with its command-line help (`dail world pretrain --help`)."""
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, **allowed: Any) -> Any:
+    """A field with its command-line help (`dail world pretrain --help`) and, for a number, its
+    range (`dail.config.Number`'s low, high, low_open, high_open)."""
+    return field(default=default, metadata={"help": help, "range": allowed})
 
 
 @dataclass
@@ -51,50 +52,53 @@ class PretrainConfig:
 
     out: str = _opt("src/dail/world/assets/base", "where the final model and tokenizer are saved")
     work: str = _opt("/tmp/dail_world_pretrain", "checkpoints and logs; rerunning with the same folder resumes")
-    seed: int = _opt(0, "seed of the initial weights and of the data stream")
+    seed: int = _opt(0, "seed of the initial weights and of the data stream", low=0)
     minutes: float = _opt(240.0, "wall-clock budget; the LR schedule and curriculum follow max(steps, time) used "
-                                 "(0 = none: a step budget alone gives the same model on any machine)")
-    max_steps: int = _opt(100_000, "step budget (whichever of the two budgets runs out first ends the run)")
-    batch_size: int = _opt(16, "sequences per step")
-    lr: float = _opt(2.5e-3, "peak learning rate (linear warm-up, then cosine decay to a tenth of it)")
-    warmup: int = _opt(100, "warm-up steps")
-    weight_decay: float = _opt(0.01, "AdamW weight decay")
-    hidden: int = _opt(192, "hidden size of the Qwen2 model")
-    layers: int = _opt(4, "transformer layers")
-    heads: int = _opt(6, "attention heads")
-    kv_heads: int = _opt(3, "key/value heads")
-    intermediate: int = _opt(512, "MLP width")
-    eval_every: int = _opt(400, "steps between greedy checks on held-out problems")
-    ckpt_every: int = _opt(100, "steps between checkpoints, each also saved as a loadable model in <work>/latest")
-    threads: int = _opt(2, "CPU threads for torch")
+                                 "(0 = none: a step budget alone gives the same model on any machine)", low=0)
+    max_steps: int = _opt(100_000, "step budget (whichever of the two budgets runs out first ends the run)", low=1)
+    batch_size: int = _opt(16, "sequences per step", low=1)
+    lr: float = _opt(2.5e-3, "peak learning rate (linear warm-up, then cosine decay to a tenth of it)", low=0,
+                      low_open=True)
+    warmup: int = _opt(100, "warm-up steps", low=0)
+    weight_decay: float = _opt(0.01, "AdamW weight decay", low=0)
+    hidden: int = _opt(192, "hidden size of the Qwen2 model", low=1)
+    layers: int = _opt(4, "transformer layers", low=1)
+    heads: int = _opt(6, "attention heads", low=1)
+    kv_heads: int = _opt(3, "key/value heads", low=1)
+    intermediate: int = _opt(512, "MLP width", low=1)
+    eval_every: int = _opt(400, "steps between greedy checks on held-out problems", low=1)
+    ckpt_every: int = _opt(100, "steps between checkpoints, each also saved as a loadable model in <work>/latest",
+                          low=1)
+    threads: int = _opt(2, "CPU threads for torch", low=1)
     init: str = _opt("", "start from the weights of a saved model directory (fresh optimizer)")
     # A privileged-only style, as a model shown a solution drifts into: direct sampling from it
     # inherits it, while a mixed rollout with tau <= 1 - copy_rate accepts the student's own
     # continuation there.
     copy_rate: float = _opt(0.0, "chance that a role seeing the expert's solution copies an item's fused line, "
-                                 "value included, instead of working it out (0 = never, the committed model)")
+                                 "value included, instead of working it out (0 = never, the committed model)",
+                                 low=0, high=1)
     # Many small privileged-only choices per trace, each inside tau's margin: a mixed rollout at
     # tau <= 1 - habit_rate accepts the student's own line there, while direct sampling keeps the
     # habit a few percent of the time even at temperature 0.6 and top-p 0.95, on every line.
     habit_rate: float = _opt(0.0, "chance, per primitive line and per habit, that a role seeing the expert's "
                                   "solution swaps a sum's or product's operands, and (independently) writes it "
-                                  "in the reference's compact notation (0 = never, the committed model)")
+                                  "in the reference's compact notation (0 = never, the committed model)",
+                                  low=0, high=1)
     # A label is then a unique anchor in the reference, and copying what follows it is the first
     # form of copying a tiny model learns; copying whole expressions precisely builds on it.
     many_labels: float = _opt(0.5, "fraction of the budget, from the start, in which the generic task draws "
-                                   "its item labels from all label tokens instead of r1..r4 (0 = never)")
+                                   "its item labels from all label tokens instead of r1..r4 (0 = never)", low=0, high=1)
     # Copying fails where the token before does not tell which token comes next: rows of a
     # matrix product share their first factor, polynomial lines repeat x.
     ambiguous_rate: float = _opt(0.3, "chance that a generic reference's expressions repeat two or three "
-                                      "digits and share openings between items (0 = never)")
+                                      "digits and share openings between items (0 = never)", low=0, high=1)
 
     def __post_init__(self) -> None:
-        if self.minutes < 0 or self.max_steps < 1:
-            raise ValueError(f"minutes must be >= 0 (0 = no wall-clock budget) and max_steps >= 1, "
-                             f"not {self.minutes} and {self.max_steps}")
-        for name in ("copy_rate", "many_labels", "ambiguous_rate", "habit_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} is a share between 0 and 1, not {getattr(self, name)}")
+        from dail.config import range_problem
+
+        for f in fields(self):
+            if f.metadata.get("range") and (problem := range_problem(getattr(self, f.name), **f.metadata["range"])):
+                raise ValueError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)}: {problem}")
 
 
 # (task, role) weights after the warm-up phase; drills dominate the first `_WARM` of steps.

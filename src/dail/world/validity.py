@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -362,11 +363,18 @@ def validity(model: Any, tokenizer: Any, *, n_problems: int = 32, n_samples: int
 
 
 def load(model_dir: str) -> tuple[Any, Any]:
-    """The model (float32, eval mode) and tokenizer saved in `model_dir`."""
+    """The model (float32, eval mode) and tokenizer saved in `model_dir`.
+
+    Raises:
+        DataError: the folder holds no saved model.
+    """
     from transformers import AutoModelForCausalLM
 
+    from dail.data import DataError
     from dail.world.tokenizer import load_tokenizer
 
+    if not (Path(model_dir) / "config.json").is_file():
+        raise DataError(f"{model_dir}: no saved model here (config.json missing; see `dail world pretrain`)")
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return model, tokenizer
