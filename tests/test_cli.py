@@ -24,7 +24,8 @@ def test_dail_run_end_to_end(tiny_model_dir, problems_file, tmp_path, capsys):
         "eval_data": str(problems_file),
         "out": str(out),
         "sampling": {"max_new_tokens": 8, "batch_size": 8},
-        "generate": {"samples": 2, "tau": 0.5},
+        # A random model ends no trace within the budget: selection takes unfinished ones.
+        "generate": {"samples": 2, "tau": 0.5, "keep_unfinished": True},
         "train": {"loss": "kl", "training": {"max_steps": 2, "lora_r": 4, "gradient_accumulation_steps": 1}},
         "eval": {"n": 2, "budgets": [4, 8]},
     }
@@ -315,12 +316,12 @@ def test_shipped_stage_configs_load_with_a_model_name(command, cls):
 @pytest.mark.parametrize("argv, line", [
     (["generate", "--tau", "1.5"], "--tau 1.5: out of range; allowed: [0, 1]"),
     (["generate", "--samples", "-3"], "--samples -3: out of range; allowed: >= 1"),
-    (["generate", "--top-p", "0"], "--top-p 0.0: out of range; allowed: (0, 1]"),
-    (["generate", "--temperature", "-1"], "--temperature -1.0: out of range; allowed: >= 0"),
+    (["generate", "--top-p", "0"], "--top-p 0: out of range; allowed: (0, 1]"),
+    (["generate", "--temperature", "-1"], "--temperature -1: out of range; allowed: >= 0"),
     (["generate", "--max-new-tokens", "0"], "--max-new-tokens 0: out of range; allowed: >= 1"),
-    (["train", "--gamma", "-1"], "--gamma -1.0: out of range; allowed: >= 0"),
-    (["train", "--learning-rate", "0"], "--learning-rate 0.0: out of range; allowed: > 0"),
-    (["train", "--epochs", "-2"], "--epochs -2.0: out of range; allowed: > 0"),
+    (["train", "--gamma", "-1"], "--gamma -1: out of range; allowed: >= 0"),
+    (["train", "--learning-rate", "0"], "--learning-rate 0: out of range; allowed: > 0"),
+    (["train", "--epochs", "-2"], "--epochs -2: out of range; allowed: > 0"),
     (["eval", "--n", "0"], "--n 0: out of range; allowed: >= 1"),
 ])
 def test_a_number_out_of_range_is_one_line_naming_flag_value_and_range(tmp_path, capsys, argv, line):

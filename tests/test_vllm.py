@@ -309,29 +309,37 @@ def test_auto_is_vllm_only_with_a_gpu(monkeypatch):
 
 
 # Last in the module: each family's engine replaces the SmolLM2 one the tests above share.
-@pytest.mark.parametrize("architecture", ["llama", "mistral", "gemma2", "phi3", "qwen3-moe"])
-def test_each_familys_tiny_model_gives_the_builtin_traces_on_vllm(architecture, architecture_dir):
+# (Gemma 2 is not among them: vLLM's Gemma 2 ties its output head, the suite's tiny one does not.)
+@pytest.mark.parametrize("architecture", ["mistral", "phi3", "qwen3-moe"])
+def test_each_familys_tiny_model_gives_the_builtin_traces_on_vllm(architecture, tmp_path):
     """The processor, the pairing of contexts and the records on other families' layouts:
-    Llama, Mistral and Gemma 2 with a sliding window shorter than the prompts, Gemma 2's logit
-    soft-capping, Phi-3's fused projections, a mixture of experts."""
+    Mistral with a sliding window shorter than the prompts, Phi-3's fused projections, a mixture
+    of experts; the student's samples (tau 0) and the privileged model's (tau 0.3, where these
+    random models accept little) alike."""
     from dail.config import ModelConfig
     from dail.models import eos_token_ids, load
     from dail.rollout.mixed import mixed_rollout
     from dail.rollout.rule import RolloutSettings, sequence_seed
     from dail.rollout.vllm_backend import engine, rollout
+    from dail.testing import build_tiny_model
     from tests.conftest import role_contexts
     from tests.test_architectures import PROBLEMS
 
-    folder = architecture_dir(architecture)
+    # Heads of 32 (vLLM's CPU attention has no kernel for the suite's usual 16).
+    folder = build_tiny_model(tmp_path / "model", architecture=architecture, window=8, hidden_size=128)
     model, tokenizer = load(ModelConfig(model=str(folder)))
     student, privileged = (rows * 2 for rows in role_contexts(tokenizer, PROBLEMS))
+    assert min(map(len, privileged)) > 8  # longer than the window
     seeds = [sequence_seed(0, str(i)) for i in range(len(student))]
-    settings = RolloutSettings(tau=0.3, temperature=1.0, max_new_tokens=12,
-                               eos_ids=tuple(eos_token_ids(model, tokenizer)))
-    builtin = mixed_rollout(model, student, privileged, seeds, settings, pad_id=tokenizer.pad_token_id)
-    served = rollout.mixed_rollout(engine.engine(engine.EngineSpec(model=str(folder), dtype="float32")),
-                                   student, privileged, seeds, settings)
+    llm = engine.engine(engine.EngineSpec(model=str(folder), dtype="float32"))
+    sources = set()
+    for tau in (0.0, 0.3):
+        settings = RolloutSettings(tau=tau, temperature=1.0, max_new_tokens=12,
+                                   eos_ids=tuple(eos_token_ids(model, tokenizer)))
+        builtin = mixed_rollout(model, student, privileged, seeds, settings, pad_id=tokenizer.pad_token_id)
+        served = rollout.mixed_rollout(llm, student, privileged, seeds, settings)
+        same = [a.token_ids == b.token_ids and a.sources == b.sources for a, b in zip(builtin, served, strict=True)]
+        assert sum(same) >= len(same) - 1, (architecture, tau, same)
+        sources |= {s for t in served for s in t.sources}
     engine.close()
-    same = [a.token_ids == b.token_ids and a.sources == b.sources for a, b in zip(builtin, served, strict=True)]
-    assert sum(same) >= len(same) - 1, (architecture, same)
-    assert {s for t in served for s in t.sources} == {"S", "P"}  # both roles decided tokens
+    assert sources == {"S", "P"}

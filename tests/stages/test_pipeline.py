@@ -93,7 +93,8 @@ def test_a_changed_setting_rebuilds_exactly_the_stages_it_affects(tiny_model_dir
 
     out = tmp_path / "run"
     config = {"model": str(tiny_model_dir), "data": str(problems_file), "eval_on_train": True, "out": str(out),
-              "sampling": {"max_new_tokens": 6, "batch_size": 8}, "generate": {"samples": 2, "tau": 0.5},
+              "sampling": {"max_new_tokens": 6, "batch_size": 8},
+              "generate": {"samples": 2, "tau": 0.5, "keep_unfinished": True},  # a random model ends none
               "train": {"loss": "kl", "training": {"max_steps": 1, "lora_r": 4, "gradient_accumulation_steps": 1}},
               "eval": {"n": 2, "budgets": [6]}}
     path = tmp_path / "run.yaml"
@@ -113,7 +114,7 @@ def test_a_changed_setting_rebuilds_exactly_the_stages_it_affects(tiny_model_dir
     first, skipped = run(config)
     assert skipped == []
     assert run(config) == (first, sorted(first))  # the same settings: every stage skipped
-    tau = {**config, "generate": {"samples": 2, "tau": 0.9}}
+    tau = {**config, "generate": {**config["generate"], "tau": 0.9}}
     second, skipped = run(tau)
     assert skipped == ["eval_base"]
     assert [n for n in first if first[n] == second[n]] == ["eval_base"]

@@ -312,8 +312,8 @@ def test_a_rerun_resumes_and_other_settings_are_refused(probed, tiny_model_dir, 
 
 
 @pytest.mark.parametrize("flags, line", [
-    (["--tau", "1"], "--tau 1.0: out of range; allowed: (0, 1)"),
-    (["--tau", "0"], "--tau 0.0: out of range; allowed: (0, 1)"),
+    (["--tau", "1"], "--tau 1: out of range; allowed: (0, 1)"),
+    (["--tau", "0"], "--tau 0: out of range; allowed: (0, 1)"),
     (["--problems", "0"], "--problems 0: out of range; allowed: >= 1"),
     (["--samples", "0"], "--samples 0: out of range; allowed: >= 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: out of range; allowed: >= 1"),

@@ -44,8 +44,7 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
     from dail.rollout.backend import require
 
     settings = settings or (QUICK if quick else DemoSettings())
-    # Checked before any stage; resolved, since `auto` may stand for another backend elsewhere.
-    settings = replace(settings, backend=require(settings.backend))
+    backend = require(settings.backend)  # checked before any stage
     root = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
     if model_dir is None and not (world.base_model_dir() / "config.json").exists():
         logger.warning("the didactic world's base model is not built yet (`dail world pretrain`); "
@@ -59,7 +58,9 @@ def run(out: str | None = None, *, quick: bool = False, settings: DemoSettings |
 
         check_lora_targets(_model(model_dir), list(settings.lora_target_modules))
     started = time.monotonic()
-    results: dict[str, Any] = {"settings": asdict(settings), "model": str(model_dir)}
+    results: dict[str, Any] = {"settings": asdict(settings), "model": str(model_dir), "backend": backend}
+    # The stages get the backend resolved: `auto` may stand for another one on another machine.
+    settings = replace(settings, backend=backend)
     results["validity"] = world_validity(root, model_dir, settings)
     valid, why = gap_is_real(results["validity"])
     if not valid and not quick:

@@ -23,7 +23,7 @@ def command_of(settings: dict[str, Any]) -> str:
     default = json.loads(json.dumps(asdict(QUICK if quick else DemoSettings())))  # tuples as lists
     flags = {"divergence": "--divergence", "gamma": "--gamma", "learning_rate": "--learning-rate",
              "seed": "--seed", "seeds": "--seeds", "lora_r": "--lora-r",
-             "lora_target_modules": "--lora-target-modules"}
+             "lora_target_modules": "--lora-target-modules", "backend": "--backend"}
     changed = {k: v for k, v in json.loads(json.dumps(settings)).items() if default.get(k) != v}
     if set(changed) - set(flags):
         return f"dail.stages.demo.run(settings=DemoSettings(**{changed}))"
