@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dail.cli import build_parser, main
-from dail.config import Number, PathArg
+from dail.validation import Number, PathArg
 from dail.world.__main__ import build_parser as build_world_parser
 
 

@@ -156,6 +156,7 @@ def test_breaking_strategies_are_refused_with_the_alternative(training, env, los
 def test_zero3_refusal_reaches_the_cli_before_any_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    (tmp_path / "t.jsonl").write_text("")  # the traces exist: the strategy is what is refused
     code = main(["train", "--model", str(tmp_path / "no-model"), "--traces", str(tmp_path / "t.jsonl"),
                  "--out", str(tmp_path / "out")])
     assert code == 2

@@ -71,7 +71,7 @@ SHORT_PROBLEMS = [("What is 17 + 25?", "17 + 25 = 42, so the answer is \\boxed{4
                   ("How many legs do 3 spiders have?", "A spider has 8 legs: 3 x 8 = 24. \\boxed{24}", "24"),
                   ("What is 15% of 80?", "0.15 x 80 = 12, so the answer is \\boxed{12}.", "12"),
                   ("Solve 2x + 6 = 14.", "2x = 8, so x = 4. \\boxed{4}", "4")]
-SHORT_SAMPLES = 12
+SHORT_SAMPLES = 8
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,14 @@ def privileged_probs(model, prompt: list[int], tokens: list[int]) -> torch.Tenso
     return torch.softmax(logits, dim=-1)
 
 
+def one_per_problem(rows):
+    return tuple(column[::2] for column in rows)
+
+
 @pytest.fixture(scope="module")
 def greedy_traces(smollm2, llm, rows):
-    return both_backends(smollm2, llm, rows, settings_for(smollm2, temperature=0.0))
+    # At temperature 0 a problem's samples are one trace: one per problem.
+    return both_backends(smollm2, llm, one_per_problem(rows), settings_for(smollm2, temperature=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +130,7 @@ def sampled_traces(smollm2, llm, short_rows):
 
 
 def test_mixed_traces_equal_the_builtin_engines_at_temperature_0(smollm2, rows, greedy_traces):
+    rows = one_per_problem(rows)
     builtin, served = greedy_traces
     assert len(served) == len(builtin) == len(rows[0])
     for i, (a, b) in enumerate(zip(builtin, served, strict=True)):
@@ -178,7 +184,7 @@ def test_plain_sampling_and_the_tau_extremes_equal_the_builtin_engine(smollm2, l
     from dail.rollout.vllm_backend import rollout
 
     # One sample per problem.
-    student, privileged, seeds = (column[::2] for column in rows)
+    student, privileged, seeds = one_per_problem(rows)
     model, tokenizer = smollm2
     settings = settings_for(smollm2, max_new_tokens=24)
     a = sample_responses(model, student, seeds, settings, pad_id=tokenizer.pad_token_id)
@@ -191,6 +197,40 @@ def test_plain_sampling_and_the_tau_extremes_equal_the_builtin_engine(smollm2, l
         b = rollout.mixed_rollout(llm, student, privileged, seeds, tau_settings)
         assert sum(x.token_ids == y.token_ids for x, y in zip(a, b, strict=True)) >= len(a) - 1
         assert all(set(t.sources) == {draw_source} for t in b)
+
+
+def test_generate_on_vllm_resumes_after_a_kill_and_shards_give_one_process_output(smollm2_dir, champ_file,
+                                                                                  tmp_path, monkeypatch):
+    from dail.rollout.vllm_backend import rollout
+
+    args = ("--model", "smollm2", "--dtype", "float32", "--data", champ_file, "--samples", 2,
+            "--max-new-tokens", 24, "--batch-size", 2, "--backend", "vllm")
+    whole = tmp_path / "whole"
+    assert run_cli("generate", "--out", whole, *args) == 0
+    expected = (whole / "traces.jsonl").read_text()
+    assert json.loads((whole / "generate_config.json").read_text())["backend"] == "vllm"
+
+    killed = tmp_path / "killed"
+    calls, real = [], rollout.mixed_rollout
+
+    def dies_on_the_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rollout, "mixed_rollout", dies_on_the_third_batch)
+    assert run_cli("generate", "--out", killed, *args) == 130
+    parts = len(list((killed / "parts").glob("*.jsonl")))
+    assert 0 < parts < len(PROBLEM_IDS) and not (killed / "traces.jsonl").exists()
+    monkeypatch.setattr(rollout, "mixed_rollout", real)
+    assert run_cli("generate", "--out", killed, *args) == 0
+    assert (killed / "traces.jsonl").read_text() == expected
+
+    sharded = tmp_path / "sharded"
+    for shard in ("0/2", "1/2"):
+        assert run_cli("generate", "--out", sharded, "--shard", shard, *args) == 0
+    assert (sharded / "traces.jsonl").read_text() == expected
 
 
 def test_an_adapter_served_by_vllm_scores_text_as_peft_does(smollm2, adapter, rows):
@@ -238,40 +278,6 @@ def test_eval_on_vllm_gives_the_builtin_pass_at_k_at_temperature_0(adapter, cham
     assert samples["vllm"] == samples["builtin"]
     assert {k: v for k, v in summaries["vllm"].items() if k.startswith("pass@")} == \
         {k: v for k, v in summaries["builtin"].items() if k.startswith("pass@")}
-
-
-def test_generate_on_vllm_resumes_after_a_kill_and_shards_give_one_process_output(smollm2_dir, champ_file,
-                                                                                  tmp_path, monkeypatch):
-    from dail.rollout.vllm_backend import rollout
-
-    args = ("--model", "smollm2", "--dtype", "float32", "--data", champ_file, "--samples", 2,
-            "--max-new-tokens", 24, "--batch-size", 2, "--backend", "vllm")
-    whole = tmp_path / "whole"
-    assert run_cli("generate", "--out", whole, *args) == 0
-    expected = (whole / "traces.jsonl").read_text()
-    assert json.loads((whole / "generate_config.json").read_text())["backend"] == "vllm"
-
-    killed = tmp_path / "killed"
-    calls, real = [], rollout.mixed_rollout
-
-    def dies_on_the_third_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(rollout, "mixed_rollout", dies_on_the_third_batch)
-    assert run_cli("generate", "--out", killed, *args) == 130
-    parts = len(list((killed / "parts").glob("*.jsonl")))
-    assert 0 < parts < len(PROBLEM_IDS) and not (killed / "traces.jsonl").exists()
-    monkeypatch.setattr(rollout, "mixed_rollout", real)
-    assert run_cli("generate", "--out", killed, *args) == 0
-    assert (killed / "traces.jsonl").read_text() == expected
-
-    sharded = tmp_path / "sharded"
-    for shard in ("0/2", "1/2"):
-        assert run_cli("generate", "--out", sharded, "--shard", shard, *args) == 0
-    assert (sharded / "traces.jsonl").read_text() == expected
 
 
 def test_traces_of_one_backend_are_not_resumed_with_the_other(tiny_model_dir, problems_file, tmp_path, capsys):

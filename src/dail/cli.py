@@ -9,17 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from dail.config import (
     ConfigError,
     EvalConfig,
     GenerateConfig,
-    Number,
-    PathArg,
     ProbeConfig,
     TrainConfig,
     from_dict,
@@ -28,6 +25,7 @@ from dail.config import (
     model_shorthand,
     resolve_divergence,
 )
+from dail.validation import Number, OneLineParser, PathArg
 
 logger = logging.getLogger("dail")
 
@@ -145,18 +143,6 @@ def _report_to(p: argparse.ArgumentParser, default: str | None = None) -> None:
                    help="where the training curves also go: tensorboard (into OUT/tensorboard; "
                         "pip install 'dail[tensorboard]'), wandb, none, or a comma-separated list"
                         + (f" (default: {default})" if default else ""))
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments are reported in one line, as every other error of `dail` is (argparse's
-    own report starts with the whole usage)."""
-
-    def error(self, message: str) -> NoReturn:
-        # "argument --tau: 1.5: out of range" reads as the other errors do: "--tau 1.5: out of range".
-        named = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
-        if named:
-            message = f"{named.group(1).split('/')[-1]} {named.group(2)}"
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

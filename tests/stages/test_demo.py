@@ -60,26 +60,19 @@ def test_demo_runs_every_method_and_writes_its_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_demo_trains_every_method_that_has_traces(tmp_path):
-    """`dail demo --quick` reaches every stage: its budget fits whole novel-type solutions."""
-    from dail.stages.demo import QUICK
-
-    results = run(str(tmp_path / "quick"), quick=True)
-    assert results["settings"]["max_new_tokens"] == QUICK.max_new_tokens
-    assert {"sft", "dail_nll", "dail", "direct_dail"} <= results["methods"].keys()
-    assert set(results["skipped"]) <= {"star"}  # the base model never rationalizes from the answer
-    assert results["rollouts"]["mixed"]["traces_selected"] > 0
-
-
-@pytest.mark.slow
 def test_quick_demo_with_two_seeds_gives_means_spreads_and_each_seed(tmp_path, capsys):
-    """`dail demo --quick --seeds 2`: every trained method twice, from the same traces."""
+    """`dail demo --quick --seeds 2` reaches every stage (its budget fits whole novel-type
+    solutions) and trains every method that has traces twice, from the same traces."""
     from dail.cli import main
+    from dail.stages.demo import QUICK
 
     out = tmp_path / "seeds"
     assert main(["demo", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["settings"]["seeds"] == 2
+    assert saved["settings"]["seeds"] == 2 and saved["settings"]["max_new_tokens"] == QUICK.max_new_tokens
+    assert {"sft", "dail_nll", "dail", "direct_dail"} <= saved["methods"].keys()
+    assert set(saved["skipped"]) <= {"star"}  # the base model never rationalizes from the answer
+    assert saved["rollouts"]["mixed"]["traces_selected"] > 0
     adapters = {a for m in saved["methods"].values() for a in m["adapters"]}
     assert len(list(out.glob("train-*"))) == len(adapters)  # base is not trained
     shared = saved["mixed_vs_direct"]["same_training_data"]

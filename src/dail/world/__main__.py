@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m dail.world") -
 
 
 def build_parser(prog: str = "python -m dail.world") -> argparse.ArgumentParser:
-    from dail.cli import OneLineParser
-    from dail.config import Number, PathArg
+    from dail.validation import Number, OneLineParser, PathArg
     from dail.world import ALL_TYPES
 
     parser = OneLineParser(prog=prog, description=__doc__)
