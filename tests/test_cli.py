@@ -389,3 +389,16 @@ def test_dail_run_checks_every_stage_before_any_work(tiny_model_dir, problems_fi
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_eval_budgets_follow_the_token_budget_unless_given(tmp_path):
+    from dail.cli import build_parser, stage_config
+    from dail.config import ConfigError, EvalConfig, SamplingConfig
+
+    assert EvalConfig(sampling=SamplingConfig(max_new_tokens=2048)).budgets == [256, 512, 1024, 2048]
+    assert EvalConfig(sampling=SamplingConfig(max_new_tokens=100)).budgets == [12, 25, 50, 100]
+    with pytest.raises(ConfigError, match="--budgets 4096: above --max-new-tokens 2048"):
+        EvalConfig(budgets=[512, 4096])
+    args = build_parser().parse_args(["eval", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"),
+                                      "--max-new-tokens", "300", "--budgets", "100", "300"])
+    assert stage_config(EvalConfig, args, ("data", "out", "budgets")).budgets == [100, 300]
