@@ -73,7 +73,6 @@ class Number:
     high_open: bool = False
 
     def __call__(self, text: str) -> float:
-
         try:
             value = self.kind(text)
         except ValueError:
@@ -94,7 +93,6 @@ class PathArg:
     exists: bool = True  # an input (False: an output, written by the command)
 
     def __call__(self, text: str) -> str:
-
         path = Path(text)
         if not path.exists():
             if self.exists:
@@ -166,7 +164,7 @@ def check_device(device: str) -> None:
     """Refuse a device that this machine or this build of torch does not have.
 
     Raises:
-        ConfigError: e.g. "--device cuda: this torch has no CUDA device (a CPU build, or no GPU)".
+        ConfigError: e.g. "--device cuda: this torch sees no CUDA device (a CPU build, or no GPU); ...".
     """
     if device == "auto":
         return
