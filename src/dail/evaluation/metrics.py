@@ -143,17 +143,11 @@ def bootstrap_mean_ci(values: Sequence[float], *, resamples: int = 1000, seed: i
     """
     if len(values) == 0:
         raise ValueError("no values to resample")
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
+    _check_bootstrap(resamples, level)
     values = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(values), size=(resamples, len(values)))
-    means = values[idx].mean(axis=1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
+    return _percentile_interval(values[idx].mean(axis=1), level)
 
 
 def bootstrap_ratio_difference_ci(first: Sequence[tuple[float, float]], second: Sequence[tuple[float, float]], *,
@@ -177,10 +171,7 @@ def bootstrap_ratio_difference_ci(first: Sequence[tuple[float, float]], second: 
     """
     if not first or not second:
         raise ValueError("no units to resample")
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
+    _check_bootstrap(resamples, level)
     rng = np.random.default_rng(seed)
 
     def ratios(pairs: Sequence[tuple[float, float]]) -> np.ndarray:
@@ -188,8 +179,20 @@ def bootstrap_ratio_difference_ci(first: Sequence[tuple[float, float]], second: 
         idx = rng.integers(0, len(values), size=(resamples, len(values)))
         return values[idx, 0].sum(axis=1) / values[idx, 1].sum(axis=1)
 
+    return _percentile_interval(ratios(first) - ratios(second), level)
+
+
+def _check_bootstrap(resamples: int, level: float) -> None:
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be strictly between 0 and 1, got {level}")
+
+
+def _percentile_interval(statistics: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` interval of bootstrap replicates' statistics."""
     alpha = (1 - level) / 2
-    low, high = np.quantile(ratios(first) - ratios(second), [alpha, 1 - alpha])
+    low, high = np.quantile(statistics, [alpha, 1 - alpha])
     return float(low), float(high)
 
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dail.config import ConfigError
@@ -134,9 +132,11 @@ def _start(spec: EngineSpec) -> Any:
     check_available()
     from vllm import LLM
 
+    from dail.config import ModelConfig
+    from dail.models import context_length
     from dail.rollout.vllm_backend.processor import DailLogitsProcessor
 
-    context = _context_length(spec.model)
+    context = context_length(ModelConfig(model=spec.model, trust_remote_code=spec.trust_remote_code))
     on_gpu = torch.cuda.is_available()
     options: dict[str, Any] = {
         "model": spec.model, "tokenizer": spec.model, "dtype": resolve_dtype(spec.dtype),
@@ -175,14 +175,6 @@ def resolve_dtype(dtype: str) -> str:
     import torch
 
     return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-
-
-def _context_length(model: str) -> int | None:
-    try:
-        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return config.get("max_position_embeddings") or None
 
 
 def _lora_rank_slot(rank: int) -> int:
